@@ -1,0 +1,80 @@
+"""Preallocated key/value buffers for the KV-owning layers, and the per-step plan that addresses them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepPlan:
+    """Where the next `n` tokens of every row go, and what every slot holds once they are written.
+
+    All tensors live on the cache's device, so a step never waits on the host.
+    """
+
+    n: int
+    write_slots: torch.Tensor  # [B, n] long: slot of each new token
+    query_positions: torch.Tensor  # [B, n] long: in-cache position of each new token
+    slot_positions: torch.Tensor  # [B, L] long: in-cache position of each slot after the write
+    slot_valid: torch.Tensor  # [B, L] bool: slot holds a token after the write
+
+    @property
+    def visible(self) -> int:
+        """L: how many slots (from 0) a step reads."""
+        return self.slot_positions.shape[1]
+
+
+class KVBuffers:
+    """Key/value memory of `batch` sequences for the layers in `kv_layers`.
+
+    Keys are stored *before* RoPE; readers rotate them by their in-cache position, so a key never
+    accumulates rotation error however long the stream (DESIGN.md, "The cache").
+    """
+
+    def __init__(self, kv_layers, batch, slots, num_kv_heads, head_dim, *, dtype, device):
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        self.kv_layers = list(kv_layers)
+        self.batch = batch
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        shape = (batch, num_kv_heads, slots, head_dim)
+        self.keys = {layer: torch.zeros(shape, dtype=dtype, device=device) for layer in self.kv_layers}
+        self.values = {layer: torch.zeros(shape, dtype=dtype, device=device) for layer in self.kv_layers}
+        # Tokens each row has seen since its start (its stream length).
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+
+    @property
+    def slots(self) -> int:
+        return next(iter(self.keys.values())).shape[2] if self.keys else 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all key/value buffers (all rows)."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
+
+    def write(self, layer: int, plan: StepPlan, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store keys/values [B, Hkv, n, D] of the new tokens at `plan.write_slots`, in place."""
+        index = plan.write_slots[:, None, :, None].expand_as(keys)
+        self.keys[layer].scatter_(2, index, keys.to(self.dtype))
+        self.values[layer].scatter_(2, index, values.to(self.dtype))
+
+    def read(self, layer: int, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unrotated keys and values [B, Hkv, L, D] of the slots a step reads."""
+        visible = plan.visible
+        return self.keys[layer][:, :, :visible], self.values[layer][:, :, :visible]
+
+    def advance(self, plan: StepPlan) -> None:
+        """Commit a step: every row has seen `plan.n` more tokens."""
+        self.lengths += plan.n
+
+    def reset(self, row: int | None = None) -> None:
+        """Forget the tokens of one row (or all rows); the memory stays allocated."""
+        if row is None:
+            self.lengths.zero_()
+        else:
+            self.lengths[row] = 0

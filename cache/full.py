@@ -1,0 +1,50 @@
+"""An unbounded cache: every token keeps its slot and its true position. For finite contexts and tests."""
+
+from __future__ import annotations
+
+import torch
+
+from .buffers import KVBuffers, StepPlan
+
+
+class FullCache(KVBuffers):
+    """Keeps every token. Grows by doubling when full (the only cache that ever reallocates)."""
+
+    def __init__(self, kv_layers, batch, num_kv_heads, head_dim, *, dtype, device, initial_slots=256):
+        super().__init__(kv_layers, batch, initial_slots, num_kv_heads, head_dim, dtype=dtype, device=device)
+
+    def max_step(self) -> int | None:
+        return None  # any step size fits
+
+    def plan(self, n: int) -> StepPlan:
+        if n < 1:
+            raise ValueError(f"a step must write at least one token, got {n}")
+        longest = int(self.lengths.max()) + n
+        if longest > self.slots:
+            self._grow(longest)
+        start = self.lengths[:, None]  # [B, 1]
+        token = start + torch.arange(n, device=self.device)  # [B, n]
+        slots = torch.arange(longest, device=self.device)[None]  # [1, L]
+        return StepPlan(
+            n=n,
+            write_slots=token,
+            query_positions=token,
+            slot_positions=slots.expand(self.batch, -1),
+            slot_valid=slots < start + n,
+        )
+
+    def _grow(self, needed: int) -> None:
+        slots = self.slots
+        while slots < needed:
+            slots *= 2
+        for table in (self.keys, self.values):
+            for layer, old in table.items():
+                new = old.new_zeros(old.shape[:2] + (slots, old.shape[3]))
+                new[:, :, : old.shape[2]] = old
+                table[layer] = new
+
+    def tokens_in_cache(self, row: int = 0) -> int:
+        return int(self.lengths[row])
+
+    def evictions(self, row: int = 0) -> int:
+        return 0

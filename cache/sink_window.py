@@ -1,0 +1,86 @@
+"""The StreamingLLM sink + window ring buffer (DESIGN.md, "The cache").
+
+Slots 0..S-1 hold the first S tokens of the stream for ever ("sinks"); slots S..S+W-1 are a ring
+holding the most recent W tokens. Token t goes to slot t (t < S) or S + (t - S) mod W. The window
+counts the token being written: once full, a step of n tokens overwrites the n oldest window tokens
+("evict for space"), so the new tokens see the sinks, the W - n most recent older tokens, and each
+other causally. Positions are assigned inside the cache: the held tokens, oldest first, get 0..S+W-1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .buffers import KVBuffers, StepPlan
+from .errors import CacheConfigError
+
+
+class SinkWindowCache(KVBuffers):
+    """Fixed-size KV memory: S sinks + W window slots per row, allocated once, never reallocated."""
+
+    def __init__(self, kv_layers, batch, num_kv_heads, head_dim, *, sinks, window, dtype, device):
+        check_sink_window(sinks, window)
+        super().__init__(kv_layers, batch, sinks + window, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.sinks = sinks
+        self.window = window
+        slots = torch.arange(sinks + window, device=self.device)
+        self._sink_slots = slots[:sinks]  # [S]
+        self._window_slots = slots[sinks:] - sinks  # [W]: 0..W-1
+        self._offsets = {}
+
+    @property
+    def capacity(self) -> int:
+        return self.sinks + self.window
+
+    def max_step(self) -> int:
+        """Most tokens one step may write: the window (evict-for-space needs n <= W)."""
+        return self.window
+
+    def plan(self, n: int) -> StepPlan:
+        """Plan a step of n new tokens for every row."""
+        if not 1 <= n <= self.window:
+            raise CacheConfigError(f"a step of {n} tokens does not fit a window of {self.window}")
+        S, W = self.sinks, self.window
+        offsets = self._offsets.get(n)
+        if offsets is None:
+            offsets = self._offsets[n] = torch.arange(n, device=self.device)
+        start = self.lengths[:, None]  # [B, 1] tokens seen before the step
+        token = start + offsets  # [B, n] stream index of each new token
+        write_slots = torch.where(token < S, token, S + torch.remainder(token - S, W))
+        total = start + n  # [B, 1] tokens seen after the step
+        evicted = (total - S - W).clamp(min=0)  # [B, 1] tokens dropped from the window so far
+        query_positions = token - evicted
+
+        # Window slot s holds window token k = m-1 - ((m-1-s) mod W), m = window tokens written.
+        written = total - S  # [B, 1]
+        k = written - 1 - torch.remainder(written - 1 - self._window_slots, W)  # [B, W]
+        window_valid = k >= 0
+        window_pos = S + k - evicted
+        sink_valid = self._sink_slots < total  # [B, S]
+        sink_pos = self._sink_slots.expand_as(sink_valid)
+        return StepPlan(
+            n=n,
+            write_slots=write_slots,
+            query_positions=query_positions,
+            slot_positions=torch.cat((sink_pos, window_pos), dim=1),
+            slot_valid=torch.cat((sink_valid, window_valid), dim=1),
+        )
+
+    def tokens_in_cache(self, row: int = 0) -> int:
+        return min(int(self.lengths[row]), self.capacity)
+
+    def evictions(self, row: int = 0) -> int:
+        return max(0, int(self.lengths[row]) - self.capacity)
+
+
+def check_sink_window(sinks: int, window: int) -> None:
+    """Raise CacheConfigError for settings no sink window can honour."""
+    for name, value in (("sinks", sinks), ("window", window)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise CacheConfigError(f"{name} must be an integer, got {value!r}")
+    if window < 1:
+        raise CacheConfigError(f"window must be >= 1, got {window}")
+    if sinks < 0:
+        raise CacheConfigError(f"sinks must be >= 0, got {sinks}")
+    if sinks > window:
+        raise CacheConfigError(f"sinks ({sinks}) must not exceed window ({window})")

@@ -1,0 +1,113 @@
+"""Running tokens through the model against a cache: decode, iterative LCKV prefill, sequential mode.
+
+DESIGN.md, "Attention semantics (exact)":
+- One step writes n tokens into the cache (the cache's plan says where and at which positions).
+- Decode (n = 1) is one bottom-up pass. KV-owning layers store the token's K,V before they attend, so a
+  layer reading its own or a lower layer's KV sees the current token unless its diagonal is masked.
+  A layer reading an upper layer's KV sees that layer's slots as they stood after the previous token.
+- Parallel prefill (n > 1) of an LCKV model is a fixed-point iteration: the target's KV for the new
+  tokens starts at zeros, layers below a cyclic block run once, the block runs `passes` (m+b) times
+  from the same input, each pass reading the previous pass's target KV; only the last pass's hidden
+  states go on; the layers above run once. We follow the ACL-2024 code: the target layer itself also
+  attends with the *previous* pass's KV and writes its new KV after attending.
+- Sequential mode runs the tokens one by one (exact); chunks of at most m+b tokens always do.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .model import CausalLM
+
+
+class _Step:
+    """The state of one cache step: positions, masks, rotated keys per KV layer."""
+
+    def __init__(self, model: CausalLM, cache, ids: torch.Tensor):
+        self.model, self.cache = model, cache
+        self.plan = cache.plan(ids.shape[1])
+        dtype = model.model.embed_tokens.weight.dtype
+        self.q_rope = model.rope(self.plan.query_positions, dtype)  # cos/sin [B,1,n,D]
+        self.k_rope = model.rope(self.plan.slot_positions, dtype)  # cos/sin [B,1,L,D]
+        q_pos = self.plan.query_positions[:, :, None]  # [B, n, 1]
+        k_pos = self.plan.slot_positions[:, None, :]  # [B, 1, L]
+        valid = self.plan.slot_valid[:, None, :]
+        self.mask_with_diag = valid & (k_pos <= q_pos)  # [B, n, L]
+        self.mask_no_diag = valid & (k_pos < q_pos)
+        self._rotated: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.cache.write(layer, self.plan, keys, values)
+        self._rotated.pop(layer, None)
+
+    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated keys and values [B,Hkv,L,D] of `layer`'s cache, rotated once per write."""
+        if layer not in self._rotated:
+            keys, values = self.cache.read(layer, self.plan)
+            self._rotated[layer] = (self.model.rotate(keys, *self.k_rope), values)
+        return self._rotated[layer]
+
+    def run_layer(self, index: int, hidden: torch.Tensor, *, attend_before_store: bool = False) -> torch.Tensor:
+        model = self.model
+        layer = model.model.layers[index]
+        x = layer.input_layernorm(hidden)
+        q = model.rotate(layer.self_attn.project_q(x), *self.q_rope)
+        new_kv = layer.self_attn.project_kv(x) if layer.owns_kv else None
+        if new_kv is not None and not attend_before_store:
+            self.store(index, *new_kv)
+        keys, values = self.kv(model.config.kv_sources[index])
+        mask = self.mask_with_diag if model.config.sees_diagonal(index) else self.mask_no_diag
+        hidden = model.attention(layer, hidden, q, keys, values, mask)
+        if new_kv is not None and attend_before_store:
+            self.store(index, *new_kv)
+        return hidden
+
+
+def forward_step(model: CausalLM, cache, ids: torch.Tensor, *, passes: int, all_logits: bool) -> torch.Tensor:
+    """Write ids [B, n] into the cache in one step; return float32 logits [B, n or 1, vocab]."""
+    step = _Step(model, cache, ids)
+    hidden = model.model.embed_tokens(ids)  # [B, n, hidden]
+    for lo, hi in model.segments:
+        if lo == hi:
+            hidden = step.run_layer(lo, hidden)
+        elif ids.shape[1] == 1:
+            for index in range(lo, hi + 1):
+                hidden = step.run_layer(index, hidden)
+        else:
+            hidden = _iterate_block(step, lo, hi, hidden, passes)
+    cache.advance(step.plan)
+    if not all_logits:
+        hidden = hidden[:, -1:]
+    return model.logits(hidden)
+
+
+def _iterate_block(step: _Step, lo: int, hi: int, block_input: torch.Tensor, passes: int) -> torch.Tensor:
+    """Run layers lo..hi `passes` times; the target (hi) starts from zero KV for the new tokens."""
+    kv_heads, head_dim = step.cache.num_kv_heads, step.cache.head_dim
+    B, n = block_input.shape[:2]
+    zeros = block_input.new_zeros(B, kv_heads, n, head_dim)
+    step.store(hi, zeros, zeros)
+    hidden = block_input
+    for _ in range(passes):
+        hidden = block_input
+        for index in range(lo, hi + 1):
+            hidden = step.run_layer(index, hidden, attend_before_store=(index == hi))
+    return hidden
+
+
+def forward_tokens(
+    model: CausalLM, cache, ids: torch.Tensor, *, sequential: bool = False, passes: int | None = None,
+    all_logits: bool = False,
+) -> torch.Tensor:
+    """Ingest ids [B, n] (n at most the cache's step limit); return logits [B, n or 1, vocab].
+
+    Parallel by default; token by token when `sequential`, or when an LCKV chunk is no longer than
+    the prefill passes (then the iteration would be exact anyway, and one pass per token is cheaper).
+    """
+    passes = model.config.prefill_passes if passes is None else passes
+    n = ids.shape[1]
+    one_by_one = n > 1 and (sequential or (model.config.is_condensed and n <= passes))
+    if not one_by_one:
+        return forward_step(model, cache, ids, passes=passes, all_logits=all_logits)
+    outs = [forward_step(model, cache, ids[:, t : t + 1], passes=passes, all_logits=True) for t in range(n)]
+    return torch.cat(outs, dim=1) if all_logits else outs[-1]
