@@ -3,3 +3,7 @@
 
 class CacheConfigError(ValueError):
     """Impossible cache settings (window < 1, sinks > window, chunk larger than the window...)."""
+
+
+class CacheStateError(ValueError):
+    """A saved cache state does not fit the cache it is restored into, or is unreadable."""

@@ -1,0 +1,20 @@
+"""sinkstream's runtime: load a model, open constant-memory sessions, stream text in and out.
+
+    import streaming
+    rt = streaming.load()                      # the bundled default model (or a checkpoint path)
+    s = rt.session(sinks=4, window=1020)
+    for r in s.generate("Once upon a time", max_new_tokens=50):
+        print(r.text, end="", flush=True)
+"""
+
+from .errors import (
+    CheckpointError, ConfigError, InvalidInputError, SinkstreamError, TokenizerMissingError,
+)
+from .generate import Response
+from .runtime import Runtime, load
+from .session import Session, SessionStats
+
+__all__ = [
+    "CheckpointError", "ConfigError", "InvalidInputError", "Response", "Runtime", "Session", "SessionStats",
+    "SinkstreamError", "TokenizerMissingError", "load",
+]

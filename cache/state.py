@@ -1,0 +1,91 @@
+"""Saving and restoring one row's cache state (host memory or disk), so idle sessions free their slot.
+
+A state is a dict of CPU tensors (`k.<layer>`, `v.<layer>`, `length`) plus a JSON-able `meta` dict that
+says which cache layout it fits; restoring into a cache of another layout raises CacheStateError.
+On disk it is one safetensors file (no pickle), the meta stored in its header.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .buffers import KVBuffers
+from .errors import CacheStateError
+from .full import FullCache
+from .sink_window import SinkWindowCache
+
+FORMAT = "sinkstream-cache-v1"
+
+
+def layout(cache: KVBuffers) -> dict:
+    """What a state must match to be restored into `cache`."""
+    meta = {
+        "format": FORMAT,
+        "kv_layers": list(cache.kv_layers),
+        "num_kv_heads": cache.num_kv_heads,
+        "head_dim": cache.head_dim,
+        "dtype": str(cache.dtype).removeprefix("torch."),
+    }
+    if isinstance(cache, SinkWindowCache):
+        meta.update(kind="sink_window", sinks=cache.sinks, window=cache.window)
+    else:
+        meta.update(kind="full")
+    return meta
+
+
+def capture(cache: KVBuffers, row: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
+    """Copy row `row`'s keys, values and length to host memory."""
+    length = int(cache.lengths[row])
+    used = min(length, cache.slots)  # a full cache holds `length` slots; a ring all of them once full
+    tensors = {"length": torch.tensor([length], dtype=torch.long)}
+    for layer in cache.kv_layers:
+        tensors[f"k.{layer}"] = cache.keys[layer][row, :, :used].to("cpu", copy=True)
+        tensors[f"v.{layer}"] = cache.values[layer][row, :, :used].to("cpu", copy=True)
+    return tensors, layout(cache)
+
+
+def restore(cache: KVBuffers, tensors: dict[str, torch.Tensor], meta: dict, row: int = 0) -> None:
+    """Write a captured state into row `row` of `cache` (in place, no reallocation of a ring)."""
+    expected = layout(cache)
+    for key, value in expected.items():
+        if meta.get(key) != value:
+            raise CacheStateError(f"saved cache field '{key}' is {meta.get(key)!r}, this cache has {value!r}")
+    length = int(tensors["length"][0])
+    used = min(length, cache.slots) if isinstance(cache, SinkWindowCache) else length
+    if isinstance(cache, FullCache) and length > cache.slots:
+        cache._grow(length)
+    for layer in cache.kv_layers:
+        for prefix, table in (("k", cache.keys), ("v", cache.values)):
+            saved = tensors.get(f"{prefix}.{layer}")
+            target = table[layer][row, :, :used]
+            if saved is None or saved.shape != target.shape:
+                raise CacheStateError(f"saved tensor '{prefix}.{layer}' is missing or has the wrong shape")
+            target.copy_(saved)
+    cache.lengths[row] = length
+
+
+def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict, extra: dict | None = None) -> None:
+    """Write a captured state (and optional JSON-able `extra` data) to one safetensors file."""
+    header = {"cache": json.dumps(meta), "extra": json.dumps(extra or {})}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=header)
+
+
+def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """Read a state file written by `save`: (tensors, cache meta, extra)."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            header = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        meta, extra = json.loads(header["cache"]), json.loads(header.get("extra", "{}"))
+    except FileNotFoundError:
+        raise CacheStateError(f"{path}: no such cache state file") from None
+    except Exception as exc:
+        raise CacheStateError(f"{path}: not a sinkstream cache state ({exc})") from None
+    if meta.get("format") != FORMAT or "length" not in tensors:
+        raise CacheStateError(f"{path}: not a sinkstream cache state")
+    return tensors, meta, extra

@@ -1,0 +1,158 @@
+"""`streaming.load()` and the Runtime: one loaded model (weights, tokenizer, defaults) serving many sessions."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from cache import FullCache, SinkWindowCache, check_sink_window
+from cache import state as cache_state
+from cache.errors import CacheConfigError
+
+from .checkpoint import load_model
+from .errors import CheckpointError, InvalidInputError, TokenizerMissingError
+from .sampling import SamplingParams, load_generation_defaults
+from .session import Session
+from .tokenizer import Tokenizer
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
+DEFAULT_CHUNK = 256
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidInputError(f"device {device!r} is not a torch device (try 'cpu' or 'cuda')") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError("device 'cuda' was asked for but no CUDA GPU is available")
+    return device
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """None -> float32 on CPU, bfloat16 on GPU; names like 'bf16' or torch dtypes are accepted."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
+        return _DTYPES[dtype.lower().removeprefix("torch.")]
+    raise InvalidInputError(f"dtype {dtype!r} is not supported; use float32, bfloat16 or float16")
+
+
+def load(model: str | Path | None = None, *, device=None, dtype=None) -> "Runtime":
+    """Load a checkpoint directory (None = the bundled default model) and return a Runtime."""
+    if model is None:
+        if not (DEFAULT_MODEL_DIR / "config.json").exists():
+            raise CheckpointError(
+                f"no bundled default model is installed (looked in {DEFAULT_MODEL_DIR}); "
+                "pass the path of a checkpoint directory"
+            )
+        model = DEFAULT_MODEL_DIR
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory (expected config.json + *.safetensors)")
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    network = load_model(path, device=device, dtype=dtype)
+    tokenizer = Tokenizer.from_dir(path)
+    if tokenizer is not None and tokenizer.vocab_size > network.config.vocab_size:
+        raise CheckpointError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but config 'vocab_size' is {network.config.vocab_size}"
+        )
+    defaults = SamplingParams().merged(**load_generation_defaults(path))
+    defaults.validate()
+    return Runtime(network, tokenizer, device=device, dtype=dtype, path=path, sampling_defaults=defaults)
+
+
+class Runtime:
+    """A loaded model. Create sessions with `session()`; sessions share the weights, not memory."""
+
+    def __init__(self, model, tokenizer, *, device, dtype, path, sampling_defaults):
+        self.model = model
+        self.config = model.config
+        self.tokenizer: Tokenizer | None = tokenizer
+        self.device = device
+        self.dtype = dtype
+        self.path = path
+        self.sampling_defaults: SamplingParams = sampling_defaults
+        self.eos_ids = set(self.config.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_id is not None:
+            self.eos_ids.add(tokenizer.eos_id)
+        self.bos_id = self.config.bos_token_id
+        if self.bos_id is None and tokenizer is not None:
+            self.bos_id = tokenizer.bos_id
+        digest = hashlib.sha256(repr((str(path.resolve()), self.config)).encode()).hexdigest()
+        self.fingerprint = digest[:16]
+
+    def session(self, sinks: int = 4, window: int = 1020, chunk: int | None = None, prefill: str = "iterative",
+                seed: int | None = None, *, unbounded_cache: bool = False) -> Session:
+        """A new stream with its own KV memory: `sinks` + `window` slots per KV-owning layer.
+
+        `window` counts the token being processed: a step sees the sinks and at most `window` recent
+        tokens including itself. `chunk` tokens are ingested per step (at most `window`; default
+        min(256, window)). `prefill` "iterative" uses the LCKV parallel prefill, "sequential" feeds
+        token by token (exact). `unbounded_cache=True` keeps every token instead (finite contexts).
+        """
+        if prefill not in ("iterative", "sequential"):
+            raise InvalidInputError(f"prefill must be 'iterative' or 'sequential', got {prefill!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise InvalidInputError(f"seed must be an integer, got {seed!r}")
+        config = self.config
+        geometry = (config.kv_layers, 1, config.num_key_value_heads, config.head_dim)
+        if unbounded_cache:
+            cache = FullCache(*geometry, dtype=self.dtype, device=self.device)
+            limit = None
+        else:
+            check_sink_window(sinks, window)
+            cache = SinkWindowCache(*geometry, sinks=sinks, window=window, dtype=self.dtype, device=self.device)
+            limit = window
+        if chunk is None:
+            chunk = DEFAULT_CHUNK if limit is None else min(DEFAULT_CHUNK, limit)
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise CacheConfigError(f"chunk must be an integer >= 1, got {chunk!r}")
+        if limit is not None and chunk > limit:
+            raise CacheConfigError(f"chunk ({chunk}) must not exceed window ({limit}): a step evicts to make room")
+        return Session(self, cache, chunk=chunk, sequential=prefill == "sequential", seed=seed)
+
+    def restore_session(self, path) -> Session:
+        """Re-open a session saved with `Session.save(path)`."""
+        tensors, meta, extra = cache_state.load(path)
+        if meta.get("kind") == "sink_window":
+            session = self.session(meta["sinks"], meta["window"], chunk=extra.get("chunk"))
+        else:
+            session = self.session(unbounded_cache=True, chunk=extra.get("chunk"))
+        session.sequential = bool(extra.get("sequential", False))
+        session.restore(tensors, meta, extra)
+        return session
+
+    def require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise TokenizerMissingError(
+                f"{self.path} has no tokenizer (tokenizer.model or tokenizer.json): pass token ids instead of text"
+            )
+        return self.tokenizer
+
+    def check_ids(self, ids) -> list[int]:
+        """Validate token ids (a list/tuple of ints or a 1-D integer tensor) against the vocabulary."""
+        if isinstance(ids, torch.Tensor):
+            if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex():
+                raise InvalidInputError(f"token ids must be a 1-D integer tensor, got {tuple(ids.shape)} {ids.dtype}")
+            ids = ids.tolist()
+        if not isinstance(ids, (list, tuple)):
+            raise InvalidInputError(f"expected text or a list of token ids, got {type(ids).__name__}")
+        vocab = self.config.vocab_size
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab:
+                raise InvalidInputError(f"token id {i!r} is not an integer in [0, {vocab})")
+        return list(ids)

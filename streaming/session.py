@@ -1,0 +1,251 @@
+"""A Session: one stream's cache plus the API to feed text and generate from it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, AsyncIterator, Iterator, Sequence
+
+import torch
+
+from cache import state as cache_state
+
+from .errors import InvalidInputError, TokenizerMissingError
+from .forward import forward_tokens
+from .generate import Response, responses, token_steps
+from .tokenizer import validate_messages
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+# Repetition penalty looks at this many most recent tokens (at most the cache's capacity).
+PENALTY_HISTORY = 4096
+
+
+@dataclass
+class SessionStats:
+    tokens_seen: int  # tokens ingested since the session started (or was reset)
+    tokens_in_cache: int  # tokens the cache holds now (at most sinks + window)
+    cache_bytes: int  # bytes of KV memory this session owns (allocated once)
+    evictions: int  # tokens dropped from the window so far
+
+
+class Session:
+    """One unbounded stream. Create with `Runtime.session()`; not safe to drive from two threads at once."""
+
+    def __init__(self, runtime: "Runtime", cache, *, chunk: int, sequential: bool, seed: int | None):
+        self.runtime = runtime
+        self.cache = cache
+        self.chunk = chunk
+        self.sequential = sequential
+        self.seed = seed
+        self._lock = threading.Lock()
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self.next_logits: torch.Tensor | None = None  # [V] float32: prediction for the next token
+        capacity = getattr(self.cache, "capacity", PENALTY_HISTORY)
+        self._recent: deque[int] = deque(maxlen=min(capacity, PENALTY_HISTORY))
+        self._chat_messages: list[dict] = []  # messages already in the stream
+        self._chat_text = ""  # the text of the conversation as fed (template + replies)
+        self._generator = torch.Generator(device=self.runtime.device)
+        if self.seed is not None:
+            self._generator.manual_seed(self.seed)
+        else:
+            self._generator.seed()
+
+    # ---- ingestion -------------------------------------------------------------------------------
+
+    def feed(self, text_or_ids, *, return_logits: bool = False) -> torch.Tensor | None:
+        """Ingest text or token ids in constant memory (chunk by chunk, evicting as needed).
+
+        With `return_logits=True`, returns float32 logits [n, vocab]: row i predicts the token after
+        fed token i. (For very long inputs feed in pieces: this tensor is n x vocab.)
+        """
+        ids = self._to_ids(text_or_ids)
+        with self._lock:
+            return self.ingest(ids, return_logits=return_logits)
+
+    def ingest(self, ids: Sequence[int], *, return_logits: bool = False) -> torch.Tensor | None:
+        """Ingest already-validated ids (the lock-free inner form of `feed`)."""
+        runtime = self.runtime
+        if len(ids) == 0:
+            return torch.empty(0, runtime.config.vocab_size) if return_logits else None
+        all_ids = torch.tensor(ids, dtype=torch.long, device=runtime.device)
+        outputs = []
+        step = self.chunk
+        with torch.inference_mode():
+            for start in range(0, len(ids), step):
+                piece = all_ids[start : start + step][None]  # [1, C]
+                logits = forward_tokens(runtime.model, self.cache, piece, sequential=self.sequential,
+                                        all_logits=return_logits)
+                if return_logits:
+                    outputs.append(logits[0])
+                self.next_logits = logits[0, -1]
+        self._recent.extend(ids)
+        return torch.cat(outputs).float() if return_logits else None
+
+    def _to_ids(self, text_or_ids) -> list[int]:
+        if isinstance(text_or_ids, str):
+            tokenizer = self.runtime.require_tokenizer()
+            at_start = int(self.cache.lengths[0]) == 0
+            return tokenizer.encode(text_or_ids, add_bos=at_start and tokenizer.bos_id is not None)
+        return self.runtime.check_ids(text_or_ids)
+
+    def recent_ids(self) -> torch.Tensor:
+        """Ids of the most recent tokens (for repetition penalty), on the model's device."""
+        return torch.tensor(list(self._recent), dtype=torch.long, device=self.runtime.device)
+
+    # ---- generation ------------------------------------------------------------------------------
+
+    def generate(self, prompt=None, *, max_new_tokens: int | None = None, temperature=None, top_k=None,
+                 top_p=None, repetition_penalty=None, stop: Sequence[str] | None = None,
+                 seed: int | None = None) -> Iterator[Response]:
+        """Stream a continuation as Response objects. `max_new_tokens=None` never stops on length.
+
+        Closing the iterator (or breaking out of the loop) stops generation; every token yielded so
+        far is already in the cache, so the stream can be continued.
+        """
+        params = self.runtime.sampling_defaults.merged(
+            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
+        )
+        params.validate()
+        if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                           or max_new_tokens < 0):
+            raise InvalidInputError(f"max_new_tokens must be None or an integer >= 0, got {max_new_tokens!r}")
+        stop = _check_stop(stop)
+        if stop:
+            self.runtime.require_tokenizer()
+        prompt_ids = self._to_ids(prompt) if prompt is not None else []
+        if not prompt_ids and self.next_logits is None and int(self.cache.lengths[0]) == 0:
+            bos = self.runtime.bos_id
+            if bos is None:
+                raise InvalidInputError("the session is empty and the model has no BOS token: give a prompt")
+            prompt_ids = [bos]
+        return self._generate(prompt_ids, params, max_new_tokens, stop)
+
+    def _generate(self, prompt_ids, params, max_new_tokens, stop) -> Iterator[Response]:
+        with self._lock:
+            self.ingest(prompt_ids)
+            if params.seed is not None:
+                self._generator.manual_seed(params.seed)
+            steps = token_steps(self, params, self._generator)
+            yield from responses(self, steps, prompt_tokens=len(prompt_ids), max_new_tokens=max_new_tokens,
+                                 stop=stop, eos_ids=self.runtime.eos_ids)
+
+    def generate_text(self, prompt=None, **kwargs) -> str:
+        """Generate and return the whole reply as one string."""
+        return "".join(r.text for r in self.generate(prompt, **kwargs))
+
+    async def agenerate(self, prompt=None, **kwargs) -> AsyncIterator[Response]:
+        """Async twin of `generate`: every decode step runs in a worker thread, off the event loop.
+
+        Cancelling the consuming task or breaking out stops generation within one decode step.
+        """
+        iterator = await asyncio.to_thread(self.generate, prompt, **kwargs)
+        done = object()
+        try:
+            while True:
+                item = await asyncio.to_thread(next, iterator, done)
+                if item is done:
+                    return
+                yield item
+        finally:
+            await asyncio.shield(asyncio.to_thread(iterator.close))
+
+    def chat(self, messages: list[dict], *, stop: Sequence[str] | None = None, **sampling) -> Iterator[Response]:
+        """Continue a conversation: feeds the messages not yet in the stream, then streams the reply.
+
+        `messages` is the whole conversation so far (system/user/assistant dicts). Messages already
+        fed (including replies this session generated) are not fed again.
+        """
+        tokenizer = self.runtime.require_tokenizer()
+        messages = validate_messages(messages)
+        known = self._chat_messages
+        if len(messages) <= len(known) or any(
+            m["role"] != k["role"] for m, k in zip(messages, known)
+        ):
+            raise InvalidInputError(
+                "messages must extend this session's conversation (same roles for the messages already "
+                "sent, and at least one new message); call reset() to start a new one"
+            )
+        conversation = known + messages[len(known):]
+        rendered = tokenizer.render_chat(conversation, add_generation_prompt=True)
+        if rendered.startswith(self._chat_text):
+            new_text = rendered[len(self._chat_text):]
+        else:  # a template that rewrites earlier turns: feed the new turns on their own
+            new_text = tokenizer.render_chat(messages[len(known):], add_generation_prompt=True)
+        stops = list(stop or []) + [s for s in tokenizer.chat_stop_strings if s not in (stop or [])]
+        replies = self.generate(new_text, stop=stops, **sampling)
+        return self._record_chat(conversation, new_text, replies)
+
+    def _record_chat(self, conversation, new_text, replies) -> Iterator[Response]:
+        reply_text, reply_ids = [], []
+        try:
+            for response in replies:
+                reply_text.append(response.text)
+                reply_ids.extend(response.token_ids)
+                yield response
+        finally:
+            # The cache holds every generated token, stop strings included: remember them as fed.
+            raw = self.runtime.tokenizer.decode([i for i in reply_ids if i not in self.runtime.eos_ids])
+            self._chat_text += new_text + raw
+            self._chat_messages = conversation + [{"role": "assistant", "content": "".join(reply_text)}]
+
+    # ---- bookkeeping -----------------------------------------------------------------------------
+
+    def tokens_in_cache(self) -> int:
+        return self.cache.tokens_in_cache(0)
+
+    def stats(self) -> SessionStats:
+        """Tokens seen, tokens in cache, cache bytes, evictions."""
+        return SessionStats(
+            tokens_seen=int(self.cache.lengths[0]),
+            tokens_in_cache=self.cache.tokens_in_cache(0),
+            cache_bytes=self.cache.nbytes,
+            evictions=self.cache.evictions(0),
+        )
+
+    def reset(self) -> None:
+        """Start a new stream in the same memory."""
+        with self._lock:
+            self.cache.reset()
+            self._reset_state()
+
+    def save(self, path) -> None:
+        """Write this session's cache and conversation state to `path` (one safetensors file)."""
+        with self._lock:
+            tensors, meta = cache_state.capture(self.cache, 0)
+            if self.next_logits is not None:
+                tensors["next_logits"] = self.next_logits.float().cpu()
+            tensors["recent_ids"] = torch.tensor(list(self._recent), dtype=torch.long)
+            extra = {"chat_text": self._chat_text, "chat_messages": self._chat_messages, "chunk": self.chunk,
+                     "sequential": self.sequential, "model": self.runtime.fingerprint}
+            cache_state.save(path, tensors, meta, extra)
+
+    def restore(self, tensors: dict, meta: dict, extra: dict) -> None:
+        """Load a state produced by `save` (used by `Runtime.restore_session`)."""
+        if extra.get("model") != self.runtime.fingerprint:
+            raise cache_state.CacheStateError("the saved session was produced by a different model")
+        with self._lock:
+            cache_state.restore(self.cache, tensors, meta, 0)
+            logits = tensors.get("next_logits")
+            self.next_logits = logits.to(self.runtime.device) if logits is not None else None
+            self._recent.clear()
+            self._recent.extend(tensors["recent_ids"].tolist())
+            self._chat_text = extra.get("chat_text", "")
+            self._chat_messages = list(extra.get("chat_messages", []))
+
+
+def _check_stop(stop) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    stop = list(stop)
+    for s in stop:
+        if not isinstance(s, str) or not s:
+            raise InvalidInputError(f"stop strings must be non-empty strings, got {s!r}")
+    return stop
