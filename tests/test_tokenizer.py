@@ -1,13 +1,11 @@
 """Tokenizer: loading from local files, verbatim chunk-safe encoding, byte-exact decoding, chat."""
 
-import json
-
 import pytest
 import sentencepiece as spm
 
 from streaming.errors import CheckpointError, InvalidInputError
 from streaming.tokenizer import PLAIN_CHAT_STOPS, Tokenizer, _bpe_merges
-from tests.tiny_tokenizer import CHAT_TEMPLATE, TRAINING_LINES, make_tiny_tokenizer
+from tests.tiny_tokenizer import TRAINING_LINES, make_byte_level_tokenizer, make_tiny_tokenizer
 
 TEXTS = TRAINING_LINES[:20] + [
     "  two  leading and trailing spaces  ",
@@ -161,24 +159,8 @@ def test_tokenizer_json_llama_style(tiny_dir, sp, tmp_path):
             assert tok.decode(tok.encode(text)) == hf.decode(tok.encode(text))
 
 
-def _byte_level_dir(tmp_path):
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    bt = Backend(models.BPE())
-    bt.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bt.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    bt.train_from_iterator(TRAINING_LINES, trainer)
-    bt.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
-    return tmp_path
-
-
 def test_tokenizer_json_byte_level(tmp_path):
-    tok = Tokenizer.from_dir(_byte_level_dir(tmp_path))
+    tok = Tokenizer.from_dir(make_byte_level_tokenizer(tmp_path))
     assert not tok.dummy_prefix and tok.bos_id is None and tok.eos_id == 0
     for text in TEXTS:
         ids = tok.encode(text)

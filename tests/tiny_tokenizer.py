@@ -190,3 +190,22 @@ def make_tiny_tokenizer(directory, *, with_chat_template: bool = False) -> Path:
         config["chat_template"] = CHAT_TEMPLATE
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
+
+
+def make_byte_level_tokenizer(directory) -> Path:
+    """Write a tiny GPT-2-style byte-level BPE ``tokenizer.json`` (400 ids, ``<|endoftext|>`` = 0,
+    no BOS) into ``directory`` and return it: the other family of tokenizers the runtime reads."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(TRAINING_LINES, trainer)
+    backend.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}) + "\n")
+    return directory
