@@ -86,6 +86,8 @@ class Runtime:
         self.dtype = dtype
         self.path = path
         self.sampling_defaults: SamplingParams = sampling_defaults
+        # Decode steps of sink-window sessions on CUDA replay a captured graph (False: always eager).
+        self.cuda_graphs = True
         self.eos_ids = set(self.config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_id is not None:
             self.eos_ids.add(tokenizer.eos_id)

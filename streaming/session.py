@@ -12,6 +12,7 @@ import torch
 
 from cache import state as cache_state
 
+from .cuda_graph import DecodeGraph, graph_capable
 from .errors import InvalidInputError, TokenizerMissingError
 from .forward import forward_tokens
 from .generate import Response, responses, token_steps
@@ -42,9 +43,13 @@ class Session:
         self.sequential = sequential
         self.seed = seed
         self._lock = threading.Lock()
+        # The one-token step as a CUDA graph, captured at the first decode step (None: eager).
+        self.use_cuda_graph = runtime.cuda_graphs and graph_capable(cache)
+        self._graph: DecodeGraph | None = None
         self._reset_state()
 
     def _reset_state(self) -> None:
+        self._seen = 0  # host copy of the cache's length: no device sync to read it
         self.next_logits: torch.Tensor | None = None  # [V] float32: prediction for the next token
         capacity = getattr(self.cache, "capacity", PENALTY_HISTORY)
         self._recent: deque[int] = deque(maxlen=min(capacity, PENALTY_HISTORY))
@@ -77,6 +82,14 @@ class Session:
         outputs = []
         step = self.chunk
         with torch.inference_mode():
+            if len(ids) == 1 and self.use_cuda_graph:
+                if self._graph is None:
+                    self._graph = DecodeGraph(runtime.model, self.cache)
+                logits = self._graph(all_ids[None])
+                self.next_logits = logits[0, -1].clone()
+                self._seen += 1
+                self._recent.extend(ids)
+                return logits[0].clone() if return_logits else None
             for start in range(0, len(ids), step):
                 piece = all_ids[start : start + step][None]  # [1, C]
                 logits = forward_tokens(runtime.model, self.cache, piece, sequential=self.sequential,
@@ -84,13 +97,14 @@ class Session:
                 if return_logits:
                     outputs.append(logits[0])
                 self.next_logits = logits[0, -1]
+        self._seen += len(ids)
         self._recent.extend(ids)
         return torch.cat(outputs).float() if return_logits else None
 
     def _to_ids(self, text_or_ids) -> list[int]:
         if isinstance(text_or_ids, str):
             tokenizer = self.runtime.require_tokenizer()
-            at_start = int(self.cache.lengths[0]) == 0
+            at_start = self._seen == 0
             return tokenizer.encode(text_or_ids, add_bos=at_start and tokenizer.bos_id is not None)
         return self.runtime.check_ids(text_or_ids)
 
@@ -119,7 +133,7 @@ class Session:
         if stop:
             self.runtime.require_tokenizer()
         prompt_ids = self._to_ids(prompt) if prompt is not None else []
-        if not prompt_ids and self.next_logits is None and int(self.cache.lengths[0]) == 0:
+        if not prompt_ids and self.next_logits is None and self._seen == 0:
             bos = self.runtime.bos_id
             if bos is None:
                 raise InvalidInputError("the session is empty and the model has no BOS token: give a prompt")
@@ -197,15 +211,14 @@ class Session:
     # ---- bookkeeping -----------------------------------------------------------------------------
 
     def tokens_in_cache(self) -> int:
-        return self.cache.tokens_in_cache(0)
+        capacity = getattr(self.cache, "capacity", None)
+        return self._seen if capacity is None else min(self._seen, capacity)
 
     def stats(self) -> SessionStats:
         """Tokens seen, tokens in cache, cache bytes, evictions."""
+        held = self.tokens_in_cache()
         return SessionStats(
-            tokens_seen=int(self.cache.lengths[0]),
-            tokens_in_cache=self.cache.tokens_in_cache(0),
-            cache_bytes=self.cache.nbytes,
-            evictions=self.cache.evictions(0),
+            tokens_seen=self._seen, tokens_in_cache=held, cache_bytes=self.cache.nbytes, evictions=self._seen - held,
         )
 
     def reset(self) -> None:
@@ -231,6 +244,7 @@ class Session:
             raise cache_state.CacheStateError("the saved session was produced by a different model")
         with self._lock:
             cache_state.restore(self.cache, tensors, meta, 0)
+            self._seen = int(tensors["length"][0])
             logits = tensors.get("next_logits")
             self.next_logits = logits.to(self.runtime.device) if logits is not None else None
             self._recent.clear()
