@@ -34,8 +34,9 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_ours(rt, prompt, new_tokens, sinks, window, impl):
+def time_ours(rt, prompt, new_tokens, sinks, window, impl, graphs):
     rt.model.attention_impl = impl
+    rt.cuda_graphs = graphs
     s = rt.session(sinks=sinks, window=window, chunk=min(256, window))
     s.feed(prompt[:8])
     list(s.generate(max_new_tokens=8, temperature=0.0))  # warm-up
@@ -104,10 +105,18 @@ def main():
             path = write_checkpoint(Path(tmp) / kind, config, weights, shards=2)
             del weights
             rt = streaming.load(path, device=device, dtype=dtype)
-            for impl in ("sdpa", "plain"):
-                prefill, decode, cache_bytes, ours = time_ours(rt, prompt, args.new_tokens, args.sinks, args.window, impl)
-                rows.append((kind, f"sinkstream eager ({impl} attention)", prefill, decode, cache_bytes))
+            modes = [("sdpa", False), ("plain", False)] + ([("sdpa", True)] if device.type == "cuda" else [])
+            for impl, graphs in modes:
+                prefill, decode, cache_bytes, ids = time_ours(rt, prompt, args.new_tokens, args.sinks, args.window,
+                                                              impl, graphs)
+                engine = "CUDA graph decode" if graphs else "eager"
+                rows.append((kind, f"sinkstream {engine} ({impl} attention)", prefill, decode, cache_bytes))
+                if (impl, graphs) == ("sdpa", False):
+                    ours = ids
+                elif graphs:
+                    print(f"{kind}: graph vs eager greedy ids agree {sum(a == b for a, b in zip(ours, ids))}/{len(ids)}")
             rt.model.attention_impl = "sdpa"
+            rt.cuda_graphs = True
             if kind == "plain":
                 hf_rate, hf_ids, hf = time_hf(path, device, dtype, prompt, args.new_tokens)
                 agree = sum(a == b for a, b in zip(ours, hf_ids))
