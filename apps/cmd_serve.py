@@ -1,0 +1,91 @@
+"""`sinkstream serve`: the websocket chat server with its browser client."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from apps.common import add_model_args, eprint, load_runtime
+from apps.protocol import Limits
+
+D = Limits()
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "serve", help="websocket chat server + browser client",
+        description="Serve chat sessions over a websocket (/ws) and the browser client at /. "
+                    "One model is loaded once and shared by all sessions; each session's memory "
+                    "is a fixed block (sinks + window).")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; other addresses expose the server)")
+    p.add_argument("--port", type=int, default=8765, help="port (0 = any free port)")
+    p.add_argument("--token", default=os.environ.get("SINKSTREAM_TOKEN"),
+                   help="require this token (?token= or Authorization: Bearer); "
+                        "default $SINKSTREAM_TOKEN")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="also accept websocket connections from pages of this origin, e.g. "
+                        "https://example.org (repeatable; '*' = any). Same-origin and localhost "
+                        "pages are always accepted")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer to this Host name (repeatable; '*' = any). A server bound "
+                        "to loopback answers only to loopback names (DNS-rebinding guard)")
+    g = p.add_argument_group("limits")
+    g.add_argument("--max-sessions", type=int, default=D.max_sessions)
+    g.add_argument("--max-message-bytes", type=int, default=D.max_message_bytes)
+    g.add_argument("--max-prompt-tokens", type=int, default=D.max_prompt_tokens)
+    g.add_argument("--max-new-tokens", type=int, default=D.max_new_tokens,
+                   help=f"tokens per reply unless the client asks (default {D.max_new_tokens})")
+    g.add_argument("--max-new-tokens-cap", type=int, default=D.max_new_tokens_cap,
+                   help="the most tokens per reply a client may ask for")
+    g.add_argument("--idle-timeout", type=float, default=D.idle_timeout_s, metavar="SECONDS",
+                   help="close sessions idle this long (default 900)")
+    p.add_argument("--verbose", "-v", action="store_true", help="log sessions to stderr")
+    add_model_args(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from apps.server import ChatServer, ServerConfig
+
+    for name in ("max_sessions", "max_message_bytes", "max_prompt_tokens", "max_new_tokens",
+                 "max_new_tokens_cap"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1")
+    if args.idle_timeout <= 0:
+        raise SystemExit("error: --idle-timeout must be > 0")
+    if args.sinks < 0 or args.window < 1:
+        raise SystemExit("error: --sinks must be >= 0 and --window >= 1")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    limits = Limits(max_message_bytes=args.max_message_bytes,
+                    max_prompt_tokens=args.max_prompt_tokens,
+                    max_new_tokens=min(args.max_new_tokens, args.max_new_tokens_cap),
+                    max_new_tokens_cap=args.max_new_tokens_cap, max_sessions=args.max_sessions,
+                    idle_timeout_s=args.idle_timeout, sinks=args.sinks, window=args.window)
+    rt = load_runtime(args)
+    cfg = ServerConfig(host=args.host, port=args.port, limits=limits, chunk=args.chunk,
+                       allowed_origins=tuple(args.allow_origin),
+                       allowed_hosts=tuple(args.allow_host), token=args.token,
+                       model_name=os.path.basename(os.path.normpath(args.model or "bundled")))
+    return asyncio.run(serve_until_signal(ChatServer(rt, cfg), args.token))
+
+
+async def serve_until_signal(app, token: str | None) -> int:
+    await app.start()
+    stop = asyncio.get_running_loop().create_future()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set_result, sig)
+    suffix = "?token=..." if token else ""
+    eprint(f"sinkstream serving on {app.url}{suffix} (websocket {app.url}ws, health "
+           f"{app.url}healthz); Ctrl-C stops")
+    sig = await stop
+    eprint(f"[{signal.Signals(sig).name}: stopping]")
+    await app.stop()
+    return 0
+

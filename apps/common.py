@@ -1,0 +1,127 @@
+"""Flags and helpers shared by the CLI subcommands: model loading, session limits, sampling, stats."""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Flags that choose the model and the session's constant-size cache."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "-m", default=None, metavar="PATH",
+                   help="checkpoint directory (Hugging Face layout); default: the bundled model")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="weight/activation dtype (default: the runtime's choice for the device)")
+    g.add_argument("--sinks", type=int, default=4, help="attention-sink slots kept forever (default 4)")
+    g.add_argument("--window", type=int, default=1020, help="rolling-window slots (default 1020)")
+    g.add_argument("--chunk", type=int, default=256, help="tokens per ingestion chunk (default 256)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, *, generation_length: bool = True) -> None:
+    """Sampling, seed, stop strings and (optionally) the reply length flags."""
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", "--temp", type=float, default=None,
+                   help="0 = greedy (default: the runtime's default)")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    g.add_argument("--stop", action="append", default=None, metavar="STR",
+                   help="stop string (repeatable); never printed")
+    if generation_length:
+        n = g.add_mutually_exclusive_group()
+        n.add_argument("--max-new-tokens", "-n", type=int, default=None,
+                       help=f"tokens to generate at most (default {DEFAULT_MAX_NEW_TOKENS})")
+        n.add_argument("--unbounded", action="store_true",
+                       help="generate until EOS, a stop string or Ctrl-C (constant memory)")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    """The generate()/chat() keyword arguments from parsed flags (None = runtime default)."""
+    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+              repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed)
+    if hasattr(args, "unbounded"):
+        kw["max_new_tokens"] = max_new_tokens(args)
+    return {k: v for k, v in kw.items() if v is not None or k == "max_new_tokens"}
+
+
+def max_new_tokens(args: argparse.Namespace) -> int | None:
+    """None means unbounded, which only --unbounded may ask for."""
+    if args.unbounded:
+        return None
+    n = DEFAULT_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
+    if n < 1:
+        raise SystemExit("error: --max-new-tokens must be >= 1 (use --unbounded for no limit)")
+    return n
+
+
+def load_runtime(args: argparse.Namespace):
+    """Load the model once; report bad checkpoints as a one-line error, not a traceback."""
+    import streaming
+    from streaming.errors import SinkstreamError
+
+    t0 = time.perf_counter()
+    try:
+        rt = streaming.load(args.model, device=args.device, dtype=args.dtype)
+    except (SinkstreamError, OSError) as e:
+        raise SystemExit(f"error: cannot load model {args.model or '(bundled)'}: {e}") from None
+    if getattr(args, "verbose", False):
+        eprint(f"[loaded {args.model or 'bundled model'} on {rt.device} ({rt.dtype}) "
+               f"in {time.perf_counter() - t0:.2f}s]")
+    return rt
+
+
+def new_session(rt, args: argparse.Namespace):
+    """A session with the flags' cache limits; impossible limits become a clean error."""
+    try:
+        return rt.session(sinks=args.sinks, window=args.window, chunk=args.chunk)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def eprint(*a, **kw) -> None:
+    print(*a, file=sys.stderr, flush=True, **kw)
+
+
+def peak_memory(rt) -> str:
+    """Peak accelerator memory when on CUDA, else the process's peak RSS."""
+    import torch
+
+    dev = str(getattr(rt, "device", "cpu"))
+    if dev.startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.max_memory_allocated() / 2**30:.3f} GiB (cuda)"
+    # ru_maxrss is in KiB on Linux.
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.3f} GiB (host RSS)"
+
+
+class Timer:
+    """Prompt and generation throughput of one generate() call (mlx-lm style)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.t_first: float | None = None  # when the first token arrived (prompt done)
+        self.prompt_tokens = 0
+        self.generated = 0
+
+    def update(self, resp) -> None:
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+        self.prompt_tokens = resp.prompt_tokens
+        self.generated = resp.generated_tokens
+
+    def prompt_tps(self) -> float:
+        dt = (self.t_first or time.perf_counter()) - self.t0
+        return self.prompt_tokens / dt if dt > 0 else 0.0
+
+    def generation_tps(self) -> float:
+        # The first token came with the prompt pass; rate the remaining ones.
+        if self.t_first is None or self.generated < 2:
+            return 0.0
+        dt = time.perf_counter() - self.t_first
+        return (self.generated - 1) / dt if dt > 0 else 0.0

@@ -1,0 +1,278 @@
+"""The websocket chat server: one model, many sessions, several sessions per connection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+from websockets.asyncio.server import serve
+from websockets.exceptions import ConnectionClosed
+
+from apps import protocol
+from apps.protocol import Limits, ProtocolError
+from apps.server.http import WS_PATH, Gate, make_process_request
+from apps.server.sessions import ChatState, ModelWorker, Registry
+
+log = logging.getLogger("sinkstream.server")
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    limits: Limits = field(default_factory=Limits)
+    chunk: int = 256                       # prefill chunk of each session
+    allowed_origins: tuple[str, ...] = ()  # besides same-origin and localhost; "*" = any
+    allowed_hosts: tuple[str, ...] = ()    # Host names accepted besides loopback; "*" = any
+    token: str | None = None               # required as ?token= or Authorization: Bearer
+    model_name: str = "model"
+
+
+class ChatServer:
+    def __init__(self, rt, cfg: ServerConfig) -> None:
+        self.rt, self.cfg, self.limits = rt, cfg, cfg.limits
+        self.worker = ModelWorker()
+        self.sessions = Registry(cfg.limits.max_sessions)
+        self.started = time.time()
+        self.server = None
+        self._reaper: asyncio.Task | None = None
+
+    # ---- lifecycle ----
+
+    async def start(self):
+        gate = Gate(self.cfg.host, self.cfg.allowed_origins, self.cfg.allowed_hosts, self.cfg.token)
+        # The transport limit is a backstop (the connection closes with 1009 past it); frames
+        # between max_message_bytes and it get a polite `frame_too_large` error instead.
+        hard = max(4 * self.limits.max_message_bytes, 1 << 20)
+        self.server = await serve(self.handler, self.cfg.host, self.cfg.port, max_size=hard,
+                                  process_request=make_process_request(gate, self.health))
+        self._reaper = asyncio.create_task(self._reap_idle())
+        return self.server
+
+    @property
+    def port(self) -> int:
+        return self.server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        host = self.cfg.host if ":" not in self.cfg.host else f"[{self.cfg.host}]"
+        return f"http://{host}:{self.port}/"
+
+    async def stop(self) -> None:
+        for st in list(self.sessions.by_id.values()):
+            st.cancel = True
+        tasks = [st.task for st in self.sessions.by_id.values() if st.busy]
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._reaper:
+            self._reaper.cancel()
+        if self.server:
+            self.server.close()
+            await self.server.wait_closed()
+        self.worker.shutdown()
+
+    def health(self) -> dict:
+        return {"status": "ok", "model": self.cfg.model_name, "sessions": len(self.sessions),
+                "max_sessions": self.limits.max_sessions,
+                "uptime_s": round(time.time() - self.started, 1), "websocket": WS_PATH}
+
+    # ---- one connection ----
+
+    async def handler(self, ws) -> None:
+        owned: set[str] = set()  # sessions attached to this connection
+        try:
+            async for frame in ws:
+                try:
+                    msg = protocol.parse_frame(frame, self.limits)
+                    await self.dispatch(ws, msg, owned)
+                except ProtocolError as e:
+                    await self.send(ws, e.event())
+                except Exception as e:  # a bug must not take the connection or server down
+                    log.exception("error handling a frame")
+                    await self.send(ws, protocol.error(protocol.INTERNAL,
+                                                       f"internal error: {type(e).__name__}"))
+        except ConnectionClosed:
+            pass
+        finally:
+            # A disconnect stops the replies it was receiving; the sessions stay resumable.
+            for sid in owned:
+                st = self.sessions.by_id.get(sid)
+                if st is not None and st.conn is ws:
+                    st.conn, st.cancel = None, True
+                    st.touch()
+
+    async def dispatch(self, ws, msg: dict, owned: set[str]) -> None:
+        kind, rid = msg["type"], msg.get("id")
+        if kind == "session.create":
+            st = await (self.resume(ws, msg) if "resume" in msg else self.create(ws, msg))
+            owned.add(st.id)
+            return
+        st = self.sessions.attached(msg["session"], ws, rid)
+        st.touch()
+        if kind == "message":
+            await self.start_reply(st, msg)
+        elif kind == "cancel":
+            st.cancel = True  # the reply ends with a `done` event, finish_reason "cancelled"
+        elif kind == "session.close":
+            self.sessions.remove(st)
+            owned.discard(st.id)
+            await self.send(ws, protocol.closed(st.id, "closed by client", rid))
+            log.info("session %s closed (%d live)", st.id[:8], len(self.sessions))
+
+    async def create(self, ws, msg: dict) -> ChatState:
+        rid, system = msg.get("id"), msg.get("system")
+        if system:
+            await self.check_length(system, None, rid)
+        self.sessions.reserve(rid)
+        try:
+            session = await self.worker.run(self.rt.session, sinks=self.limits.sinks,
+                                            window=self.limits.window, chunk=self.cfg.chunk)
+        except BaseException:
+            self.sessions.reserved -= 1
+            raise
+        history = [{"role": "system", "content": system}] if system else []
+        st = self.sessions.add(session, history, msg.get("sampling", {}), ws)
+        await self.send(ws, protocol.created(st.id, self.limits, resumed=False,
+                                             model=self.cfg.model_name, request_id=rid))
+        log.info("session %s created (%d live)", st.id[:8], len(self.sessions))
+        return st
+
+    async def resume(self, ws, msg: dict) -> ChatState:
+        rid = msg.get("id")
+        if "system" in msg:
+            raise ProtocolError(protocol.BAD_REQUEST, "session.create: 'system' cannot be "
+                                "changed when resuming", request_id=rid)
+        st = self.sessions.get(msg["resume"], rid)
+        old, st.conn = st.conn, ws
+        if old is not None and old is not ws:
+            await self.send(old, protocol.closed(st.id, "resumed on another connection"))
+        if "sampling" in msg:
+            st.sampling = msg["sampling"]
+        st.touch()
+        await self.send(ws, protocol.created(st.id, self.limits, resumed=True, request_id=rid,
+                                             model=self.cfg.model_name, history=len(st.history)))
+        return st
+
+    async def check_length(self, text: str, sid: str | None, rid) -> int:
+        tok = self.rt.tokenizer
+        n = len(await self.worker.run(tok.encode, text)) if tok is not None else len(text)
+        if n > self.limits.max_prompt_tokens:
+            raise ProtocolError(protocol.PROMPT_TOO_LONG,
+                                f"prompt of {n} tokens is over the limit of "
+                                f"{self.limits.max_prompt_tokens} tokens", session=sid,
+                                request_id=rid)
+        return n
+
+    async def start_reply(self, st: ChatState, msg: dict) -> None:
+        rid = msg.get("id")
+        if st.busy:
+            raise ProtocolError(protocol.BUSY, "a reply is already running in this session; "
+                                "cancel it or wait for its `done` event", session=st.id,
+                                request_id=rid)
+        # Claim the session before awaiting, so a second message cannot slip in.
+        st.task = asyncio.current_task()
+        try:
+            await self.check_length(msg["text"], st.id, rid)
+        finally:
+            st.task = None
+        kw = {"max_new_tokens": self.limits.max_new_tokens, **st.sampling,
+              **msg.get("sampling", {})}
+        st.cancel = False
+        st.task = asyncio.create_task(self.reply(st, msg["text"], kw))
+
+    # ---- one reply ----
+
+    async def reply(self, st: ChatState, text: str, kw: dict) -> None:
+        st.history.append({"role": "user", "content": text})
+        parts, finish, it, err, started = [], "error", None, None, False
+        prompt_tokens = generated = 0
+        t0 = time.perf_counter()
+        t_first = None
+        try:
+            it = await self.worker.run(st.session.chat, list(st.history), **kw)
+            while not st.cancel:
+                started = True
+                resp = await self.worker.run(next, it, None)  # one decode step
+                if resp is None:
+                    finish = "eos"
+                    break
+                t_first = t_first or time.perf_counter()
+                prompt_tokens, generated = resp.prompt_tokens, resp.generated_tokens
+                if resp.text:
+                    parts.append(resp.text)
+                    st.seq += 1
+                    await self.send_to(st, protocol.delta(st.id, st.seq, resp.text))
+                if resp.finish_reason:
+                    finish = resp.finish_reason
+                    break
+            else:
+                finish = "cancelled"
+        except ValueError as e:  # settings the runtime refused (e.g. top_k > vocab)
+            err = protocol.error(protocol.BAD_REQUEST, f"message: {e}", session=st.id)
+        except Exception as e:
+            log.exception("reply failed in session %s", st.id[:8])
+            err = protocol.error(protocol.INTERNAL, f"generation failed: {type(e).__name__}",
+                                 session=st.id)
+        finally:
+            if it is not None:
+                await self.worker.run(it.close)  # the partial reply stays in the cache
+            if not started:
+                st.history.pop()  # the session never saw the message: forget it
+            else:
+                st.history.append({"role": "assistant", "content": "".join(parts)})
+            st.touch()
+        if err is not None:
+            await self.send_to(st, err)
+        stats = await self.worker.run(st.session.stats)
+        t1 = time.perf_counter()
+        gen_time = t1 - t_first if t_first else 0.0
+        usage = {
+            "prompt_tokens": prompt_tokens, "completion_tokens": generated,
+            "tokens_per_second": round((generated - 1) / gen_time, 2) if generated > 1 and gen_time > 0 else 0.0,
+            "prompt_tokens_per_second": round(prompt_tokens / (t_first - t0), 2) if t_first else 0.0,
+            "time_s": round(t1 - t0, 4), "tokens_in_cache": stats.tokens_in_cache,
+            "tokens_seen": stats.tokens_seen, "cache_capacity": self.limits.sinks + self.limits.window,
+            "evictions": stats.evictions,
+        }
+        await self.send_to(st, protocol.done(st.id, st.seq, finish, usage))
+
+    # ---- sending ----
+
+    async def send(self, ws, event: dict) -> bool:
+        try:
+            await ws.send(protocol.dumps(event))
+            return True
+        except ConnectionClosed:
+            return False
+
+    async def send_to(self, st: ChatState, event: dict) -> None:
+        conn = st.conn
+        if conn is None:
+            st.cancel = True  # nobody is listening: stop at the next step
+        elif not await self.send(conn, event) and st.conn is conn:
+            st.cancel = True
+
+    async def _reap_idle(self) -> None:
+        timeout = self.limits.idle_timeout_s
+        while True:
+            await asyncio.sleep(max(0.05, min(timeout / 4, 5.0)))
+            for st in self.sessions.idle(timeout):
+                self.sessions.remove(st)
+                if st.conn is not None:
+                    await self.send(st.conn, protocol.error(
+                        protocol.IDLE_TIMEOUT, f"session closed after {timeout:g}s without "
+                        "activity", session=st.id))
+                log.info("session %s expired (%d live)", st.id[:8], len(self.sessions))
+
+
+@contextlib.asynccontextmanager
+async def running(rt, cfg: ServerConfig):
+    """`async with running(rt, cfg) as app:` serves until the block ends (app.url, app.port)."""
+    app = ChatServer(rt, cfg)
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.stop()

@@ -1,0 +1,128 @@
+"""Plain HTTP in front of the websocket: the browser client, /healthz, and the handshake checks.
+
+`websockets` calls process_request before every handshake; returning a Response answers the
+request as plain HTTP (the page, the health check, a refusal), returning None lets the websocket
+handshake go on (only for /ws, and only after the Host, Origin and token checks pass).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from http import HTTPStatus
+from importlib import resources
+from typing import Callable
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.datastructures import Headers
+from websockets.http11 import Response
+
+WS_PATH = "/ws"
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
+          "/index.html": ("index.html", "text/html; charset=utf-8"),
+          "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+          "/style.css": ("style.css", "text/css; charset=utf-8")}
+
+
+def load_static() -> dict[str, bytes]:
+    """The browser client's files, shipped as package data in apps/web/."""
+    web = resources.files("apps") / "web"
+    return {name: (web / name).read_bytes() for name, _ in set(STATIC.values())}
+
+
+def hostname(host_header: str | None) -> str | None:
+    """'localhost:8765' -> 'localhost'; '[::1]:80' -> '::1'."""
+    if not host_header:
+        return None
+    try:
+        return urlsplit("//" + host_header).hostname
+    except ValueError:
+        return None
+
+
+def response(status: int, body: bytes, content_type: str, extra: dict | None = None) -> Response:
+    headers = Headers()
+    headers["Content-Type"] = content_type
+    headers["Content-Length"] = str(len(body))
+    headers["Cache-Control"] = "no-store"
+    headers["X-Content-Type-Options"] = "nosniff"
+    headers["Referrer-Policy"] = "no-referrer"
+    headers["Connection"] = "close"
+    for k, v in (extra or {}).items():
+        headers[k] = v
+    return Response(status, HTTPStatus(status).phrase, headers, body)
+
+
+def text(status: int, message: str) -> Response:
+    return response(status, (message + "\n").encode(), "text/plain; charset=utf-8")
+
+
+class Gate:
+    """Host, Origin and token checks for one server configuration."""
+
+    def __init__(self, bind_host: str, allowed_origins: tuple[str, ...] = (),
+                 allowed_hosts: tuple[str, ...] = (), token: str | None = None) -> None:
+        self.origins = {o.rstrip("/").lower() for o in allowed_origins}
+        self.token = token
+        # DNS-rebinding guard: a server bound to loopback answers only to loopback host names.
+        loopback = bind_host in LOOPBACK_NAMES or bind_host.startswith("127.")
+        self.hosts = {h.lower() for h in allowed_hosts} | (LOOPBACK_NAMES if loopback else set())
+        self.check_host = loopback or bool(allowed_hosts)
+
+    def host_ok(self, host_header: str | None) -> bool:
+        if not self.check_host or "*" in self.hosts:
+            return True
+        name = hostname(host_header)
+        return name is not None and (name.lower() in self.hosts or name.startswith("127."))
+
+    def origin_ok(self, origin: str | None, host_header: str | None) -> bool:
+        if origin is None:
+            return True  # not a browser: browsers always send Origin on websocket handshakes
+        origin = origin.rstrip("/").lower()
+        if "*" in self.origins or origin in self.origins:
+            return True
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https"):
+            return False
+        if host_header and parts.netloc == host_header.lower():
+            return True  # same origin as the page this server served
+        return (parts.hostname or "") in LOOPBACK_NAMES
+
+    def token_ok(self, query: str, headers: Headers) -> bool:
+        if not self.token:
+            return True
+        given = parse_qs(query).get("token", [None])[0]
+        auth = headers.get("Authorization", "")
+        if given is None and auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        return given is not None and hmac.compare_digest(given.encode(), self.token.encode())
+
+
+def make_process_request(gate: Gate, health: Callable[[], dict]):
+    static = load_static()
+
+    def process_request(connection, request):
+        path, _, query = request.path.partition("?")
+        host = request.headers.get("Host")
+        if not gate.host_ok(host):
+            return text(403, f"host {host!r} is not allowed (start the server with --allow-host)")
+        if path == WS_PATH:
+            if not gate.origin_ok(request.headers.get("Origin"), host):
+                return text(403, "origin not allowed (start the server with --allow-origin)")
+            if not gate.token_ok(query, request.headers):
+                return text(401, "missing or wrong token (?token=... or Authorization: Bearer)")
+            return None  # go on with the websocket handshake
+        if path == "/healthz":
+            return response(200, json.dumps(health()).encode(), "application/json")
+        if path in STATIC:
+            name, ctype = STATIC[path]
+            csp = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                   f"connect-src 'self' ws://{host} wss://{host}; base-uri 'none'; "
+                   "form-action 'none'; frame-ancestors 'none'")
+            return response(200, static[name], ctype, {"Content-Security-Policy": csp})
+        if path == "/favicon.ico":
+            return response(204, b"", "image/x-icon")
+        return text(404, f"not found: {path[:200]}")
+
+    return process_request

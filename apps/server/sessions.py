@@ -1,0 +1,108 @@
+"""Server-side session state and the single model worker.
+
+The model is shared by every session, so all model calls (creating a session, each decode step,
+stats) run on one worker thread, one at a time, in arrival order. A reply is a sequence of
+one-step calls, so replies of different sessions interleave step by step and a cancel takes
+effect before the next step. Batched decode of many sessions is a later engine feature.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from apps import protocol
+from apps.protocol import ProtocolError
+
+
+class ModelWorker:
+    """One thread that owns the model; `await worker.run(fn, ...)` queues a call on it."""
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sinkstream-model")
+
+    async def run(self, fn, *args, **kwargs):
+        call = functools.partial(fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, call)
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass(eq=False)
+class ChatState:
+    """One chat: the runtime session, its transcript and the connection it reports to."""
+    id: str
+    session: Any                         # streaming Session (owned by the model worker)
+    history: list[dict]                  # transcript: what Session.chat() has been given
+    sampling: dict                       # the session's default sampling settings
+    conn: Any = None                     # attached websocket connection, or None while detached
+    task: asyncio.Task | None = None     # the running reply, if any
+    cancel: bool = False                 # set by cancel / disconnect / close; checked every step
+    closed: bool = False
+    seq: int = 0                         # last delta sequence number sent (per session)
+    last_active: float = field(default_factory=time.monotonic)
+
+    def touch(self) -> None:
+        self.last_active = time.monotonic()
+
+    @property
+    def busy(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+
+class Registry:
+    """All live sessions, by id. Ids are 128-bit random: knowing one is the right to resume it."""
+
+    def __init__(self, max_sessions: int) -> None:
+        self.max_sessions = max_sessions
+        self.by_id: dict[str, ChatState] = {}
+        self.reserved = 0  # sessions being created right now (counted against the limit)
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+    def reserve(self, request_id=None) -> None:
+        if len(self.by_id) + self.reserved >= self.max_sessions:
+            raise ProtocolError(protocol.TOO_MANY_SESSIONS,
+                                f"the server holds its maximum of {self.max_sessions} sessions; "
+                                "close one (session.close) or try again later",
+                                request_id=request_id)
+        self.reserved += 1
+
+    def add(self, session, history: list[dict], sampling: dict, conn) -> ChatState:
+        self.reserved -= 1
+        sid = secrets.token_urlsafe(16)
+        st = ChatState(sid, session, history, sampling, conn)
+        self.by_id[sid] = st
+        return st
+
+    def get(self, sid: str, request_id=None) -> ChatState:
+        st = self.by_id.get(sid)
+        if st is None:
+            raise ProtocolError(protocol.UNKNOWN_SESSION,
+                                f"no session {sid[:64]!r} (closed, expired or never created)",
+                                session=sid, request_id=request_id)
+        return st
+
+    def attached(self, sid: str, conn, request_id=None) -> ChatState:
+        st = self.get(sid, request_id)
+        if st.conn is not conn:
+            raise ProtocolError(protocol.UNKNOWN_SESSION,
+                                f"session {sid[:64]!r} is not open on this connection; resume it "
+                                "with {\"type\": \"session.create\", \"resume\": id}",
+                                session=sid, request_id=request_id)
+        return st
+
+    def remove(self, st: ChatState) -> None:
+        st.closed = st.cancel = True
+        self.by_id.pop(st.id, None)
+
+    def idle(self, timeout: float) -> list[ChatState]:
+        now = time.monotonic()
+        return [st for st in self.by_id.values() if not st.busy and now - st.last_active > timeout]
