@@ -1,0 +1,33 @@
+"""The `sinkstream` command: generate, stream, chat and serve subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from apps import cmd_chat, cmd_generate, cmd_serve, cmd_stream
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sinkstream",
+        description="Constant-memory LLM text streaming: layer-condensed KV cache + attention sinks.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    cmd_generate.add_parser(sub)
+    cmd_stream.add_parser(sub)
+    cmd_chat.add_parser(sub)
+    cmd_serve.add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = setup_arg_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:  # Ctrl-C outside a generation loop (e.g. while loading)
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""`sinkstream stream`: ingest a document of any length from stdin in constant memory.
+
+Reads stdin in bounded text blocks, cuts them at whitespace (so each piece tokenizes as it would
+inside the whole text), feeds each piece's ids with ``return_logits=True`` and scores every next
+token: streaming perplexity. At EOF it can continue the text or answer a question about it.
+Nothing grows with the input: one text block, one logits slice and a few counters are held.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import sys
+import time
+
+from apps.common import (add_model_args, add_sampling_args, eprint, load_runtime, new_session,
+                         sampling_kwargs)
+from apps.textpieces import TextPieces, probe_space_rule
+from apps.progress import Progress
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "stream", help="ingest a document from stdin in constant memory, report perplexity",
+        description="Read a document of any length from stdin, ingest it into a constant-size "
+                    "cache with a progress bar (tokens, tokens/s, running perplexity) on stderr, "
+                    "then optionally continue the text or answer a question about it.")
+    p.add_argument("--ppl-jsonl", metavar="PATH",
+                   help="write per-segment perplexity as JSON lines to PATH ('-' = stdout)")
+    p.add_argument("--segment", type=int, default=1024, metavar="N",
+                   help="tokens per perplexity segment (default 1024)")
+    then = p.add_mutually_exclusive_group()
+    then.add_argument("--continue", dest="continue_text", action="store_true",
+                      help="at EOF, continue the text on stdout")
+    then.add_argument("--question", "-q", metavar="TEXT",
+                      help="at EOF, answer this question about the text on stdout")
+    p.add_argument("--block-chars", type=int, default=1 << 16, metavar="N",
+                   help="characters read from stdin at a time (default 65536)")
+    p.add_argument("--score-tokens", type=int, default=256, metavar="N",
+                   help="tokens per feed call, bounds the logits held at once (default 256)")
+    p.add_argument("--encoding", default="utf-8", help="stdin encoding (default utf-8)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--verbose", "-v", action="store_true")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.set_defaults(func=run)
+    return p
+
+
+class Perplexity:
+    """Running and per-segment negative log-likelihood; O(1) state."""
+
+    def __init__(self, segment: int, sink) -> None:
+        self.segment, self.sink = segment, sink
+        self.total_nll, self.total = 0.0, 0
+        self.seg_nll, self.seg_n, self.seg_index, self.last_seg_ppl = 0.0, 0, 0, float("nan")
+
+    def add(self, nll_sum: float, n: int) -> None:
+        self.total_nll += nll_sum
+        self.total += n
+
+    def add_tokens(self, nlls) -> None:
+        """nlls: 1-D float tensor of per-token NLLs, in stream order."""
+        i = 0
+        while i < len(nlls):
+            take = min(len(nlls) - i, self.segment - self.seg_n)
+            part = float(nlls[i:i + take].sum())
+            self.seg_nll += part
+            self.seg_n += take
+            self.add(part, take)
+            i += take
+            if self.seg_n == self.segment:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.seg_n == 0:
+            return
+        mean = self.seg_nll / self.seg_n
+        self.last_seg_ppl = math.exp(min(mean, 700.0))
+        if self.sink is not None:
+            self.sink.write(json.dumps({
+                "segment": self.seg_index, "first_token": self.total - self.seg_n,
+                "tokens": self.seg_n, "nll": round(mean, 6), "ppl": round(self.last_seg_ppl, 4)}) + "\n")
+            self.sink.flush()
+        self.seg_index += 1
+        self.seg_nll, self.seg_n = 0.0, 0
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(min(self.total_nll / self.total, 700.0)) if self.total else float("nan")
+
+
+def ingest(session, tok, pieces: TextPieces, ppl: Perplexity, progress: Progress | None,
+           score_tokens: int) -> int:
+    """Feed every piece; score each next token. Returns the number of tokens fed."""
+    import torch
+
+    prev = None  # log-probs [vocab] predicted by the last token fed so far
+    fed = 0
+    first = True
+    for piece in pieces:
+        ids = tok.encode(piece, add_bos=first)
+        if first and ids and ids[0] == tok.bos_id:
+            # BOS is context, not a scored token; its logits predict the first real token.
+            prev = torch.log_softmax(session.feed(ids[:1], return_logits=True)[-1], dim=-1)
+            fed, ids = 1, ids[1:]
+        first = False
+        for s in range(0, len(ids), score_tokens):
+            part = ids[s:s + score_tokens]
+            logits = session.feed(part, return_logits=True)  # [n, vocab] float32
+            lp = torch.log_softmax(logits.float(), dim=-1)
+            target = torch.tensor(part, dtype=torch.long, device=lp.device)
+            nll = -lp[:-1].gather(1, target[1:, None])[:, 0]  # token j+1 from position j
+            if prev is not None:
+                nll = torch.cat([-prev[target[0]].reshape(1), nll])
+            ppl.add_tokens(nll.cpu())
+            prev = lp[-1].clone()
+            del logits, lp
+            fed += len(part)
+            if progress is not None:
+                progress.update(fed, pieces.chars_read, ppl)
+    return fed
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.segment < 1 or args.block_chars < 64 or args.score_tokens < 1:
+        raise SystemExit("error: --segment and --score-tokens must be >= 1, --block-chars >= 64")
+    kw = sampling_kwargs(args)
+    rt = load_runtime(args)
+    if rt.tokenizer is None:
+        raise SystemExit("error: this checkpoint has no tokenizer; `stream` needs one")
+    session = new_session(rt, args)
+    stdin = io.TextIOWrapper(sys.stdin.buffer, encoding=args.encoding, errors="replace",
+                             newline="")
+    pieces = TextPieces(stdin, args.block_chars, probe_space_rule(rt.tokenizer))
+    sink = None
+    if args.ppl_jsonl:
+        sink = sys.stdout if args.ppl_jsonl == "-" else open(args.ppl_jsonl, "w", encoding="utf-8")
+    ppl = Perplexity(args.segment, sink)
+    progress = None if args.no_progress else Progress(sys.stderr)
+    t0, code = time.perf_counter(), 0
+    try:
+        ingest(session, rt.tokenizer, pieces, ppl, progress, args.score_tokens)
+    except KeyboardInterrupt:
+        code = 130
+    ppl.flush()
+    if progress is not None:
+        progress.finish(session.stats().tokens_seen, pieces.chars_read, ppl)
+    st = session.stats()
+    dt = time.perf_counter() - t0
+    eprint(f"ingested {st.tokens_seen} tokens ({pieces.chars_read} chars) in {dt:.1f}s, "
+           f"{st.tokens_seen / dt if dt > 0 else 0:.1f} tokens/s, perplexity {ppl.ppl:.3f}, "
+           f"{st.tokens_in_cache} tokens in cache ({st.cache_bytes / 2**20:.2f} MiB)")
+    if code == 0 and (args.continue_text or args.question):
+        code = answer(session, args, kw)
+    if sink is not None and sink is not sys.stdout:
+        sink.close()
+    return code
+
+
+def answer(session, args, kw) -> int:
+    """Continue the text, or ask the question after it; the reply streams to stdout."""
+    prompt = None if args.continue_text else f"\n\nQuestion: {args.question}\nAnswer:"
+    try:
+        it = session.generate(prompt, **kw)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    try:
+        for resp in it:
+            sys.stdout.write(resp.text)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        it.close()
+        if sys.stdout.isatty():
+            sys.stdout.write("\n")
+    return 0
