@@ -134,8 +134,8 @@ class ChatServer:
             raise
         history = [{"role": "system", "content": system}] if system else []
         st = self.sessions.add(session, history, msg.get("sampling", {}), ws)
-        await self.send(ws, protocol.created(st.id, self.limits, resumed=False,
-                                             model=self.cfg.model_name, request_id=rid))
+        await self.send(ws, protocol.created(st.id, self.limits, resumed=False, request_id=rid,
+                                             model=self.cfg.model_name, history=len(history)))
         log.info("session %s created (%d live)", st.id[:8], len(self.sessions))
         return st
 
