@@ -1,0 +1,148 @@
+"""cache/state.py: a saved and restored cache continues the stream exactly as if never interrupted.
+
+Round trips (host memory and disk) for the sink-window ring after many wraps and for the full cache
+past its growth; restoring writes in place (same buffers); a state refuses a cache of another layout
+or a damaged file with CacheStateError naming the field; the Session save/restore_session pair too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import streaming
+from cache import state
+from cache.errors import CacheStateError
+from streaming.forward import forward_tokens
+from tests.runtime_helpers import build, full_cache, sink_cache
+from tests.tiny_checkpoint import lckv_config, plain_config, random_weights, write_checkpoint
+
+
+def _ids(n, seed):
+    return torch.randint(0, 512, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _feed(model, cache, ids, chunk):
+    return torch.cat([forward_tokens(model, cache, ids[:, a : a + chunk], all_logits=True)
+                      for a in range(0, ids.shape[1], chunk)], dim=1)
+
+
+@pytest.fixture(scope="module")
+def lckv(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("lckv"), lckv_config(6))[0]
+
+
+@pytest.mark.parametrize("via_disk", [False, True])
+@pytest.mark.parametrize("kind", ["sink", "full"])
+def test_round_trip_continues_exactly(lckv, tmp_path, via_disk, kind):
+    model = lckv
+    make = (lambda: sink_cache(model, 3, 10)) if kind == "sink" else (lambda: full_cache(model, initial_slots=4))
+    first, rest = _ids(57, 1), _ids(23, 2)
+    original = make()
+    _feed(model, original, first, 1)  # many ring wraps (sink) / several growths (full)
+    tensors, meta = state.capture(original, 0)
+    if via_disk:
+        state.save(tmp_path / "s.safetensors", tensors, meta, {"note": "x"})
+        tensors, meta, extra = state.load(tmp_path / "s.safetensors")
+        assert extra == {"note": "x"}
+    restored = make()
+    ptrs = {layer: restored.keys[layer].data_ptr() for layer in restored.kv_layers}
+    state.restore(restored, tensors, meta, 0)
+    if kind == "sink":
+        assert {layer: restored.keys[layer].data_ptr() for layer in restored.kv_layers} == ptrs
+    assert int(restored.lengths[0]) == 57
+
+    expected = _feed(model, original, rest, 1)
+    got = _feed(model, restored, rest, 1)
+    assert torch.equal(got, expected)
+    # And a restored stream is not a fresh one: the history matters.
+    fresh = _feed(model, make(), rest, 1)
+    assert (fresh - expected).abs().max() > 1e-2
+
+
+def test_capture_is_a_copy(lckv):
+    cache = sink_cache(lckv, 2, 6)
+    _feed(lckv, cache, _ids(9, 3), 1)
+    tensors, _ = state.capture(cache, 0)
+    before = {k: v.clone() for k, v in tensors.items()}
+    _feed(lckv, cache, _ids(9, 4), 1)
+    for k, v in tensors.items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("other,field", [
+    (dict(sinks=2, window=10), "sinks"),
+    (dict(sinks=3, window=12), "window"),
+    (dict(dtype=torch.bfloat16), "dtype"),
+    (dict(kind="full"), "kind"),
+])
+def test_restore_into_another_layout_is_refused(lckv, other, field):
+    cache = sink_cache(lckv, 3, 10)
+    _feed(lckv, cache, _ids(20, 5), 1)
+    tensors, meta = state.capture(cache, 0)
+    c = lckv.config
+    if other.get("kind") == "full":
+        target = full_cache(lckv)
+    else:
+        from cache.sink_window import SinkWindowCache
+
+        target = SinkWindowCache(c.kv_layers, 1, c.num_key_value_heads, c.head_dim, sinks=other.get("sinks", 3),
+                                 window=other.get("window", 10), dtype=other.get("dtype", torch.float32), device="cpu")
+    with pytest.raises(CacheStateError, match=field):
+        state.restore(target, tensors, meta, 0)
+    assert int(target.lengths[0]) == 0  # nothing half-restored
+
+
+def test_restore_into_other_model_layers_is_refused(tmp_path, lckv):
+    plain, _ = build(tmp_path, plain_config(2))
+    cache = sink_cache(lckv, 3, 10)
+    _feed(lckv, cache, _ids(5, 6), 1)
+    tensors, meta = state.capture(cache, 0)
+    with pytest.raises(CacheStateError, match="kv_layers"):
+        state.restore(sink_cache(plain, 3, 10), tensors, meta, 0)
+
+
+def test_damaged_state_tensors(lckv):
+    cache = sink_cache(lckv, 3, 10)
+    _feed(lckv, cache, _ids(20, 7), 1)
+    tensors, meta = state.capture(cache, 0)
+    layer = lckv.config.kv_layers[-1]
+    bad = dict(tensors)
+    bad[f"v.{layer}"] = bad[f"v.{layer}"][:, :5]
+    with pytest.raises(CacheStateError, match=f"v.{layer}"):
+        state.restore(sink_cache(lckv, 3, 10), bad, meta, 0)
+    bad = dict(tensors)
+    del bad[f"k.{layer}"]
+    with pytest.raises(CacheStateError, match=f"k.{layer}"):
+        state.restore(sink_cache(lckv, 3, 10), bad, meta, 0)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(CacheStateError, match="no such"):
+        state.load(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"junk" * 20)
+    with pytest.raises(CacheStateError):
+        state.load(tmp_path / "junk.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CacheStateError, match="not a sinkstream cache state"):
+        state.load(tmp_path / "other.safetensors")
+
+
+def test_session_save_and_restore(tmp_path):
+    config = lckv_config(4, m=1, b=1)
+    path = write_checkpoint(tmp_path / "m", config, random_weights(config))
+    rt = streaming.load(path, device="cpu", dtype="float32")
+    s = rt.session(sinks=2, window=12, chunk=5)
+    ids = _ids(61, 8)[0].tolist()
+    s.feed(ids)
+    s.save(tmp_path / "session.safetensors")
+    restored = rt.restore_session(tmp_path / "session.safetensors")
+    assert restored.stats() == s.stats()
+    more = _ids(17, 9)[0].tolist()
+    assert torch.equal(restored.feed(more, return_logits=True), s.feed(more, return_logits=True))
+
+    other = write_checkpoint(tmp_path / "other", config, random_weights(config, seed=1))
+    with pytest.raises(CacheStateError):
+        streaming.load(other, device="cpu", dtype="float32").restore_session(tmp_path / "session.safetensors")
