@@ -105,13 +105,22 @@ def parse_frame(frame, limits: Limits) -> dict:
         if name in msg and not (isinstance(msg[name], str) and 0 < len(msg[name]) <= MAX_ID_LEN):
             raise bad(f"'{name}' must be a non-empty session id string")
     for name in ("text", "system"):
-        if name in msg and not isinstance(msg[name], str):
-            raise bad(f"'{name}' must be a string")
+        if name in msg and not (isinstance(msg[name], str) and _unicode_ok(msg[name])):
+            raise bad(f"'{name}' must be a string of valid Unicode (no lone surrogates)")
     if kind == "message" and not msg["text"].strip():
         raise bad("'text' is empty")
     if "sampling" in msg:
         msg["sampling"] = parse_sampling(msg["sampling"], limits, bad)
     return msg
+
+
+def _unicode_ok(text: str) -> bool:
+    """JSON may carry lone surrogates ("\\ud800"); they cannot be tokenized."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _number(v, lo: float, hi: float, *, integer: bool = False) -> bool:
@@ -136,7 +145,7 @@ def parse_sampling(s, limits: Limits, bad) -> dict:
         if key == "stop":
             stops = [value] if isinstance(value, str) else value
             if not (isinstance(stops, list) and len(stops) <= MAX_STOP_STRINGS and all(
-                    isinstance(x, str) and 0 < len(x) <= MAX_STOP_LEN for x in stops)):
+                    isinstance(x, str) and 0 < len(x) <= MAX_STOP_LEN and _unicode_ok(x) for x in stops)):
                 raise bad(f"sampling.stop must be a string or a list of at most "
                           f"{MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_LEN} chars")
             out["stop"] = stops

@@ -70,7 +70,7 @@ def rss_kib(pid: int) -> int | None:
 
 
 def test_stream_of_megabytes_runs_in_flat_memory(plain, tmp_path):
-    total = 3 * 10**6  # bytes of input, written as the child reads it
+    total = 2 * 10**6  # bytes of input, written as the child reads it
     # Long whole-word pieces of the tiny vocabulary: ~5 characters per token keeps the run short.
     words = [" that", " with", " every", " before", " the", " and", " river", " window"]
     p = subprocess.Popen(SINKSTREAM + ["stream", "--model", str(plain), "--window", "508",

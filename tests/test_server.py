@@ -218,6 +218,7 @@ def test_bad_frames_get_errors_and_other_sessions_keep_streaming(rt):
                                                    "text": "x" * 10_000}),
                     "bad_frame": b"\x00\x01",
                     "not_object": "[1, 2, 3]",
+                    "surrogate": '{"type": "message", "session": "%s", "text": "\\ud800"}' % good,
                 }
                 for name, frame in bad.items():
                     await ws.send(frame)
@@ -240,7 +241,7 @@ def test_bad_frames_get_errors_and_other_sessions_keep_streaming(rt):
     assert errors == {"bad_json": "bad_json", "unknown_type": "unknown_type", "bad_request": "bad_request",
                       "unknown_session": "unknown_session", "busy": "busy",
                       "frame_too_large": "frame_too_large", "bad_frame": "bad_frame",
-                      "not_object": "bad_request"}
+                      "not_object": "bad_request", "surrogate": "bad_request"}
     assert done["finish_reason"] == "cancelled"
     assert closed.rcvd is not None and closed.rcvd.code == 1009
     assert ok["finish_reason"] in ("length", "eos", "stop")
