@@ -13,6 +13,7 @@ from pathlib import Path
 
 from apps.common import (Timer, add_model_args, add_sampling_args, eprint, load_runtime,
                          new_session, peak_memory, sampling_kwargs)
+from apps.interrupt import StopOnCtrlC
 
 HELP = """commands:
   /reset        forget the conversation (keeps the system prompt)
@@ -55,11 +56,14 @@ class Chat:
             print(f"[error: {e}]")
             return
         try:
-            for resp in it:
-                timer.update(resp)
-                parts.append(resp.text)
-                sys.stdout.write(resp.text)
-                sys.stdout.flush()
+            with StopOnCtrlC() as ctrl_c:
+                for resp in it:
+                    timer.update(resp)
+                    parts.append(resp.text)
+                    sys.stdout.write(resp.text)
+                    sys.stdout.flush()
+                    if ctrl_c.requested:
+                        raise KeyboardInterrupt
         except KeyboardInterrupt:
             sys.stdout.write(" [stopped]")
         finally:

@@ -8,6 +8,7 @@ import sys
 
 from apps.common import (Timer, add_model_args, add_sampling_args, eprint, load_runtime,
                          new_session, peak_memory, sampling_kwargs)
+from apps.interrupt import StopOnCtrlC
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -56,12 +57,15 @@ def run(args: argparse.Namespace) -> int:
 
     timer, finish, code = Timer(), None, 0
     try:
-        for resp in it:
-            timer.update(resp)
-            if resp.text:
-                sys.stdout.write(resp.text)
-                sys.stdout.flush()
-            finish = resp.finish_reason or finish
+        with StopOnCtrlC() as ctrl_c:
+            for resp in it:
+                timer.update(resp)
+                if resp.text:
+                    sys.stdout.write(resp.text)
+                    sys.stdout.flush()
+                finish = resp.finish_reason or finish
+                if ctrl_c.requested:
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
         finish, code = "interrupted", 130
     except BrokenPipeError:

@@ -17,8 +17,9 @@ import time
 
 from apps.common import (add_model_args, add_sampling_args, eprint, load_runtime, new_session,
                          sampling_kwargs)
-from apps.textpieces import TextPieces, probe_space_rule
+from apps.interrupt import StopOnCtrlC
 from apps.progress import Progress
+from apps.textpieces import TextPieces, probe_space_rule
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -93,7 +94,7 @@ class Perplexity:
 
 
 def ingest(session, tok, pieces: TextPieces, ppl: Perplexity, progress: Progress | None,
-           score_tokens: int) -> int:
+           score_tokens: int, ctrl_c: StopOnCtrlC) -> int:
     """Feed every piece; score each next token. Returns the number of tokens fed."""
     import torch
 
@@ -121,6 +122,8 @@ def ingest(session, tok, pieces: TextPieces, ppl: Perplexity, progress: Progress
             fed += len(part)
             if progress is not None:
                 progress.update(fed, pieces.chars_read, ppl)
+            if ctrl_c.requested:
+                raise KeyboardInterrupt
     return fed
 
 
@@ -142,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
     progress = None if args.no_progress else Progress(sys.stderr)
     t0, code = time.perf_counter(), 0
     try:
-        ingest(session, rt.tokenizer, pieces, ppl, progress, args.score_tokens)
+        with StopOnCtrlC() as ctrl_c:
+            ingest(session, rt.tokenizer, pieces, ppl, progress, args.score_tokens, ctrl_c)
     except KeyboardInterrupt:
         code = 130
     ppl.flush()
@@ -168,9 +172,12 @@ def answer(session, args, kw) -> int:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     try:
-        for resp in it:
-            sys.stdout.write(resp.text)
-            sys.stdout.flush()
+        with StopOnCtrlC() as ctrl_c:
+            for resp in it:
+                sys.stdout.write(resp.text)
+                sys.stdout.flush()
+                if ctrl_c.requested:
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
         return 130
     finally:
