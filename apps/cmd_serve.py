@@ -69,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
                     max_new_tokens_cap=args.max_new_tokens_cap, max_sessions=args.max_sessions,
                     idle_timeout_s=args.idle_timeout, sinks=args.sinks, window=args.window)
     rt = load_runtime(args)
+    if rt.tokenizer is None:
+        raise SystemExit("error: this checkpoint has no tokenizer; `serve` needs one")
     cfg = ServerConfig(host=args.host, port=args.port, limits=limits, chunk=args.chunk,
                        allowed_origins=tuple(args.allow_origin),
                        allowed_hosts=tuple(args.allow_host), token=args.token,

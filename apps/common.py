@@ -20,7 +20,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weight/activation dtype (default: the runtime's choice for the device)")
     g.add_argument("--sinks", type=int, default=4, help="attention-sink slots kept forever (default 4)")
     g.add_argument("--window", type=int, default=1020, help="rolling-window slots (default 1020)")
-    g.add_argument("--chunk", type=int, default=256, help="tokens per ingestion chunk (default 256)")
+    g.add_argument("--chunk", type=int, default=None,
+                   help="tokens per ingestion step, at most the window (default min(256, window))")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, *, generation_length: bool = True) -> None:

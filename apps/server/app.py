@@ -24,7 +24,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8765
     limits: Limits = field(default_factory=Limits)
-    chunk: int = 256                       # prefill chunk of each session
+    chunk: int | None = None               # prefill chunk of each session (None: runtime default)
     allowed_origins: tuple[str, ...] = ()  # besides same-origin and localhost; "*" = any
     allowed_hosts: tuple[str, ...] = ()    # Host names accepted besides loopback; "*" = any
     token: str | None = None               # required as ?token= or Authorization: Bearer
