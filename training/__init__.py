@@ -1,0 +1,1 @@
+"""Reproducible recipe that trains sinkstream's bundled default model (see training/README.md)."""
