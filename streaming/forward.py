@@ -9,7 +9,8 @@ DESIGN.md, "Attention semantics (exact)":
   tokens starts at zeros, layers below a cyclic block run once, the block runs `passes` (m+b) times
   from the same input, each pass reading the previous pass's target KV; only the last pass's hidden
   states go on; the layers above run once. We follow the ACL-2024 code: the target layer itself also
-  attends with the *previous* pass's KV and writes its new KV after attending.
+  attends with the *previous* pass's KV and writes its new KV after attending. (A target that sees
+  its own diagonal, which no ACL-2024 checkpoint has, takes its own key from the current pass.)
 - Sequential mode runs the tokens one by one (exact); chunks of at most m+b tokens always do.
 """
 
@@ -57,10 +58,25 @@ class _Step:
             self.store(index, *new_kv)
         keys, values = self.kv(model.config.kv_sources[index])
         mask = self.mask_with_diag if model.config.sees_diagonal(index) else self.mask_no_diag
+        if attend_before_store and model.config.sees_diagonal(index):
+            keys, values, mask = self._with_own_diagonal(keys, values, new_kv)
         hidden = model.attention(layer, hidden, q, keys, values, mask)
         if new_kv is not None and attend_before_store:
             self.store(index, *new_kv)
         return hidden
+
+
+    def _with_own_diagonal(self, keys, values, new_kv):
+        """Earlier tokens from the cache (previous pass), each token's own key from this pass.
+
+        Only a target that sees its diagonal needs this (ACL-2024 checkpoints mask every diagonal):
+        it keeps "token i is exact after i+1 passes" true for such models too.
+        """
+        own_keys = self.model.rotate(new_kv[0], *self.q_rope)  # [B, Hkv, n, D] at the new positions
+        n = own_keys.shape[2]
+        eye = torch.eye(n, dtype=torch.bool, device=keys.device).expand(keys.shape[0], n, n)
+        return (torch.cat((keys, own_keys), dim=2), torch.cat((values, new_kv[1]), dim=2),
+                torch.cat((self.mask_no_diag, eye), dim=2))
 
 
 def forward_step(model: CausalLM, cache, ids: torch.Tensor, *, passes: int, all_logits: bool) -> torch.Tensor:

@@ -171,8 +171,14 @@ class Reference:
                 for r, t in enumerate(tokens):
                     store[i][t] = projected[r][1:]
             new_h = []
+            # A target attending first that sees its own diagonal takes its own key from this pass.
+            own_diagonal = owns and attend_first and not self.nodiag[i]
             for r, t in enumerate(tokens):
+                if own_diagonal:
+                    previous, store[i][t] = store[i][t], projected[r][1:]
                 keys, values = self.visible(i, store, t, pos)
+                if own_diagonal:
+                    store[i][t] = previous
                 new_h.append(self.finish(i, h[r], self.attend(self.rope(projected[r][0], pos[t]), keys, values)))
             if owns and attend_first:
                 for r, t in enumerate(tokens):
