@@ -156,7 +156,8 @@ class Reference:
 
         The cyclic block runs `passes` times from the same input; the target's KV of the new tokens
         starts at zeros (real zero keys/values, as in the training code). variant "acl": the target
-        attends with the previous pass's KV, then writes its own; "naacl": it writes first.
+        attends with the previous pass's KV (its own key, if it sees its diagonal, from this pass),
+        then writes its own; "naacl": it writes first and attends with this pass's KV.
         """
         n = len(ids)
         tokens = list(range(start, start + n))

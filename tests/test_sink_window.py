@@ -5,6 +5,7 @@
   token, rotated by their index among the held tokens), for plain and LCKV models, with and without
   sinks; for one plain layer it equals a transformers forward over just the held tokens.
 - Chunked ingestion (evict-for-space before each chunk) equals the reference fed the same chunks.
+- The public Session.feed (chunk 1, chunk C, iterative and sequential prefill) equals the reference.
 - After >100k tokens: positions are still 0..S+W-1 and the stored keys are those of the held tokens
   recomputed from scratch (no drift).
 """
@@ -14,11 +15,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+import streaming
 from cache.sink_window import SinkWindowCache
 from streaming.forward import forward_step, forward_tokens
 from tests.reference_model import Reference, held_tokens, rel_err
 from tests.runtime_helpers import build, sink_cache
-from tests.tiny_checkpoint import lckv_config, plain_config
+from tests.tiny_checkpoint import lckv_config, plain_config, random_weights, write_checkpoint
 
 TOL = 1e-4
 
@@ -223,3 +225,32 @@ def test_positions_and_keys_after_100k_tokens(tmp_path):
         assert rel_err(cache.values[0][0, :, slot], v) < 1e-5, (slot, token)
         checked += 1
     assert checked == sinks + window - 1
+
+
+# ---- through the public Session API --------------------------------------------------------------
+
+
+def _chunks(n: int, chunk: int) -> list[int]:
+    return [min(chunk, n - a) for a in range(0, n, chunk)]
+
+
+@pytest.mark.parametrize("name,chunk,prefill,ref_chunk", [
+    ("plain", 1, "iterative", 1),  # chunk 1 is the paper's token-by-token streaming
+    ("plain", 7, "iterative", 7),  # parallel chunks, evict-for-space before each
+    ("lckv-nodiag", 3, "iterative", 1),  # chunks of at most m+b tokens go token by token
+    ("lckv-nodiag", 9, "sequential", 1),  # exact mode: token by token whatever the chunk
+    ("lckv-diag", 3, "iterative", 1),
+])
+def test_session_feed_matches_reference(tmp_path, name, chunk, prefill, ref_chunk):
+    config = MODELS[name]
+    weights = random_weights(config)
+    rt = streaming.load(write_checkpoint(tmp_path, config, weights), device="cpu", dtype="float32")
+    s = rt.session(sinks=4, window=16, chunk=chunk, prefill=prefill)
+    n = 75
+    ids = _ids(n, seed=11)
+    got = s.feed(ids[0].tolist(), return_logits=True)
+    expected, _ = Reference(config, weights).stream(ids[0].tolist(), _chunks(n, ref_chunk), sinks=4, window=16)
+    assert got.shape == expected.shape
+    assert rel_err(got, expected) < TOL
+    stats = s.stats()
+    assert (stats.tokens_seen, stats.tokens_in_cache, stats.evictions) == (n, 20, n - 20)
