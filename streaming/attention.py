@@ -15,20 +15,25 @@ def attend(q, keys, values, mask, *, impl: str = "sdpa") -> torch.Tensor:
 
     A query whose mask row is all False gets an output of exactly zero, never a softmax over nothing.
     """
-    heads, kv_heads = q.shape[1], keys.shape[1]
-    if heads != kv_heads:
-        # GQA: query head h reads KV head h // (H / Hkv).
-        keys = keys.repeat_interleave(heads // kv_heads, dim=1)
-        values = values.repeat_interleave(heads // kv_heads, dim=1)
-    sees_any = mask.any(dim=-1, keepdim=True)  # [B, n, 1]
+    B, heads, n, D = q.shape
+    kv_heads = keys.shape[1]
+    group = heads // kv_heads
+    if group > 1:
+        # GQA without copying the cache: query head h reads KV head h // group, so the `group` query
+        # heads of one KV head become `group * n` query rows of that head: [B, Hkv, group*n, D].
+        q = q.reshape(B, kv_heads, group * n, D)
+        mask = mask[:, None].expand(B, group, n, mask.shape[-1]).reshape(B, group * n, -1)
+    sees_any = mask.any(dim=-1, keepdim=True)  # [B, rows, 1]
     if impl == "plain":
-        return _plain(q, keys, values, mask, sees_any)
-    if impl != "sdpa":
+        out = _plain(q, keys, values, mask, sees_any)
+    elif impl == "sdpa":
+        # Rows with no visible key are opened fully (to avoid NaN) and then zeroed.
+        safe = (mask | ~sees_any)[:, None]  # [B, 1, rows, L]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=safe)
+        out = out * sees_any[:, None].to(out.dtype)
+    else:
         raise ValueError(f"unknown attention implementation {impl!r}")
-    # Rows with no visible key are opened fully (to avoid NaN) and then zeroed.
-    safe = (mask | ~sees_any)[:, None]  # [B, 1, n, L]
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=safe)
-    return out * sees_any[:, None].to(out.dtype)
+    return out.reshape(B, heads, n, D)
 
 
 def _plain(q, keys, values, mask, sees_any) -> torch.Tensor:
