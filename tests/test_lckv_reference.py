@@ -199,3 +199,30 @@ def test_lckv_layer_types_conversion():
     assert config.kv_sources == [0, 2, 2, 0, 5, 5]
     assert config.nodiag == [True] * 6
     assert config.segments == [(0, 0), (1, 2), (3, 3), (4, 5)]
+
+
+def test_bundled_default_model_matches_reference():
+    """The trained bundled model (real attention patterns, bf16 weights read as float32)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from streaming.checkpoint import load_model
+
+    directory = Path(__file__).resolve().parents[1] / "streaming" / "models" / "default"
+    if not (directory / "config.json").exists():
+        pytest.skip("no bundled default model")
+    config = json.loads((directory / "config.json").read_text())
+    weights = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        weights.update({k: v.float() for k, v in load_file(str(shard)).items()})
+    model = load_model(directory, device=torch.device("cpu"), dtype=torch.float32)
+    ref = Reference(config, weights)
+    ids = _ids(12, seed=12, vocab=config["vocab_size"])
+    exact, _ = ref.stream(ids[0].tolist())
+    got = forward_tokens(model, full_cache(model), ids, sequential=True, all_logits=True)[0]
+    assert rel_err(got, exact) < TOL
+    # the default prefill (m+b = 9 passes) on a 12-token chunk: the first 9 tokens exact
+    got = forward_tokens(model, full_cache(model), ids, all_logits=True)[0]
+    assert rel_err(got[:9], exact[:9]) < TOL
