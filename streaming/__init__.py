@@ -8,13 +8,13 @@
 """
 
 from .errors import (
-    CheckpointError, ConfigError, InvalidInputError, SinkstreamError, TokenizerMissingError,
+    CheckpointError, ConfigError, InvalidInputError, SessionBusyError, SinkstreamError, TokenizerMissingError,
 )
 from .generate import Response
 from .runtime import Runtime, load
 from .session import Session, SessionStats
 
 __all__ = [
-    "CheckpointError", "ConfigError", "InvalidInputError", "Response", "Runtime", "Session", "SessionStats",
+    "CheckpointError", "ConfigError", "InvalidInputError", "Response", "Runtime", "Session", "SessionBusyError", "SessionStats",
     "SinkstreamError", "TokenizerMissingError", "load",
 ]

@@ -19,3 +19,7 @@ class TokenizerMissingError(SinkstreamError, RuntimeError):
 
 class InvalidInputError(SinkstreamError, ValueError):
     """An argument or request is malformed (bad ids, bad sampling settings, bad messages...)."""
+
+
+class SessionBusyError(SinkstreamError, RuntimeError):
+    """A session was used while another operation on it (an open generate() iterator) is running."""

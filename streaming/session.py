@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, AsyncIterator, Iterator, Sequence
 
@@ -13,7 +14,7 @@ import torch
 from cache import state as cache_state
 
 from .cuda_graph import DecodeGraph, graph_capable
-from .errors import InvalidInputError, TokenizerMissingError
+from .errors import InvalidInputError, SessionBusyError, TokenizerMissingError
 from .forward import forward_tokens
 from .generate import Response, responses, token_steps
 from .tokenizer import validate_messages
@@ -48,6 +49,20 @@ class Session:
         self._graph: DecodeGraph | None = None
         self._reset_state()
 
+    @contextmanager
+    def _exclusive(self):
+        """One operation at a time. A second one fails at once instead of waiting: on the same thread
+        (e.g. feed() while a generate() iterator is still open) waiting would never end."""
+        if not self._lock.acquire(blocking=False):
+            raise SessionBusyError(
+                "the session is busy: a generate()/chat() iterator is still open or another thread is using "
+                "it; finish or close() that iterator first"
+            )
+        try:
+            yield
+        finally:
+            self._lock.release()
+
     def _reset_state(self) -> None:
         self._seen = 0  # host copy of the cache's length: no device sync to read it
         self.next_logits: torch.Tensor | None = None  # [V] float32: prediction for the next token
@@ -70,7 +85,7 @@ class Session:
         fed token i. (For very long inputs feed in pieces: this tensor is n x vocab.)
         """
         ids = self._to_ids(text_or_ids)
-        with self._lock:
+        with self._exclusive():
             return self.ingest(ids, return_logits=return_logits)
 
     def ingest(self, ids: Sequence[int], *, return_logits: bool = False) -> torch.Tensor | None:
@@ -141,7 +156,7 @@ class Session:
         return self._generate(prompt_ids, params, max_new_tokens, stop)
 
     def _generate(self, prompt_ids, params, max_new_tokens, stop) -> Iterator[Response]:
-        with self._lock:
+        with self._exclusive():
             self.ingest(prompt_ids)
             if params.seed is not None:
                 self._generator.manual_seed(params.seed)
@@ -223,13 +238,13 @@ class Session:
 
     def reset(self) -> None:
         """Start a new stream in the same memory."""
-        with self._lock:
+        with self._exclusive():
             self.cache.reset()
             self._reset_state()
 
     def save(self, path) -> None:
         """Write this session's cache and conversation state to `path` (one safetensors file)."""
-        with self._lock:
+        with self._exclusive():
             tensors, meta = cache_state.capture(self.cache, 0)
             if self.next_logits is not None:
                 tensors["next_logits"] = self.next_logits.float().cpu()
@@ -242,7 +257,7 @@ class Session:
         """Load a state produced by `save` (used by `Runtime.restore_session`)."""
         if extra.get("model") != self.runtime.fingerprint:
             raise cache_state.CacheStateError("the saved session was produced by a different model")
-        with self._lock:
+        with self._exclusive():
             cache_state.restore(self.cache, tensors, meta, 0)
             self._seen = int(tensors["length"][0])
             logits = tensors.get("next_logits")
