@@ -1,6 +1,6 @@
 """The websocket chat protocol: validation of client frames and builders of server events.
 
-Every frame is a JSON object with a `type`. See apps/PROTOCOL.md for the full description.
+Every frame is a JSON object with a `type`. The README (section "Websocket chat server") describes it in full.
 Validation never trusts the client: sizes, types, ranges and unknown fields are all checked, and
 every problem becomes a ProtocolError with a stable `code` and a message naming the field.
 """

@@ -1,5 +1,5 @@
 // sinkstream browser client: one websocket, one chat session, streamed replies.
-// Protocol: apps/PROTOCOL.md. Text is always inserted with textContent (never as HTML).
+// Protocol: README.md, "Websocket chat server". Text is always inserted with textContent (never as HTML).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
