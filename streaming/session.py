@@ -22,6 +22,8 @@ from .tokenizer import validate_messages
 if TYPE_CHECKING:
     from .runtime import Runtime
 
+# Characters of the fed chat text kept to check that the next turn continues it.
+CHAT_TAIL = 4096
 # Repetition penalty looks at this many most recent tokens (at most the cache's capacity).
 PENALTY_HISTORY = 4096
 
@@ -68,8 +70,9 @@ class Session:
         self.next_logits: torch.Tensor | None = None  # [V] float32: prediction for the next token
         capacity = getattr(self.cache, "capacity", PENALTY_HISTORY)
         self._recent: deque[int] = deque(maxlen=min(capacity, PENALTY_HISTORY))
-        self._chat_messages: list[dict] = []  # messages already in the stream
-        self._chat_text = ""  # the text of the conversation as fed (template + replies)
+        self._chat_count = 0  # chat messages already in the stream (replies included)
+        self._chat_fed_chars = 0  # length of the rendered conversation fed so far
+        self._chat_tail = ""  # its last CHAT_TAIL characters, to check the next turn continues it
         self._generator = torch.Generator(device=self.runtime.device)
         if self.seed is not None:
             self._generator.manual_seed(self.seed)
@@ -187,41 +190,40 @@ class Session:
     def chat(self, messages: list[dict], *, stop: Sequence[str] | None = None, **sampling) -> Iterator[Response]:
         """Continue a conversation: feeds the messages not yet in the stream, then streams the reply.
 
-        `messages` is the whole conversation so far (system/user/assistant dicts). Messages already
-        fed (including replies this session generated) are not fed again.
+        `messages` is the whole conversation so far (system/user/assistant dicts), the replies this
+        session generated included; only the messages after those already in the stream are fed. The
+        session itself keeps just a count and the last few KiB of the fed text (constant memory): the
+        rendered conversation must continue that text, else the new turns are rendered on their own.
         """
         tokenizer = self.runtime.require_tokenizer()
         messages = validate_messages(messages)
-        known = self._chat_messages
-        if len(messages) <= len(known) or any(
-            m["role"] != k["role"] for m, k in zip(messages, known)
-        ):
+        if len(messages) <= self._chat_count:
             raise InvalidInputError(
-                "messages must extend this session's conversation (same roles for the messages already "
-                "sent, and at least one new message); call reset() to start a new one"
+                f"messages must extend this session's conversation: it already holds {self._chat_count} "
+                f"message(s) and {len(messages)} were given; call reset() to start a new one"
             )
-        conversation = known + messages[len(known):]
-        rendered = tokenizer.render_chat(conversation, add_generation_prompt=True)
-        if rendered.startswith(self._chat_text):
-            new_text = rendered[len(self._chat_text):]
-        else:  # a template that rewrites earlier turns: feed the new turns on their own
-            new_text = tokenizer.render_chat(messages[len(known):], add_generation_prompt=True)
+        rendered = tokenizer.render_chat(messages, add_generation_prompt=True)
+        fed, tail = self._chat_fed_chars, self._chat_tail
+        if len(rendered) >= fed and rendered[fed - len(tail) : fed] == tail:
+            new_text = rendered[fed:]
+        else:  # a template that rewrites earlier turns, or an edited history: feed the new turns alone
+            new_text = tokenizer.render_chat(messages[self._chat_count :], add_generation_prompt=True)
         stops = list(stop or []) + [s for s in tokenizer.chat_stop_strings if s not in (stop or [])]
         replies = self.generate(new_text, stop=stops, **sampling)
-        return self._record_chat(conversation, new_text, replies)
+        return self._record_chat(len(messages), rendered, replies)
 
-    def _record_chat(self, conversation, new_text, replies) -> Iterator[Response]:
-        reply_text, reply_ids = [], []
+    def _record_chat(self, count: int, rendered: str, replies) -> Iterator[Response]:
+        reply_ids = []
         try:
             for response in replies:
-                reply_text.append(response.text)
                 reply_ids.extend(response.token_ids)
                 yield response
         finally:
-            # The cache holds every generated token, stop strings included: remember them as fed.
+            # The cache holds every generated token, stop strings included: count them as fed.
             raw = self.runtime.tokenizer.decode([i for i in reply_ids if i not in self.runtime.eos_ids])
-            self._chat_text += new_text + raw
-            self._chat_messages = conversation + [{"role": "assistant", "content": "".join(reply_text)}]
+            self._chat_count = count + 1
+            self._chat_fed_chars = len(rendered) + len(raw)
+            self._chat_tail = (rendered[-CHAT_TAIL:] + raw)[-CHAT_TAIL:]
 
     # ---- bookkeeping -----------------------------------------------------------------------------
 
@@ -249,7 +251,8 @@ class Session:
             if self.next_logits is not None:
                 tensors["next_logits"] = self.next_logits.float().cpu()
             tensors["recent_ids"] = torch.tensor(list(self._recent), dtype=torch.long)
-            extra = {"chat_text": self._chat_text, "chat_messages": self._chat_messages, "chunk": self.chunk,
+            extra = {"chat_count": self._chat_count, "chat_fed_chars": self._chat_fed_chars,
+                     "chat_tail": self._chat_tail, "chunk": self.chunk,
                      "sequential": self.sequential, "model": self.runtime.fingerprint}
             cache_state.save(path, tensors, meta, extra)
 
@@ -264,8 +267,9 @@ class Session:
             self.next_logits = logits.to(self.runtime.device) if logits is not None else None
             self._recent.clear()
             self._recent.extend(tensors["recent_ids"].tolist())
-            self._chat_text = extra.get("chat_text", "")
-            self._chat_messages = list(extra.get("chat_messages", []))
+            self._chat_count = int(extra.get("chat_count", 0))
+            self._chat_fed_chars = int(extra.get("chat_fed_chars", 0))
+            self._chat_tail = str(extra.get("chat_tail", ""))
 
 
 def _check_stop(stop) -> list[str]:

@@ -79,3 +79,20 @@ def test_bad_generation_arguments_fail_at_call_time(runtime):
     with pytest.raises(InvalidInputError):
         s.feed([runtime.config.vocab_size])  # id out of range
     assert s.stats().tokens_seen == 0  # nothing was fed
+
+
+def test_chat_turns_continue_the_stream_exactly_in_bounded_memory(runtime):
+    from streaming.session import CHAT_TAIL
+
+    s = runtime.session(window=1000, seed=0)
+    tok = runtime.tokenizer
+    conversation = [{"role": "system", "content": "Be brief."}]
+    for turn in range(6):
+        conversation.append({"role": "user", "content": f"question {turn}"})
+        reply = "".join(r.text for r in s.chat(conversation, max_new_tokens=5))
+        conversation.append({"role": "assistant", "content": reply})
+        assert len(s._chat_tail) <= CHAT_TAIL and s._chat_count == len(conversation)
+    stream = tok.decode(list(s._recent))  # every id fed so far (the window is large enough)
+    assert stream.startswith(tok.render_chat(conversation[:2], add_generation_prompt=True))
+    for turn in range(6):  # each user turn was fed exactly once, with its generation prompt
+        assert stream.count(f"question {turn}\n<|assistant|>\n") == 1
