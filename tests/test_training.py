@@ -145,5 +145,15 @@ def test_recipe_runs_end_to_end_on_cpu(tmp_path):
         load = streaming.load
     except (ImportError, AttributeError):
         return  # runtime loader not there yet
-    rt = load(os.path.join(out, "lckv"), device="cpu")
-    assert rt.config.vocab_size == 400
+    ids = torch.randint(3, 400, (40,), generator=torch.Generator().manual_seed(0))
+    for name in ("lckv", "plain"):
+        rt = load(os.path.join(out, name), device="cpu", dtype="float32")
+        assert rt.config.vocab_size == 400
+        ours = load_checkpoint(os.path.join(out, name))
+        with torch.no_grad():
+            want = ours(ids[None])[0]                       # LCKV: m+b passes, as the runtime's prefill
+            exact = ours(ids[None], passes=40)[0]           # LCKV: converged = token by token
+        got = rt.session(unbounded_cache=True, chunk=40).feed(ids.tolist(), return_logits=True)
+        assert (got - want).abs().max() < 2e-5, name
+        seq = rt.session(unbounded_cache=True, prefill="sequential").feed(ids.tolist(), return_logits=True)
+        assert (seq - exact).abs().max() < 2e-5, name

@@ -11,8 +11,9 @@ LICENCES = """\
   and the dhmit `gender_novels` corpus; Gutenberg headers stripped). The texts are in the public domain
   in the US.
 - **Wikipedia** (`wiki-train-*`): English Wikipedia articles (a 2014 wikiextractor dump slice), text by
-  **Wikipedia contributors**, licensed under CC BY-SA 3.0 and the GFDL. This model was trained on that
-  text; the weights are offered under the same terms (CC BY-SA 3.0).
+  **Wikipedia contributors**, licensed under CC BY-SA 3.0 and the GFDL. Whether trained weights are an
+  adaptation of their training text is unsettled; this card gives the attribution those licences ask
+  for either way.
 - Validation: the fixed `books-valid` / `wiki-valid` splits, never trained on.
 """
 
@@ -80,3 +81,29 @@ def write_card(out_dir: str, name: str, metrics: dict, samples: list[tuple[str, 
             lines += [f"`{cmd}`", "", "```", text, "```", ""]
     with open(os.path.join(out_dir, "README.md"), "w") as f:
         f.write("\n".join(lines))
+
+
+def main() -> None:
+    """Rewrite a checkpoint's card from the run's metrics.json, adding samples and extra sections:
+
+    python -m training.card --metrics runs/default/metrics.json --out streaming/models/default --name lckv \
+        --extra extra.md --sample 'sinkstream generate "..."' sample1.txt
+    """
+    import argparse
+    import json
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--metrics", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--name", default="lckv")
+    ap.add_argument("--extra", help="markdown file appended after the perplexity table")
+    ap.add_argument("--sample", nargs=2, action="append", metavar=("COMMAND", "OUTPUT_FILE"), default=[])
+    args = ap.parse_args()
+    with open(args.metrics) as f:
+        metrics = json.load(f)
+    extra = open(args.extra, encoding="utf-8").read().strip() if args.extra else ""
+    samples = [(cmd, open(path, encoding="utf-8").read()) for cmd, path in args.sample]
+    write_card(args.out, args.name, metrics, samples, extra)
+
+
+if __name__ == "__main__":
+    main()
