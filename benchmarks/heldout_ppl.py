@@ -62,12 +62,23 @@ def main(argv=None) -> dict:
         stream = encode_documents(read_documents(path), tok)
         sets[os.path.basename(path).split(".")[0]] = eval_rows(stream, args.seq_len, args.rows)
     paths = args.paths.split(",")
+
+    def report(name, res):  # print and save each path's figures as soon as they exist
+        nll = sum(r["nll"] * r["tokens"] for r in res.values()) / sum(r["tokens"] for r in res.values())
+        res["all"] = {"nll": nll, "ppl": math.exp(nll), "tokens": sum(r["tokens"] for r in res.values())}
+        print(f"{name:28s} " + "  ".join(f"{k}: {r['ppl']:.2f} ({r['tokens']:,} tok)" for k, r in res.items()),
+              flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=2)
+
     out = {"model": args.model, "device": str(device), "torch": torch.__version__,
            "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None, "results": {}}
     if "training" in paths:
         model = load_checkpoint(args.model, device)
         res = {k: perplexity(model, r, device=device) for k, r in sets.items()}
         out["results"]["training"] = res
+        report("training", res)
         del model
     rt = None
     for name, rows_per_set, seq in (("runtime", args.runtime_rows or args.rows, False),
@@ -82,14 +93,7 @@ def main(argv=None) -> dict:
             res[k] = {"nll": total / count, "ppl": math.exp(total / count), "tokens": count,
                       "seconds": round(time.perf_counter() - t0, 1)}
         out["results"][name + (f" ({rt.dtype})")] = res
-    for name, res in out["results"].items():
-        nll = sum(r["nll"] * r["tokens"] for r in res.values()) / sum(r["tokens"] for r in res.values())
-        res["all"] = {"nll": nll, "ppl": math.exp(nll), "tokens": sum(r["tokens"] for r in res.values())}
-        print(f"{name:28s} " + "  ".join(f"{k}: {r['ppl']:.2f} ({r['tokens']:,} tok)" for k, r in res.items()),
-              flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        report(name + f" ({rt.dtype})", res)
     return out
 
 

@@ -37,7 +37,7 @@ def heldout_stream(corpus: str, tokenizer: str, tokens: int, seed: int = 0) -> l
 
 
 def stream_nll(rt, ids: list[int], sinks: int, window: int, chunk: int | None, piece: int,
-               segment: int, deadline: float, log=print) -> dict:
+               segment: int, deadline: float, log=print, on_segment=None) -> dict:
     """-> per-segment and total NLL of ids[1:] fed through one session (stops at `deadline`)."""
     s = rt.session(sinks=sinks, window=window, chunk=chunk)
     dev = rt.device
@@ -68,6 +68,8 @@ def stream_nll(rt, ids: list[int], sinks: int, window: int, chunk: int | None, p
                 log(f"  sinks={sinks} window={window}: segment {len(segments)} ppl {segments[-1]['ppl']:.2f} "
                     f"({time.perf_counter() - t0:.0f} s)")
                 seg_sum, seg_n = 0.0, 0
+                if on_segment:
+                    on_segment({"sinks": sinks, "window": window, "partial": True, "segments": segments})
         total += vals.sum().item()
         count += vals.numel()
         if time.perf_counter() > deadline:
@@ -104,17 +106,20 @@ def main(argv=None) -> dict:
     results = {"model": model_dir, "device": str(rt.device), "dtype": str(rt.dtype),
                "gpu": torch.cuda.get_device_name(0) if rt.device.type == "cuda" else None,
                "torch": torch.__version__, "stream_tokens": len(ids), "runs": []}
+    def save(partial=None):  # after every segment too: a killed run keeps what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({**results, "runs": results["runs"] + ([partial] if partial else [])}, f, indent=2)
+
     for cfg in args.config or ["4:1020", "0:1024"]:
         sinks, window = (int(x) for x in cfg.split(":"))
         deadline = time.perf_counter() + args.max_seconds
         res = stream_nll(rt, ids, sinks, window, args.chunk, args.piece, args.segment, deadline,
-                         log=lambda m: print(m, flush=True))
+                         log=lambda m: print(m, flush=True), on_segment=save)
         print(f"sinks={sinks} window={window} chunk={res['chunk']}: ppl {res['ppl']:.2f} over "
               f"{res['tokens_scored']:,} tokens, {res['tokens_per_second']:,} tok/s", flush=True)
         results["runs"].append(res)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=2)
+        save()
     return results
 
 
