@@ -177,15 +177,20 @@ class Session:
         Cancelling the consuming task or breaking out stops generation within one decode step.
         """
         iterator = await asyncio.to_thread(self.generate, prompt, **kwargs)
+        loop = asyncio.get_running_loop()
         done = object()
+        step = None  # the decode step running in a worker thread, if any
         try:
             while True:
-                item = await asyncio.to_thread(next, iterator, done)
+                step = loop.run_in_executor(None, next, iterator, done)
+                # Shielded: a cancelled consumer must not orphan the running step (see finally).
+                item = await asyncio.shield(step)
+                step = None
                 if item is done:
                     return
                 yield item
         finally:
-            await asyncio.shield(asyncio.to_thread(iterator.close))
+            await asyncio.shield(_close_after(step, iterator))
 
     def chat(self, messages: list[dict], *, stop: Sequence[str] | None = None, **sampling) -> Iterator[Response]:
         """Continue a conversation: feeds the messages not yet in the stream, then streams the reply.
@@ -270,6 +275,16 @@ class Session:
             self._chat_count = int(extra.get("chat_count", 0))
             self._chat_fed_chars = int(extra.get("chat_fed_chars", 0))
             self._chat_tail = str(extra.get("chat_tail", ""))
+
+
+async def _close_after(step, iterator) -> None:
+    """Close a generation iterator once its in-flight step (if any) has finished in its thread."""
+    if step is not None:
+        try:
+            await step
+        except BaseException:  # the step's own error was already reported, or nobody is listening
+            pass
+    await asyncio.to_thread(iterator.close)
 
 
 def _check_stop(stop) -> list[str]:

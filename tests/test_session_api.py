@@ -96,3 +96,42 @@ def test_chat_turns_continue_the_stream_exactly_in_bounded_memory(runtime):
     assert stream.startswith(tok.render_chat(conversation[:2], add_generation_prompt=True))
     for turn in range(6):  # each user turn was fed exactly once, with its generation prompt
         assert stream.count(f"question {turn}\n<|assistant|>\n") == 1
+
+
+def test_cancelling_an_async_generation_leaves_the_session_usable(runtime, monkeypatch):
+    import time
+
+    import streaming.generate as generate_module
+
+    real_sample = generate_module.sample
+
+    def slow_sample(*args, **kwargs):  # every decode step takes 50 ms: the cancel lands mid-step
+        time.sleep(0.05)
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "sample", slow_sample)
+    s = runtime.session(window=64, seed=0)
+
+    async def consume(started):
+        async for _ in s.agenerate("Hi", max_new_tokens=None):
+            started.set()
+
+    async def main():
+        started = asyncio.Event()
+        task = asyncio.create_task(consume(started))
+        await started.wait()
+        await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # Wait for the generator's cleanup (the in-flight step finishes, then the iterator closes).
+        for _ in range(200):
+            try:
+                return s.feed("after")
+            except SessionBusyError:
+                await asyncio.sleep(0.01)
+        raise AssertionError("the session stayed busy after cancellation")
+
+    seen_before = s.stats().tokens_seen
+    asyncio.run(main())
+    assert s.stats().tokens_seen > seen_before
