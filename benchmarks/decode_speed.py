@@ -38,8 +38,8 @@ def time_ours(rt, prompt, new_tokens, sinks, window, impl, graphs):
     rt.model.attention_impl = impl
     rt.cuda_graphs = graphs
     s = rt.session(sinks=sinks, window=window, chunk=min(256, window))
-    s.feed(prompt[:8])
-    list(s.generate(max_new_tokens=8, temperature=0.0))  # warm-up
+    s.feed(prompt)  # warm-up (captures the chunk and decode graphs when they are on)
+    list(s.generate(max_new_tokens=8, temperature=0.0))
     s.reset()
     sync(rt.device)
     t0 = time.perf_counter()
@@ -109,7 +109,7 @@ def main():
             for impl, graphs in modes:
                 prefill, decode, cache_bytes, ids = time_ours(rt, prompt, args.new_tokens, args.sinks, args.window,
                                                               impl, graphs)
-                engine = "CUDA graph decode" if graphs else "eager"
+                engine = "CUDA graphs" if graphs else "eager"
                 rows.append((kind, f"sinkstream {engine} ({impl} attention)", prefill, decode, cache_bytes))
                 if (impl, graphs) == ("sdpa", False):
                     ours = ids

@@ -111,6 +111,12 @@ def _iterate_block(step: _Step, lo: int, hi: int, block_input: torch.Tensor, pas
     return hidden
 
 
+def runs_as_one_step(config, n: int, *, sequential: bool, passes: int | None = None) -> bool:
+    """Whether `forward_tokens` ingests n tokens as one step (else token by token)."""
+    passes = config.prefill_passes if passes is None else passes
+    return n == 1 or not (sequential or (config.is_condensed and n <= passes))
+
+
 def forward_tokens(
     model: CausalLM, cache, ids: torch.Tensor, *, sequential: bool = False, passes: int | None = None,
     all_logits: bool = False,
@@ -122,8 +128,7 @@ def forward_tokens(
     """
     passes = model.config.prefill_passes if passes is None else passes
     n = ids.shape[1]
-    one_by_one = n > 1 and (sequential or (model.config.is_condensed and n <= passes))
-    if not one_by_one:
+    if runs_as_one_step(model.config, n, sequential=sequential, passes=passes):
         return forward_step(model, cache, ids, passes=passes, all_logits=all_logits)
     outs = [forward_step(model, cache, ids[:, t : t + 1], passes=passes, all_logits=True) for t in range(n)]
     return torch.cat(outs, dim=1) if all_logits else outs[-1]

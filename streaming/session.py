@@ -13,9 +13,9 @@ import torch
 
 from cache import state as cache_state
 
-from .cuda_graph import DecodeGraph, graph_capable
+from .cuda_graph import StepGraph, graph_capable
 from .errors import InvalidInputError, SessionBusyError, TokenizerMissingError
-from .forward import forward_tokens
+from .forward import forward_tokens, runs_as_one_step
 from .generate import Response, responses, token_steps
 from .tokenizer import validate_messages
 
@@ -46,9 +46,9 @@ class Session:
         self.sequential = sequential
         self.seed = seed
         self._lock = threading.Lock()
-        # The one-token step as a CUDA graph, captured at the first decode step (None: eager).
+        # Decode steps and full ingestion chunks replay CUDA graphs, captured at first use.
         self.use_cuda_graph = runtime.cuda_graphs and graph_capable(cache)
-        self._graph: DecodeGraph | None = None
+        self._graphs: dict[tuple[int, bool], StepGraph] = {}
         self._reset_state()
 
     @contextmanager
@@ -100,24 +100,30 @@ class Session:
         outputs = []
         step = self.chunk
         with torch.inference_mode():
-            if len(ids) == 1 and self.use_cuda_graph:
-                if self._graph is None:
-                    self._graph = DecodeGraph(runtime.model, self.cache)
-                logits = self._graph(all_ids[None])
-                self.next_logits = logits[0, -1].clone()
-                self._seen += 1
-                self._recent.extend(ids)
-                return logits[0].clone() if return_logits else None
             for start in range(0, len(ids), step):
                 piece = all_ids[start : start + step][None]  # [1, C]
-                logits = forward_tokens(runtime.model, self.cache, piece, sequential=self.sequential,
-                                        all_logits=return_logits)
+                logits = self._step(piece, return_logits)
                 if return_logits:
-                    outputs.append(logits[0])
-                self.next_logits = logits[0, -1]
+                    outputs.append(logits[0].clone())
+                self.next_logits = logits[0, -1].clone()
         self._seen += len(ids)
         self._recent.extend(ids)
         return torch.cat(outputs).float() if return_logits else None
+
+    def _step(self, piece: torch.Tensor, all_logits: bool) -> torch.Tensor:
+        """One cache step of piece [1, n]: a graph replay for decode steps and full chunks, else eager."""
+        runtime, n = self.runtime, piece.shape[1]
+        config = runtime.model.config
+        # Graph only what the eager path runs as one step (not an LCKV chunk it splits per token).
+        one_step = runs_as_one_step(config, n, sequential=self.sequential)
+        if self.use_cuda_graph and one_step and n in (1, self.chunk):
+            key = (n, all_logits)
+            graph = self._graphs.get(key)
+            if graph is None:
+                graph = self._graphs[key] = StepGraph(runtime.model, self.cache, n, all_logits=all_logits,
+                                                      passes=config.prefill_passes)
+            return graph(piece)
+        return forward_tokens(runtime.model, self.cache, piece, sequential=self.sequential, all_logits=all_logits)
 
     def _to_ids(self, text_or_ids) -> list[int]:
         if isinstance(text_or_ids, str):

@@ -1,4 +1,4 @@
-"""The CUDA-graph decode step equals the eager step (runs only where a GPU is present)."""
+"""CUDA-graph replays (decode steps and full ingestion chunks) equal the eager steps (GPU only)."""
 
 import pytest
 import torch
@@ -9,28 +9,52 @@ from tests.tiny_checkpoint import make_tiny_checkpoint
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("kind", ["plain", "lckv"])
-def test_graph_replay_matches_eager(tmp_path, kind):
+def _ids(n, seed, vocab):
+    return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _pair(tmp_path, kind, **session):
     path = make_tiny_checkpoint(tmp_path / kind, kind, with_tokenizer=False)
     rt = streaming.load(path, device="cuda", dtype="float32")
-    graphed = rt.session(sinks=2, window=24, chunk=8)
+    graphed = rt.session(**session)
     rt.cuda_graphs = False
-    eager = rt.session(sinks=2, window=24, chunk=8)
+    eager = rt.session(**session)
     assert graphed.use_cuda_graph and not eager.use_cuda_graph
-    prompt = torch.randint(3, rt.config.vocab_size, (20,), generator=torch.Generator().manual_seed(0)).tolist()
-    for s in (graphed, eager):
-        s.feed(prompt)
-    steps = torch.randint(3, rt.config.vocab_size, (60,), generator=torch.Generator().manual_seed(1)).tolist()
-    for token in steps:  # 80 tokens through a 26-slot cache: many evictions
-        a = graphed.feed([token], return_logits=True)
-        b = eager.feed([token], return_logits=True)
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert graphed._graph is not None
+    return rt, graphed, eager
+
+
+def _same_cache(a, b, rt):
     for layer in rt.config.kv_layers:
-        torch.testing.assert_close(graphed.cache.keys[layer], eager.cache.keys[layer])
-        torch.testing.assert_close(graphed.cache.values[layer], eager.cache.values[layer])
-    assert torch.equal(graphed.cache.lengths, eager.cache.lengths)
-    assert graphed.stats() == eager.stats()
-    # Generation through the graph equals eager generation.
+        torch.testing.assert_close(a.cache.keys[layer], b.cache.keys[layer], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.cache.values[layer], b.cache.values[layer], rtol=1e-5, atol=1e-5)
+    assert torch.equal(a.cache.lengths, b.cache.lengths)
+    assert a.stats() == b.stats()
+
+
+@pytest.mark.parametrize("kind", ["plain", "lckv"])
+def test_decode_graph_matches_eager(tmp_path, kind):
+    rt, graphed, eager = _pair(tmp_path, kind, sinks=2, window=24, chunk=8)
+    for s in (graphed, eager):
+        s.feed(_ids(20, 0, rt.config.vocab_size))
+    for token in _ids(60, 1, rt.config.vocab_size):  # 80 tokens through a 26-slot cache: many evictions
+        torch.testing.assert_close(graphed.feed([token], return_logits=True),
+                                   eager.feed([token], return_logits=True), rtol=1e-5, atol=1e-5)
+    assert (1, True) in graphed._graphs
+    _same_cache(graphed, eager, rt)
     ids = [[r.token_ids for r in s.generate(max_new_tokens=20)] for s in (graphed, eager)]
     assert ids[0] == ids[1] and len(ids[0]) == 21  # 20 tokens + the final "length" response
+
+
+@pytest.mark.parametrize("kind", ["plain", "lckv"])
+def test_chunk_graph_matches_eager(tmp_path, kind):
+    # chunk 16 > m+b = 5 passes: LCKV chunks really iterate; 200 tokens wrap the 2+40-slot ring often.
+    rt, graphed, eager = _pair(tmp_path, kind, sinks=2, window=40, chunk=16)
+    stream = _ids(200, 2, rt.config.vocab_size)
+    for start in range(0, 200, 50):  # pieces of 50 = 3 full chunks (graph) + a 2-token tail (eager)
+        piece = stream[start : start + 50]
+        torch.testing.assert_close(graphed.feed(piece, return_logits=True), eager.feed(piece, return_logits=True),
+                                   rtol=1e-5, atol=1e-5)
+    graphed.feed(stream[:48])  # full chunks without logits use their own graph
+    eager.feed(stream[:48])
+    assert {(16, True), (16, False)} <= set(graphed._graphs)
+    _same_cache(graphed, eager, rt)
