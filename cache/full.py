@@ -13,9 +13,6 @@ class FullCache(KVBuffers):
     def __init__(self, kv_layers, batch, num_kv_heads, head_dim, *, dtype, device, initial_slots=256):
         super().__init__(kv_layers, batch, initial_slots, num_kv_heads, head_dim, dtype=dtype, device=device)
 
-    def max_step(self) -> int | None:
-        return None  # any step size fits
-
     def plan(self, n: int) -> StepPlan:
         if n < 1:
             raise ValueError(f"a step must write at least one token, got {n}")

@@ -32,10 +32,6 @@ class SinkWindowCache(KVBuffers):
     def capacity(self) -> int:
         return self.sinks + self.window
 
-    def max_step(self) -> int:
-        """Most tokens one step may write: the window (evict-for-space needs n <= W)."""
-        return self.window
-
     def plan(self, n: int) -> StepPlan:
         """Plan a step of n new tokens for every row."""
         if not 1 <= n <= self.window:
