@@ -62,6 +62,17 @@ class SinkWindowCache(KVBuffers):
             slot_valid=torch.cat((sink_valid, window_valid), dim=1),
         )
 
+    def row(self, index: int) -> "SinkWindowCache":
+        """A one-row view: same memory, so a step on the view writes into row `index` (a ring never
+        reallocates, so the view stays valid for the cache's life)."""
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        view.keys = {layer: t[index : index + 1] for layer, t in self.keys.items()}
+        view.values = {layer: t[index : index + 1] for layer, t in self.values.items()}
+        view.lengths = self.lengths[index : index + 1]
+        view.batch = 1
+        return view
+
     def tokens_in_cache(self, row: int = 0) -> int:
         return min(int(self.lengths[row]), self.capacity)
 

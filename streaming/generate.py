@@ -1,15 +1,15 @@
-"""The generation loop in three layers: token ids -> response objects -> a string.
+"""Generation pieces shared by single sessions and batched pools.
 
-`token_steps` samples one id at a time from a session's next-token logits and ingests it (so the
-cache always holds everything produced, and a stopped reply can be continued); `responses` turns
-ids into UTF-8-safe text deltas, holds back possible stop-string prefixes and reports counters and
-the finish reason.
+`next_token` samples one id from a session's next-token logits (the caller ingests it, so the cache
+always holds everything produced and a stopped reply can be continued); `Reply` turns ids into
+UTF-8-safe text deltas, holds back possible stop-string prefixes and reports counters and the finish
+reason. `Session.generate` (ids -> Responses) and `Session.generate_text` (a string) build on them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -33,48 +33,56 @@ class Response:
     finish_reason: str | None = None  # None while running; "eos" | "stop" | "length" at the end
 
 
-def token_steps(session: "Session", params: SamplingParams, generator: torch.Generator) -> Iterator[int]:
-    """Endless ids sampled from the session's next-token logits; each is ingested before it is yielded."""
-    while True:
-        logits = session.next_logits[None]  # [1, V]
-        if params.repetition_penalty != 1.0:
-            logits = apply_repetition_penalty(logits, session.recent_ids()[None], params.repetition_penalty)
-        token = int(sample(logits, params, generator)[0])
-        session.ingest([token])
-        yield token
+def next_token(session: "Session", params: SamplingParams, generator: torch.Generator) -> int:
+    """Sample the token after the session's stream from its next-token logits."""
+    logits = session.next_logits[None]  # [1, V]
+    if params.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, session.recent_ids()[None], params.repetition_penalty)
+    return int(sample(logits, params, generator)[0])
 
 
-def responses(
-    session: "Session", steps: Iterator[int], *, prompt_tokens: int, max_new_tokens: int | None,
-    stop: list[str] | None, eos_ids: set[int],
-) -> Iterator[Response]:
-    """Wrap an id stream into Responses, stopping on EOS, a stop string or `max_new_tokens`."""
-    tokenizer = session.runtime.tokenizer
-    detok = StreamingDetokenizer(tokenizer) if tokenizer is not None else None
-    stops = StopMatcher(stop) if stop else None
-    generated = 0
+class Reply:
+    """One reply's bookkeeping: ids -> Responses with text deltas, stop strings, EOS and length.
 
-    def response(text: str, ids: list[int], reason: str | None = None) -> Response:
-        return Response(text, ids, prompt_tokens, generated, session.tokens_in_cache(), reason)
+    `push(token)` is called after the token was sampled and ingested; `finished` turns True on EOS or
+    a stop string; `end()` closes a reply that ran out of `max_new_tokens`.
+    """
 
-    def held_back() -> str:
-        text = detok.flush() if detok else ""
-        if stops is None:
-            return text
-        emitted, _ = stops.push(text)
-        return emitted + stops.flush()
+    def __init__(self, session: "Session", *, prompt_tokens: int, max_new_tokens: int | None,
+                 stop: list[str] | None, eos_ids: set[int]):
+        tokenizer = session.runtime.tokenizer
+        self.session = session
+        self.detok = StreamingDetokenizer(tokenizer) if tokenizer is not None else None
+        self.stops = StopMatcher(stop) if stop else None
+        self.prompt_tokens, self.max_new_tokens, self.eos_ids = prompt_tokens, max_new_tokens, eos_ids
+        self.generated = 0
+        self.finished = False
 
-    while max_new_tokens is None or generated < max_new_tokens:
-        token = next(steps)
-        generated += 1
-        if token in eos_ids:
-            yield response(held_back(), [token], "eos")
-            return
-        delta = detok.add(token) if detok else ""
-        if stops is not None:
-            delta, stopped = stops.push(delta)
+    def wants_token(self) -> bool:
+        return not self.finished and (self.max_new_tokens is None or self.generated < self.max_new_tokens)
+
+    def push(self, token: int) -> Response:
+        self.generated += 1
+        if token in self.eos_ids:
+            return self._response(self._held_back(), [token], "eos")
+        delta = self.detok.add(token) if self.detok else ""
+        if self.stops is not None:
+            delta, stopped = self.stops.push(delta)
             if stopped:
-                yield response(delta, [token], "stop")
-                return
-        yield response(delta, [token])
-    yield response(held_back(), [], "length")
+                return self._response(delta, [token], "stop")
+        return self._response(delta, [token])
+
+    def end(self) -> Response:
+        """The final Response of a reply that reached max_new_tokens."""
+        return self._response(self._held_back(), [], "length")
+
+    def _response(self, text: str, ids: list[int], reason: str | None = None) -> Response:
+        self.finished = reason is not None
+        return Response(text, ids, self.prompt_tokens, self.generated, self.session.tokens_in_cache(), reason)
+
+    def _held_back(self) -> str:
+        text = self.detok.flush() if self.detok else ""
+        if self.stops is None:
+            return text
+        emitted, _ = self.stops.push(text)
+        return emitted + self.stops.flush()

@@ -16,7 +16,8 @@ from cache import state as cache_state
 from .cuda_graph import StepGraph, graph_capable
 from .errors import InvalidInputError, SessionBusyError, TokenizerMissingError
 from .forward import forward_tokens, runs_as_one_step
-from .generate import Response, responses, token_steps
+from .generate import Reply, Response, next_token
+from .sampling import SamplingParams
 from .tokenizer import validate_messages
 
 if TYPE_CHECKING:
@@ -26,6 +27,16 @@ if TYPE_CHECKING:
 CHAT_TAIL = 4096
 # Repetition penalty looks at this many most recent tokens (at most the cache's capacity).
 PENALTY_HISTORY = 4096
+
+
+@dataclass
+class ReplyRequest:
+    """A validated generation request (see `Session.prepare_reply`)."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int | None
+    stop: list[str]
 
 
 @dataclass
@@ -146,9 +157,13 @@ class Session:
         Closing the iterator (or breaking out of the loop) stops generation; every token yielded so
         far is already in the cache, so the stream can be continued.
         """
-        params = self.runtime.sampling_defaults.merged(
-            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
-        )
+        request = self.prepare_reply(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                     top_p=top_p, repetition_penalty=repetition_penalty, stop=stop, seed=seed)
+        return self._generate(request)
+
+    def prepare_reply(self, prompt=None, *, max_new_tokens=None, stop=None, **sampling) -> ReplyRequest:
+        """Validate a generation request (raises here, not on the first step) and encode its prompt."""
+        params = self.runtime.sampling_defaults.merged(**sampling)
         params.validate()
         if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
                                            or max_new_tokens < 0):
@@ -162,16 +177,25 @@ class Session:
             if bos is None:
                 raise InvalidInputError("the session is empty and the model has no BOS token: give a prompt")
             prompt_ids = [bos]
-        return self._generate(prompt_ids, params, max_new_tokens, stop)
+        return ReplyRequest(prompt_ids, params, max_new_tokens, stop)
 
-    def _generate(self, prompt_ids, params, max_new_tokens, stop) -> Iterator[Response]:
+    def start_reply(self, request: ReplyRequest) -> Reply:
+        """Ingest a prepared request's prompt and return the Reply that will account for its tokens."""
+        self.ingest(request.prompt_ids)
+        if request.params.seed is not None:
+            self._generator.manual_seed(request.params.seed)
+        return Reply(self, prompt_tokens=len(request.prompt_ids), max_new_tokens=request.max_new_tokens,
+                     stop=request.stop, eos_ids=self.runtime.eos_ids)
+
+    def _generate(self, request: ReplyRequest) -> Iterator[Response]:
         with self._exclusive():
-            self.ingest(prompt_ids)
-            if params.seed is not None:
-                self._generator.manual_seed(params.seed)
-            steps = token_steps(self, params, self._generator)
-            yield from responses(self, steps, prompt_tokens=len(prompt_ids), max_new_tokens=max_new_tokens,
-                                 stop=stop, eos_ids=self.runtime.eos_ids)
+            reply = self.start_reply(request)
+            while reply.wants_token():
+                token = next_token(self, request.params, self._generator)
+                self.ingest([token])
+                yield reply.push(token)
+            if not reply.finished:
+                yield reply.end()
 
     def generate_text(self, prompt=None, **kwargs) -> str:
         """Generate and return the whole reply as one string."""
