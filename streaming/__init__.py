@@ -8,13 +8,14 @@
 """
 
 from .errors import (
-    CheckpointError, ConfigError, InvalidInputError, SessionBusyError, SinkstreamError, TokenizerMissingError,
+    CheckpointError, ConfigError, InvalidInputError, PoolFullError, SessionBusyError, SinkstreamError, TokenizerMissingError,
 )
 from .generate import Response
+from .pool import SessionPool
 from .runtime import Runtime, load
 from .session import Session, SessionStats
 
 __all__ = [
-    "CheckpointError", "ConfigError", "InvalidInputError", "Response", "Runtime", "Session", "SessionBusyError", "SessionStats",
+    "CheckpointError", "ConfigError", "InvalidInputError", "PoolFullError", "Response", "Runtime", "Session", "SessionBusyError", "SessionPool", "SessionStats",
     "SinkstreamError", "TokenizerMissingError", "load",
 ]

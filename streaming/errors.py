@@ -23,3 +23,7 @@ class InvalidInputError(SinkstreamError, ValueError):
 
 class SessionBusyError(SinkstreamError, RuntimeError):
     """A session was used while another operation on it (an open generate() iterator) is running."""
+
+
+class PoolFullError(SinkstreamError, RuntimeError):
+    """Every slot of a session pool is in use."""

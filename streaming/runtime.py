@@ -98,7 +98,7 @@ class Runtime:
         self.fingerprint = digest[:16]
 
     def session(self, sinks: int = 4, window: int = 1020, chunk: int | None = None, prefill: str = "iterative",
-                seed: int | None = None, *, unbounded_cache: bool = False) -> Session:
+                seed: int | None = None, *, unbounded_cache: bool = False, _cache=None) -> Session:
         """A new stream with its own KV memory: `sinks` + `window` slots per KV-owning layer.
 
         `window` counts the token being processed: a step sees the sinks and at most `window` recent
@@ -112,7 +112,9 @@ class Runtime:
             raise InvalidInputError(f"seed must be an integer, got {seed!r}")
         config = self.config
         geometry = (config.kv_layers, 1, config.num_key_value_heads, config.head_dim)
-        if unbounded_cache:
+        if _cache is not None:  # a row of a SessionPool's shared cache
+            cache, limit = _cache, _cache.window
+        elif unbounded_cache:
             cache = FullCache(*geometry, dtype=self.dtype, device=self.device)
             limit = None
         else:
@@ -126,6 +128,18 @@ class Runtime:
         if limit is not None and chunk > limit:
             raise CacheConfigError(f"chunk ({chunk}) must not exceed window ({limit}): a step evicts to make room")
         return Session(self, cache, chunk=chunk, sequential=prefill == "sequential", seed=seed)
+
+    def pool(self, slots: int, sinks: int = 4, window: int = 1020, chunk: int | None = None,
+             prefill: str = "iterative") -> "SessionPool":
+        """A pool of `slots` sessions sharing one cache, whose decode steps can run batched
+        (`SessionPool.generate`). Memory: `slots` x (sinks + window) slots per KV layer, allocated now."""
+        from .pool import SessionPool
+
+        if chunk is None:
+            chunk = min(DEFAULT_CHUNK, window) if isinstance(window, int) and window > 0 else DEFAULT_CHUNK
+        if prefill not in ("iterative", "sequential"):
+            raise InvalidInputError(f"prefill must be 'iterative' or 'sequential', got {prefill!r}")
+        return SessionPool(self, slots, sinks=sinks, window=window, chunk=chunk, prefill=prefill)
 
     def restore_session(self, path) -> Session:
         """Re-open a session saved with `Session.save(path)`."""

@@ -57,6 +57,7 @@ class Session:
         self.sequential = sequential
         self.seed = seed
         self._lock = threading.Lock()
+        self.released = False  # set when a pool takes its row back
         # Decode steps and full ingestion chunks replay CUDA graphs, captured at first use.
         self.use_cuda_graph = runtime.cuda_graphs and graph_capable(cache)
         self._graphs: dict[tuple[int, bool], StepGraph] = {}
@@ -66,6 +67,8 @@ class Session:
     def _exclusive(self):
         """One operation at a time. A second one fails at once instead of waiting: on the same thread
         (e.g. feed() while a generate() iterator is still open) waiting would never end."""
+        if self.released:
+            raise InvalidInputError("this session was released back to its pool; create a new one")
         if not self._lock.acquire(blocking=False):
             raise SessionBusyError(
                 "the session is busy: a generate()/chat() iterator is still open or another thread is using "
@@ -120,6 +123,12 @@ class Session:
         self._seen += len(ids)
         self._recent.extend(ids)
         return torch.cat(outputs).float() if return_logits else None
+
+    def accept_decoded(self, token: int, logits: torch.Tensor) -> None:
+        """Record a token a batched decode step (SessionPool) wrote into this session's row."""
+        self.next_logits = logits.clone()
+        self._seen += 1
+        self._recent.append(token)
 
     def _step(self, piece: torch.Tensor, all_logits: bool) -> torch.Tensor:
         """One cache step of piece [1, n]: a graph replay for decode steps and full chunks, else eager."""

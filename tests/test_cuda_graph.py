@@ -58,3 +58,21 @@ def test_chunk_graph_matches_eager(tmp_path, kind):
     eager.feed(stream[:48])
     assert {(16, True), (16, False)} <= set(graphed._graphs)
     _same_cache(graphed, eager, rt)
+
+
+@pytest.mark.parametrize("kind", ["plain", "lckv"])
+def test_batched_pool_graph_matches_eager(tmp_path, kind):
+    path = make_tiny_checkpoint(tmp_path / kind, kind)
+    rt = streaming.load(path, device="cuda", dtype="float32")
+    results = []
+    for graphs in (True, False):
+        rt.cuda_graphs = graphs
+        pool = rt.pool(3, sinks=2, window=24, chunk=8)
+        sessions = [pool.session(seed=0) for _ in range(3)]
+        got = {id(s): [] for s in sessions}
+        requests = list(zip(sessions[:2], ["Once upon a time", "The"]))  # the third row stays idle
+        for session, response in pool.generate(requests, max_new_tokens=40):
+            got[id(session)].extend(response.token_ids)
+        assert (pool._graph is not None) == graphs
+        results.append([got[id(s)] for s in sessions])
+    assert results[0] == results[1] and len(results[0][0]) == 40 and results[0][2] == []
