@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,6 +16,9 @@ from .checkpoint import load_model
 from .errors import CheckpointError, InvalidInputError, TokenizerMissingError
 from .sampling import SamplingParams, load_generation_defaults
 from .session import Session
+
+if TYPE_CHECKING:
+    from .pool import SessionPool
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"

@@ -14,7 +14,7 @@ import torch
 from cache import state as cache_state
 
 from .cuda_graph import StepGraph, graph_capable
-from .errors import InvalidInputError, SessionBusyError, TokenizerMissingError
+from .errors import InvalidInputError, SessionBusyError
 from .forward import forward_tokens, runs_as_one_step
 from .generate import Reply, Response, next_token
 from .sampling import SamplingParams
@@ -48,7 +48,11 @@ class SessionStats:
 
 
 class Session:
-    """One unbounded stream. Create with `Runtime.session()`; not safe to drive from two threads at once."""
+    """One unbounded stream. Create with `Runtime.session()` or `SessionPool.session()`.
+
+    One operation at a time: a second one while the first runs (from another thread, or while a
+    generate() iterator is still open) raises SessionBusyError instead of waiting.
+    """
 
     def __init__(self, runtime: "Runtime", cache, *, chunk: int, sequential: bool, seed: int | None):
         self.runtime = runtime

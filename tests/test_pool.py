@@ -59,7 +59,7 @@ def test_replies_of_different_lengths_finish_independently(runtime):
 
 def test_pool_limits_and_release(runtime):
     pool = runtime.pool(2, sinks=2, window=16)
-    a, b = pool.session(), pool.session()
+    a, _ = pool.session(), pool.session()
     with pytest.raises(PoolFullError):
         pool.session()
     before = a.stats().cache_bytes
