@@ -10,6 +10,7 @@ untouched (tests/test_pool.py shows the batched replies equal the same replies r
 from __future__ import annotations
 
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
@@ -19,11 +20,24 @@ from cache import SinkWindowCache, check_sink_window
 from .cuda_graph import StepGraph, graph_capable
 from .errors import InvalidInputError, PoolFullError
 from .forward import forward_step
-from .generate import Response, next_token
+from .generate import Reply, Response, next_token
 from .session import Session
 
 if TYPE_CHECKING:
     from .runtime import Runtime
+
+
+@dataclass(eq=False)
+class PooledReply:
+    """A reply in progress on a pooled session (see `SessionPool.begin`)."""
+
+    session: Session
+    request: object  # the session's ReplyRequest
+    reply: Reply
+    exclusive: ExitStack  # holds the session's lock from begin() to end()
+    turn: object = None  # the ChatTurn, for chat replies
+    ids: list[int] = field(default_factory=list)  # tokens generated so far
+    closed: bool = False
 
 
 class SessionPool:
@@ -75,34 +89,85 @@ class SessionPool:
         """Generate replies for several sessions at once: (session, prompt or None) pairs, shared settings
         (the keyword arguments of `Session.generate`). Yields (session, Response) as tokens arrive; all
         live replies advance together, one batched decode step per token."""
-        prepared = []
-        for session, prompt in requests:
-            if session not in self._rows:
-                raise InvalidInputError("every session must come from this pool")
-            prepared.append((session, session.prepare_reply(prompt, **settings)))
-        if len({id(s) for s, _ in prepared}) != len(prepared):
+        for session, _ in requests:
+            self._check_member(session)
+        if len({id(s) for s, _ in requests}) != len(requests):
             raise InvalidInputError("a session may appear only once per pool.generate() call")
+        prepared = [(session, session.prepare_reply(prompt, **settings)) for session, prompt in requests]
         return self._generate(prepared)
 
     def _generate(self, prepared) -> Iterator[tuple[Session, Response]]:
-        with ExitStack() as stack:
-            for session, _ in prepared:
-                stack.enter_context(session._exclusive())
-            live = [(session, request, session.start_reply(request)) for session, request in prepared]
+        handles = []
+        try:
+            for session, request in prepared:
+                handles.append(self._begin(session, request))
+            live = list(handles)
             while live:
-                stepping = []
-                for session, request, reply in live:
-                    if reply.wants_token():
-                        stepping.append((session, request, reply))
-                    elif not reply.finished:
-                        yield session, reply.end()
-                if not stepping:
-                    return
-                tokens = [next_token(s, request.params, s._generator) for s, request, _ in stepping]
-                self._decode([s for s, _, _ in stepping], tokens)
-                for (session, _, reply), token in zip(stepping, tokens):
-                    yield session, reply.push(token)
-                live = [entry for entry in stepping if not entry[2].finished]
+                for handle, response in zip(live, self.step(live)):
+                    yield handle.session, response
+                live = [h for h in live if not h.reply.finished]
+        finally:
+            for handle in handles:
+                self.end(handle)
+
+    # ---- replies driven from outside (a server's scheduler) ---------------------------------------
+
+    def begin(self, session: Session, prompt=None, **settings) -> "PooledReply":
+        """Start a reply whose decode steps the caller drives with `step()`; finish with `end()`."""
+        self._check_member(session)
+        return self._begin(session, session.prepare_reply(prompt, **settings))
+
+    def begin_chat(self, session: Session, messages: list[dict], *, stop=None, **sampling) -> "PooledReply":
+        """`begin()` for a chat turn (see `Session.chat`); `end()` records the reply in the conversation."""
+        self._check_member(session)
+        turn = session.chat_turn(messages, stop=stop)
+        return self._begin(session, session.prepare_reply(turn.prompt, stop=turn.stop, **sampling), turn)
+
+    def step(self, handles: Sequence["PooledReply"]) -> list[Response]:
+        """Advance every open reply by one token in one batched decode step: a Response per handle
+        (a reply that has reached max_new_tokens gets its final "length" Response, no step)."""
+        out: list[Response | None] = [None] * len(handles)
+        stepping = []
+        for i, handle in enumerate(handles):
+            if handle.closed or handle.reply.finished:
+                raise InvalidInputError("step() on a reply that has finished or ended")
+            if handle.reply.wants_token():
+                stepping.append(i)
+            else:
+                out[i] = handle.reply.end()
+        if stepping:
+            tokens = [next_token(handles[i].session, handles[i].request.params, handles[i].session._generator)
+                      for i in stepping]
+            self._decode([handles[i].session for i in stepping], tokens)
+            for i, token in zip(stepping, tokens):
+                handles[i].ids.append(token)
+                out[i] = handles[i].reply.push(token)
+        return out
+
+    def end(self, handle: "PooledReply") -> None:
+        """Finish a reply (idempotent): record a chat turn and free the session for other calls."""
+        if handle.closed:
+            return
+        handle.closed = True
+        try:
+            if handle.turn is not None:
+                handle.session.record_chat_reply(handle.turn, handle.ids)
+        finally:
+            handle.exclusive.close()
+
+    def _begin(self, session: Session, request, turn=None) -> "PooledReply":
+        exclusive = ExitStack()
+        exclusive.enter_context(session._exclusive())
+        try:
+            reply = session.start_reply(request)
+        except BaseException:
+            exclusive.close()
+            raise
+        return PooledReply(session, request, reply, exclusive, turn)
+
+    def _check_member(self, session: Session) -> None:
+        if session not in self._rows:
+            raise InvalidInputError("every session must come from this pool (and not be released)")
 
     def _decode(self, sessions: list[Session], tokens: list[int]) -> None:
         """One batched decode step: tokens[i] goes into sessions[i]'s row; other rows do not advance."""

@@ -40,6 +40,16 @@ class ReplyRequest:
 
 
 @dataclass
+class ChatTurn:
+    """The text a chat call feeds, its stop strings, and what to record once the reply is done."""
+
+    prompt: str  # the rendered new messages + generation prompt
+    stop: list[str]
+    count: int  # messages in the conversation, the new ones included
+    rendered: str  # the whole conversation rendered (its tail is kept to check the next turn)
+
+
+@dataclass
 class SessionStats:
     tokens_seen: int  # tokens ingested since the session started (or was reset)
     tokens_in_cache: int  # tokens the cache holds now (at most sinks + window)
@@ -243,6 +253,12 @@ class Session:
         session itself keeps just a count and the last few KiB of the fed text (constant memory): the
         rendered conversation must continue that text, else the new turns are rendered on their own.
         """
+        turn = self.chat_turn(messages, stop=stop)
+        replies = self.generate(turn.prompt, stop=turn.stop, **sampling)
+        return self._record_chat(turn, replies)
+
+    def chat_turn(self, messages: list[dict], *, stop: Sequence[str] | None = None) -> "ChatTurn":
+        """Validate a conversation and work out the text to feed for its new messages (see `chat`)."""
         tokenizer = self.runtime.require_tokenizer()
         messages = validate_messages(messages)
         if len(messages) <= self._chat_count:
@@ -257,21 +273,23 @@ class Session:
         else:  # a template that rewrites earlier turns, or an edited history: feed the new turns alone
             new_text = tokenizer.render_chat(messages[self._chat_count :], add_generation_prompt=True)
         stops = list(stop or []) + [s for s in tokenizer.chat_stop_strings if s not in (stop or [])]
-        replies = self.generate(new_text, stop=stops, **sampling)
-        return self._record_chat(len(messages), rendered, replies)
+        return ChatTurn(new_text, stops, len(messages), rendered)
 
-    def _record_chat(self, count: int, rendered: str, replies) -> Iterator[Response]:
+    def record_chat_reply(self, turn: "ChatTurn", reply_ids: list[int]) -> None:
+        """Account for a finished (or stopped) chat reply: the cache holds every generated token."""
+        raw = self.runtime.tokenizer.decode([i for i in reply_ids if i not in self.runtime.eos_ids])
+        self._chat_count = turn.count + 1
+        self._chat_fed_chars = len(turn.rendered) + len(raw)
+        self._chat_tail = (turn.rendered[-CHAT_TAIL:] + raw)[-CHAT_TAIL:]
+
+    def _record_chat(self, turn: "ChatTurn", replies) -> Iterator[Response]:
         reply_ids = []
         try:
             for response in replies:
                 reply_ids.extend(response.token_ids)
                 yield response
         finally:
-            # The cache holds every generated token, stop strings included: count them as fed.
-            raw = self.runtime.tokenizer.decode([i for i in reply_ids if i not in self.runtime.eos_ids])
-            self._chat_count = count + 1
-            self._chat_fed_chars = len(rendered) + len(raw)
-            self._chat_tail = (rendered[-CHAT_TAIL:] + raw)[-CHAT_TAIL:]
+            self.record_chat_reply(turn, reply_ids)
 
     # ---- bookkeeping -----------------------------------------------------------------------------
 

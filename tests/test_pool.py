@@ -76,3 +76,26 @@ def test_pool_limits_and_release(runtime):
         pool.generate([(other, "x")])
     with pytest.raises(InvalidInputError):
         runtime.pool(0)
+
+
+def test_externally_driven_chat_replies_equal_session_chat(runtime):
+    pool = runtime.pool(2, sinks=2, window=60)
+    sessions = [pool.session(seed=0), pool.session(seed=0)]
+    conversations = [[{"role": "user", "content": "hello"}], [{"role": "user", "content": "tell me more"}]]
+    handles = [pool.begin_chat(s, c, max_new_tokens=10) for s, c in zip(sessions, conversations)]
+    with pytest.raises(streaming.SessionBusyError):
+        sessions[0].feed("busy while its reply is open")
+    texts = ["", ""]
+    while handles:
+        for handle, response in zip(handles, pool.step(handles)):
+            texts[sessions.index(handle.session)] += response.text
+        for handle in [h for h in handles if h.reply.finished]:
+            pool.end(handle)
+        handles = [h for h in handles if not h.closed]
+    for session, conversation, text in zip(sessions, conversations, texts):
+        alone = runtime.session(sinks=2, window=60, seed=0)
+        assert "".join(r.text for r in alone.chat(conversation, max_new_tokens=10)) == text
+        # The chat bookkeeping was recorded: the next turn continues both streams the same way.
+        follow = conversation + [{"role": "assistant", "content": text}, {"role": "user", "content": "and?"}]
+        assert session.chat_turn(follow).prompt == alone.chat_turn(follow).prompt
+        assert session.stats() == alone.stats()
