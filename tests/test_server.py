@@ -298,3 +298,30 @@ def test_origin_and_token_checks(rt):
 
     assert run(main()) == {"no token": 401, "wrong token": 401, "token": "ok", "same origin": "ok",
                            "allowed origin": "ok", "foreign origin": 403, "bearer": "ok"}
+
+
+def test_concurrent_replies_share_batched_decode_steps(rt):
+    """Three sessions streaming at once advance together: the pool's batched step serves them all."""
+    async def main():
+        async with serve(rt) as app:
+            calls = []
+            real_step = app.pool.step
+
+            def counting_step(handles):
+                calls.append(len(handles))
+                return real_step(handles)
+
+            app.pool.step = counting_step
+            async with connect(ws_url(app)) as ws:
+                sids = [await create(ws) for _ in range(3)]
+                for sid in sids:
+                    await send(ws, type="message", session=sid, text="Go on.", sampling={"max_new_tokens": 12})
+                done = set()
+                while len(done) < 3:
+                    event = await recv(ws)
+                    if event["type"] == "done":
+                        assert event["usage"]["completion_tokens"] == 12
+                        done.add(event["session"])
+            assert max(calls) >= 2, calls  # some steps served several replies at once
+            assert sum(calls) == 3 * 13  # 12 tokens + the final "length" response per reply
+    run(main())

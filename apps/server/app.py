@@ -13,8 +13,10 @@ from websockets.exceptions import ConnectionClosed
 
 from apps import protocol
 from apps.protocol import Limits, ProtocolError
+from apps.server.batcher import DecodeBatcher
 from apps.server.http import WS_PATH, Gate, make_process_request
 from apps.server.sessions import ChatState, ModelWorker, Registry
+from streaming import PoolFullError
 
 log = logging.getLogger("sinkstream.server")
 
@@ -39,10 +41,16 @@ class ChatServer:
         self.started = time.time()
         self.server = None
         self._reaper: asyncio.Task | None = None
+        self.pool = None  # one cache row per session, allocated at start: memory known up front
+        self.batcher: DecodeBatcher | None = None
 
     # ---- lifecycle ----
 
     async def start(self):
+        self.pool = await self.worker.run(self.rt.pool, self.limits.max_sessions, sinks=self.limits.sinks,
+                                          window=self.limits.window, chunk=self.cfg.chunk)
+        self.batcher = DecodeBatcher(self.worker, self.pool)
+        self.batcher.start()
         gate = Gate(self.cfg.host, self.cfg.allowed_origins, self.cfg.allowed_hosts, self.cfg.token)
         # The transport limit is a backstop (the connection closes with 1009 past it); frames
         # between max_message_bytes and it get a polite `frame_too_large` error instead.
@@ -68,6 +76,8 @@ class ChatServer:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._reaper:
             self._reaper.cancel()
+        if self.batcher:
+            await self.batcher.stop()
         if self.server:
             self.server.close()
             await self.server.wait_closed()
@@ -116,7 +126,7 @@ class ChatServer:
         elif kind == "cancel":
             st.cancel = True  # the reply ends with a `done` event, finish_reason "cancelled"
         elif kind == "session.close":
-            self.sessions.remove(st)
+            await self.drop(st)
             owned.discard(st.id)
             await self.send(ws, protocol.closed(st.id, "closed by client", rid))
             log.info("session %s closed (%d live)", st.id[:8], len(self.sessions))
@@ -127,8 +137,11 @@ class ChatServer:
             await self.check_length(system, None, rid)
         self.sessions.reserve(rid)
         try:
-            session = await self.worker.run(self.rt.session, sinks=self.limits.sinks,
-                                            window=self.limits.window, chunk=self.cfg.chunk)
+            session = await self.worker.run(self.pool.session)
+        except PoolFullError:  # a closed session's reply is still finishing: its row is not back yet
+            self.sessions.reserved -= 1
+            raise ProtocolError(protocol.TOO_MANY_SESSIONS, "all session slots are in use; try again in a "
+                                "moment", request_id=rid) from None
         except BaseException:
             self.sessions.reserved -= 1
             raise
@@ -191,13 +204,10 @@ class ChatServer:
         t0 = time.perf_counter()
         t_first = None
         try:
-            it = await self.worker.run(st.session.chat, list(st.history), **kw)
+            it = await self.worker.run(self.pool.begin_chat, st.session, list(st.history), **kw)
             while not st.cancel:
                 started = True
-                resp = await self.worker.run(next, it, None)  # one decode step
-                if resp is None:
-                    finish = "eos"
-                    break
+                resp = await self.batcher.step(it)  # one decode step, batched with other replies
                 t_first = t_first or time.perf_counter()
                 prompt_tokens, generated = resp.prompt_tokens, resp.generated_tokens
                 if resp.text:
@@ -217,12 +227,14 @@ class ChatServer:
                                  session=st.id)
         finally:
             if it is not None:
-                await self.worker.run(it.close)  # the partial reply stays in the cache
+                await self.worker.run(self.pool.end, it)  # the partial reply stays in the cache
             if not started:
                 st.history.pop()  # the session never saw the message: forget it
             else:
                 st.history.append({"role": "assistant", "content": "".join(parts)})
             st.touch()
+            if st.closed:  # closed while replying: its row goes back to the pool now
+                await self.worker.run(self.pool.release, st.session)
         if err is not None:
             await self.send_to(st, err)
         stats = await self.worker.run(st.session.stats)
@@ -237,6 +249,13 @@ class ChatServer:
             "evictions": stats.evictions,
         }
         await self.send_to(st, protocol.done(st.id, st.seq, finish, usage))
+
+    async def drop(self, st: ChatState) -> None:
+        """Forget a session; its cache row returns to the pool (after its reply, if one runs)."""
+        busy = st.busy
+        self.sessions.remove(st)
+        if not busy:
+            await self.worker.run(self.pool.release, st.session)
 
     # ---- sending ----
 
@@ -259,7 +278,7 @@ class ChatServer:
         while True:
             await asyncio.sleep(max(0.05, min(timeout / 4, 5.0)))
             for st in self.sessions.idle(timeout):
-                self.sessions.remove(st)
+                await self.drop(st)
                 if st.conn is not None:
                     await self.send(st.conn, protocol.error(
                         protocol.IDLE_TIMEOUT, f"session closed after {timeout:g}s without "

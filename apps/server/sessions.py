@@ -1,9 +1,9 @@
 """Server-side session state and the single model worker.
 
-The model is shared by every session, so all model calls (creating a session, each decode step,
-stats) run on one worker thread, one at a time, in arrival order. A reply is a sequence of
-one-step calls, so replies of different sessions interleave step by step and a cancel takes
-effect before the next step. Batched decode of many sessions is a later engine feature.
+The model is shared by every session, so all model calls (creating a session, prompts, the batched
+decode steps of apps/server/batcher.py, stats) run on one worker thread, one at a time, in arrival
+order. Each session owns a row of one SessionPool; a reply is a sequence of steps, and a cancel takes
+effect before the session's next step.
 """
 
 from __future__ import annotations
