@@ -68,16 +68,9 @@ class KVBuffers:
         visible = plan.visible
         return self.keys[layer][:, :, :visible], self.values[layer][:, :, :visible]
 
-    def advance(self, plan: StepPlan, active: torch.Tensor | None = None) -> None:
-        """Commit a step: every row (or every row where `active` [B] is True) has seen `plan.n` more tokens.
-
-        An inactive row's write went to the slots its own next step overwrites first (the oldest it
-        would evict, or empty ones), so skipping its advance leaves its stream intact.
-        """
-        if active is None:
-            self.lengths += plan.n
-        else:
-            self.lengths += plan.n * active
+    def advance(self, plan: StepPlan) -> None:
+        """Commit a step: every row has seen `plan.n` more tokens."""
+        self.lengths += plan.n
 
     def reset(self, row: int | None = None) -> None:
         """Forget the tokens of one row (or all rows); the memory stays allocated."""

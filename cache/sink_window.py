@@ -73,6 +73,23 @@ class SinkWindowCache(KVBuffers):
         view.batch = 1
         return view
 
+    def take_rows(self, rows: torch.Tensor) -> "SinkWindowCache":
+        """A copy of some rows [k] as a cache of batch k (to step only those rows; see `put_rows`)."""
+        sub = object.__new__(type(self))
+        sub.__dict__.update(self.__dict__)
+        sub.keys = {layer: t.index_select(0, rows) for layer, t in self.keys.items()}
+        sub.values = {layer: t.index_select(0, rows) for layer, t in self.values.items()}
+        sub.lengths = self.lengths.index_select(0, rows)
+        sub.batch = rows.numel()
+        return sub
+
+    def put_rows(self, rows: torch.Tensor, sub: "SinkWindowCache") -> None:
+        """Write the rows taken with `take_rows` (and stepped since) back in place."""
+        for layer in self.kv_layers:
+            self.keys[layer].index_copy_(0, rows, sub.keys[layer])
+            self.values[layer].index_copy_(0, rows, sub.values[layer])
+        self.lengths.index_copy_(0, rows, sub.lengths)
+
     def tokens_in_cache(self, row: int = 0) -> int:
         return min(int(self.lengths[row]), self.capacity)
 

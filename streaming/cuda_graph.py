@@ -17,14 +17,12 @@ from .forward import forward_step
 class StepGraph:
     """A captured `forward_step` of n tokens for one model and one fixed-buffer cache."""
 
-    def __init__(self, model, cache, n: int, *, passes: int, all_logits: bool, batched: bool = False):
+    def __init__(self, model, cache, n: int, *, passes: int, all_logits: bool):
         self.cache = cache
         self.ids = torch.zeros(cache.batch, n, dtype=torch.long, device=cache.device)  # static input
-        # Batched decode (SessionPool): which rows take part in a replay; the others do not advance.
-        self.active = torch.ones(cache.batch, dtype=torch.bool, device=cache.device) if batched else None
 
         def step():
-            return forward_step(model, cache, self.ids, passes=passes, all_logits=all_logits, active=self.active)
+            return forward_step(model, cache, self.ids, passes=passes, all_logits=all_logits)
 
         saved = cache.lengths.clone()
         # Warm up on a side stream (lazy initialisation must not be captured). The warm-up writes the
@@ -41,11 +39,9 @@ class StepGraph:
             self.logits = step()  # [B, n or 1, V]
         cache.lengths.copy_(saved)
 
-    def __call__(self, ids: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
-        """ids [B, n] (and active [B] for a batched graph) -> logits (a static buffer: copy before the next call)."""
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, n] -> logits (a static buffer: read or copy it before the next call)."""
         self.ids.copy_(ids)
-        if active is not None:
-            self.active.copy_(active)
         self.graph.replay()
         return self.logits
 

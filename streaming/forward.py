@@ -79,12 +79,8 @@ class _Step:
                 torch.cat((self.mask_no_diag, eye), dim=2))
 
 
-def forward_step(model: CausalLM, cache, ids: torch.Tensor, *, passes: int, all_logits: bool,
-                 active: torch.Tensor | None = None) -> torch.Tensor:
-    """Write ids [B, n] into the cache in one step; return float32 logits [B, n or 1, vocab].
-
-    `active` [B] bool (batched decode): rows where it is False compute garbage and do not advance.
-    """
+def forward_step(model: CausalLM, cache, ids: torch.Tensor, *, passes: int, all_logits: bool) -> torch.Tensor:
+    """Write ids [B, n] into the cache in one step; return float32 logits [B, n or 1, vocab]."""
     step = _Step(model, cache, ids)
     hidden = model.model.embed_tokens(ids)  # [B, n, hidden]
     for lo, hi in model.segments:
@@ -95,7 +91,7 @@ def forward_step(model: CausalLM, cache, ids: torch.Tensor, *, passes: int, all_
                 hidden = step.run_layer(index, hidden)
         else:
             hidden = _iterate_block(step, lo, hi, hidden, passes)
-    cache.advance(step.plan, active)
+    cache.advance(step.plan)
     if not all_logits:
         hidden = hidden[:, -1:]
     return model.logits(hidden)

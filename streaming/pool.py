@@ -170,20 +170,37 @@ class SessionPool:
             raise InvalidInputError("every session must come from this pool (and not be released)")
 
     def _decode(self, sessions: list[Session], tokens: list[int]) -> None:
-        """One batched decode step: tokens[i] goes into sessions[i]'s row; other rows do not advance."""
+        """One decode step for `sessions` (tokens[i] into sessions[i]'s row); the other rows do not move.
+
+        One session steps alone on its own row (its CUDA graph on GPU); all rows step as the whole
+        batch (one graph on GPU); a subset is copied out, stepped as a smaller batch, copied back, so
+        idle rows cost nothing.
+        """
+        if len(sessions) == 1:
+            sessions[0].ingest(tokens)
+            return
+        device = self.runtime.device
         rows = [self._rows[s] for s in sessions]
-        ids = torch.zeros(self.slots, 1, dtype=torch.long)
-        active = torch.zeros(self.slots, dtype=torch.bool)
-        ids[rows, 0] = torch.tensor(tokens)
-        active[rows] = True
-        ids, active = ids.to(self.runtime.device), active.to(self.runtime.device)
         with torch.inference_mode():
-            if self.runtime.cuda_graphs and graph_capable(self.cache):
-                if self._graph is None:
-                    self._graph = StepGraph(self.runtime.model, self.cache, 1, passes=1, all_logits=False,
-                                            batched=True)
-                logits = self._graph(ids, active)
+            ids = torch.tensor(tokens, dtype=torch.long)[:, None].to(device)  # [k, 1]
+            if len(rows) == self.slots:
+                order = torch.tensor(rows).argsort()
+                ids = ids[order.to(device)]  # row order
+                logits = self._full_step(ids)
+                index = torch.tensor(rows, device=device)
+                logits = logits.index_select(0, index)  # back to the sessions' order
             else:
-                logits = forward_step(self.runtime.model, self.cache, ids, passes=1, all_logits=False, active=active)
-            for session, row, token in zip(sessions, rows, tokens):
-                session.accept_decoded(token, logits[row, 0])
+                index = torch.tensor(rows, device=device)
+                sub = self.cache.take_rows(index)
+                logits = forward_step(self.runtime.model, sub, ids, passes=1, all_logits=False)
+                self.cache.put_rows(index, sub)
+            for session, token, row_logits in zip(sessions, tokens, logits[:, 0]):
+                session.accept_decoded(token, row_logits)
+
+    def _full_step(self, ids: torch.Tensor) -> torch.Tensor:
+        """Every row steps: ids [slots, 1] in row order -> logits [slots, 1, V] (a graph on CUDA)."""
+        if self.runtime.cuda_graphs and graph_capable(self.cache):
+            if self._graph is None:
+                self._graph = StepGraph(self.runtime.model, self.cache, 1, passes=1, all_logits=False)
+            return self._graph(ids)
+        return forward_step(self.runtime.model, self.cache, ids, passes=1, all_logits=False)

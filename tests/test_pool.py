@@ -20,10 +20,13 @@ def _alone(runtime, prompt, **kwargs):
     return [r for r in s.generate(prompt, **kwargs)], s
 
 
-def test_batched_replies_equal_replies_run_alone(runtime):
-    pool = runtime.pool(4, sinks=2, window=30, chunk=8)
+@pytest.mark.parametrize("with_idle_row", [True, False])  # a subset of the rows steps / every row steps
+def test_batched_replies_equal_replies_run_alone(runtime, with_idle_row):
+    pool = runtime.pool(4 if with_idle_row else 3, sinks=2, window=30, chunk=8)
     sessions = [pool.session(seed=0) for _ in PROMPTS]
-    idle = pool.session(seed=0)  # a fourth session that takes no part in the steps
+    if not with_idle_row:
+        sessions = sessions[1:] + sessions[:1]  # sessions not in row order
+    idle = pool.session(seed=0) if with_idle_row else runtime.session(sinks=2, window=30, chunk=8, seed=0)
     idle.feed("an idle stream")
     # 40 tokens through a 32-slot cache: every row evicts during the batched steps.
     settings = dict(max_new_tokens=40, temperature=0.9, top_k=20, seed=5)
