@@ -76,12 +76,15 @@ class SessionPool:
         return session
 
     def release(self, session: Session) -> None:
-        """Return a session's row to the pool; the session must not be used afterwards."""
-        row = self._rows.pop(session, None)
+        """Return a session's row to the pool; the session must not be used afterwards.
+
+        Raises SessionBusyError (and keeps the row) while one of the session's replies is open."""
+        row = self._rows.get(session)
         if row is None:
             raise InvalidInputError("this session does not belong to the pool (or was released already)")
         with session._exclusive():
             session.released = True
+        del self._rows[session]
         self.cache.reset(row)
         self._free.append(row)
 

@@ -67,9 +67,16 @@ def test_pool_limits_and_release(runtime):
         pool.session()
     before = a.stats().cache_bytes
     assert before * 2 == pool.cache.nbytes  # each session owns exactly its row
+    handle = pool.begin(a, "open reply", max_new_tokens=3)
+    with pytest.raises(streaming.SessionBusyError):
+        pool.release(a)  # a reply is open: the row stays with the session
+    assert pool.free_slots == 0
+    pool.end(handle)
     pool.release(a)
     with pytest.raises(InvalidInputError):
         a.feed("released")
+    with pytest.raises(InvalidInputError):
+        pool.release(a)
     c = pool.session()
     assert c.stats().tokens_seen == 0 and pool.free_slots == 0
     with pytest.raises(InvalidInputError):
