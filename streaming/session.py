@@ -132,8 +132,8 @@ class Session:
                 piece = all_ids[start : start + step][None]  # [1, C]
                 logits = self._step(piece, return_logits)
                 if return_logits:
-                    outputs.append(logits[0].clone())
-                self.next_logits = logits[0, -1].clone()
+                    outputs.append(logits[0])
+                self.next_logits = logits[0, -1]
         self._seen += len(ids)
         self._recent.extend(ids)
         return torch.cat(outputs).float() if return_logits else None
@@ -156,7 +156,7 @@ class Session:
             if graph is None:
                 graph = self._graphs[key] = StepGraph(runtime.model, self.cache, n, all_logits=all_logits,
                                                       passes=config.prefill_passes)
-            return graph(piece)
+            return graph(piece).clone()  # the graph's output buffer is overwritten by its next replay
         return forward_tokens(runtime.model, self.cache, piece, sequential=self.sequential, all_logits=all_logits)
 
     def _to_ids(self, text_or_ids) -> list[int]:
