@@ -19,6 +19,10 @@ class StepPlan:
     query_positions: torch.Tensor  # [B, n] long: in-cache position of each new token
     slot_positions: torch.Tensor  # [B, L] long: in-cache position of each slot after the write
     slot_valid: torch.Tensor  # [B, L] bool: slot holds a token after the write
+    # Cache rows the step addresses, [B] long on the device; None = every row, in order. Rows are
+    # written and advanced in place (no copy out and back); a step's B rows may repeat only a
+    # scratch row whose contents nobody reads.
+    rows: torch.Tensor | None = None
 
     @property
     def visible(self) -> int:
@@ -59,18 +63,33 @@ class KVBuffers:
 
     def write(self, layer: int, plan: StepPlan, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store keys/values [B, Hkv, n, D] of the new tokens at `plan.write_slots`, in place."""
-        index = plan.write_slots[:, None, :, None].expand_as(keys)
-        self.keys[layer].scatter_(2, index, keys.to(self.dtype))
-        self.values[layer].scatter_(2, index, values.to(self.dtype))
+        if plan.rows is None:
+            index = plan.write_slots[:, None, :, None].expand_as(keys)
+            self.keys[layer].scatter_(2, index, keys.to(self.dtype))
+            self.values[layer].scatter_(2, index, values.to(self.dtype))
+            return
+        # [B, 1, 1] x [1, Hkv, 1] x [B, 1, n] select [B, Hkv, n, D] of the addressed rows.
+        heads = torch.arange(self.num_kv_heads, device=self.device)[None, :, None]
+        index = (plan.rows[:, None, None], heads, plan.write_slots[:, None, :])
+        self.keys[layer].index_put_(index, keys.to(self.dtype))
+        self.values[layer].index_put_(index, values.to(self.dtype))
 
     def read(self, layer: int, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unrotated keys and values [B, Hkv, L, D] of the slots a step reads."""
+        """Unrotated keys and values [B, Hkv, L, D] of the slots a step reads.
+
+        Every row: views of the buffers. Addressed rows: gathered (a read; writes go in place)."""
         visible = plan.visible
-        return self.keys[layer][:, :, :visible], self.values[layer][:, :, :visible]
+        keys, values = self.keys[layer][:, :, :visible], self.values[layer][:, :, :visible]
+        if plan.rows is None:
+            return keys, values
+        return keys.index_select(0, plan.rows), values.index_select(0, plan.rows)
 
     def advance(self, plan: StepPlan) -> None:
-        """Commit a step: every row has seen `plan.n` more tokens."""
-        self.lengths += plan.n
+        """Commit a step: every addressed row has seen `plan.n` more tokens."""
+        if plan.rows is None:
+            self.lengths += plan.n
+        else:
+            self.lengths.index_add_(0, plan.rows, torch.full_like(plan.rows, plan.n))
 
     def reset(self, row: int | None = None) -> None:
         """Forget the tokens of one row (or all rows); the memory stays allocated."""

@@ -13,7 +13,9 @@ class FullCache(KVBuffers):
     def __init__(self, kv_layers, batch, num_kv_heads, head_dim, *, dtype, device, initial_slots=256):
         super().__init__(kv_layers, batch, initial_slots, num_kv_heads, head_dim, dtype=dtype, device=device)
 
-    def plan(self, n: int) -> StepPlan:
+    def plan(self, n: int, rows: torch.Tensor | None = None) -> StepPlan:
+        if rows is not None:
+            raise ValueError("an unbounded cache steps all its rows together")
         if n < 1:
             raise ValueError(f"a step must write at least one token, got {n}")
         longest = int(self.lengths.max()) + n

@@ -32,15 +32,16 @@ class SinkWindowCache(KVBuffers):
     def capacity(self) -> int:
         return self.sinks + self.window
 
-    def plan(self, n: int) -> StepPlan:
-        """Plan a step of n new tokens for every row."""
+    def plan(self, n: int, rows: torch.Tensor | None = None) -> StepPlan:
+        """Plan a step of n new tokens for every row, or for `rows` ([B] long on the device) only."""
         if not 1 <= n <= self.window:
             raise CacheConfigError(f"a step of {n} tokens does not fit a window of {self.window}")
         S, W = self.sinks, self.window
         offsets = self._offsets.get(n)
         if offsets is None:
             offsets = self._offsets[n] = torch.arange(n, device=self.device)
-        start = self.lengths[:, None]  # [B, 1] tokens seen before the step
+        lengths = self.lengths if rows is None else self.lengths.index_select(0, rows)
+        start = lengths[:, None]  # [B, 1] tokens seen before the step
         token = start + offsets  # [B, n] stream index of each new token
         write_slots = torch.where(token < S, token, S + torch.remainder(token - S, W))
         total = start + n  # [B, 1] tokens seen after the step
@@ -60,6 +61,7 @@ class SinkWindowCache(KVBuffers):
             query_positions=query_positions,
             slot_positions=torch.cat((sink_pos, window_pos), dim=1),
             slot_valid=torch.cat((sink_valid, window_valid), dim=1),
+            rows=rows,
         )
 
     def row(self, index: int) -> "SinkWindowCache":
@@ -72,23 +74,6 @@ class SinkWindowCache(KVBuffers):
         view.lengths = self.lengths[index : index + 1]
         view.batch = 1
         return view
-
-    def take_rows(self, rows: torch.Tensor) -> "SinkWindowCache":
-        """A copy of some rows [k] as a cache of batch k (to step only those rows; see `put_rows`)."""
-        sub = object.__new__(type(self))
-        sub.__dict__.update(self.__dict__)
-        sub.keys = {layer: t.index_select(0, rows) for layer, t in self.keys.items()}
-        sub.values = {layer: t.index_select(0, rows) for layer, t in self.values.items()}
-        sub.lengths = self.lengths.index_select(0, rows)
-        sub.batch = rows.numel()
-        return sub
-
-    def put_rows(self, rows: torch.Tensor, sub: "SinkWindowCache") -> None:
-        """Write the rows taken with `take_rows` (and stepped since) back in place."""
-        for layer in self.kv_layers:
-            self.keys[layer].index_copy_(0, rows, sub.keys[layer])
-            self.values[layer].index_copy_(0, rows, sub.values[layer])
-        self.lengths.index_copy_(0, rows, sub.lengths)
 
     def tokens_in_cache(self, row: int = 0) -> int:
         return min(int(self.lengths[row]), self.capacity)

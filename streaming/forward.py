@@ -24,9 +24,9 @@ from .model import CausalLM
 class _Step:
     """The state of one cache step: positions, masks, rotated keys per KV layer."""
 
-    def __init__(self, model: CausalLM, cache, ids: torch.Tensor):
+    def __init__(self, model: CausalLM, cache, ids: torch.Tensor, rows: torch.Tensor | None = None):
         self.model, self.cache = model, cache
-        self.plan = cache.plan(ids.shape[1])
+        self.plan = cache.plan(ids.shape[1], rows)
         dtype = model.model.embed_tokens.weight.dtype
         self.q_rope = model.rope(self.plan.query_positions, dtype)  # cos/sin [B,1,n,D]
         self.k_rope = model.rope(self.plan.slot_positions, dtype)  # cos/sin [B,1,L,D]
@@ -79,9 +79,13 @@ class _Step:
                 torch.cat((self.mask_no_diag, eye), dim=2))
 
 
-def forward_step(model: CausalLM, cache, ids: torch.Tensor, *, passes: int, all_logits: bool) -> torch.Tensor:
-    """Write ids [B, n] into the cache in one step; return float32 logits [B, n or 1, vocab]."""
-    step = _Step(model, cache, ids)
+def forward_step(model: CausalLM, cache, ids: torch.Tensor, *, passes: int, all_logits: bool,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Write ids [B, n] into the cache in one step; return float32 logits [B, n or 1, vocab].
+
+    `rows` ([B] long, on the device) picks the cache rows the step runs on, in place; None = all rows.
+    """
+    step = _Step(model, cache, ids, rows)
     hidden = model.model.embed_tokens(ids)  # [B, n, hidden]
     for lo, hi in model.segments:
         if lo == hi:
@@ -98,11 +102,14 @@ def forward_step(model: CausalLM, cache, ids: torch.Tensor, *, passes: int, all_
 
 
 def _iterate_block(step: _Step, lo: int, hi: int, block_input: torch.Tensor, passes: int) -> torch.Tensor:
-    """Run layers lo..hi `passes` times; the target (hi) starts from zero KV for the new tokens."""
+    """Run layers lo..hi `passes` times; every target read from below (hi among them) starts from
+    zero KV for the new tokens (else the first pass would read whatever a reused row held there)."""
     kv_heads, head_dim = step.cache.num_kv_heads, step.cache.head_dim
     B, n = block_input.shape[:2]
     zeros = block_input.new_zeros(B, kv_heads, n, head_dim)
-    step.store(hi, zeros, zeros)
+    sources = step.model.config.kv_sources
+    for target in sorted({sources[j] for j in range(lo, hi + 1) if sources[j] > j}):
+        step.store(target, zeros, zeros)
     hidden = block_input
     for _ in range(passes):
         hidden = block_input
@@ -119,7 +126,7 @@ def runs_as_one_step(config, n: int, *, sequential: bool, passes: int | None = N
 
 def forward_tokens(
     model: CausalLM, cache, ids: torch.Tensor, *, sequential: bool = False, passes: int | None = None,
-    all_logits: bool = False,
+    all_logits: bool = False, rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Ingest ids [B, n] (n at most the cache's step limit); return logits [B, n or 1, vocab].
 
@@ -129,6 +136,7 @@ def forward_tokens(
     passes = model.config.prefill_passes if passes is None else passes
     n = ids.shape[1]
     if runs_as_one_step(model.config, n, sequential=sequential, passes=passes):
-        return forward_step(model, cache, ids, passes=passes, all_logits=all_logits)
-    outs = [forward_step(model, cache, ids[:, t : t + 1], passes=passes, all_logits=True) for t in range(n)]
+        return forward_step(model, cache, ids, passes=passes, all_logits=all_logits, rows=rows)
+    outs = [forward_step(model, cache, ids[:, t : t + 1], passes=passes, all_logits=True, rows=rows)
+            for t in range(n)]
     return torch.cat(outs, dim=1) if all_logits else outs[-1]

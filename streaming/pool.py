@@ -176,7 +176,7 @@ class SessionPool:
         """One decode step for `sessions` (tokens[i] into sessions[i]'s row); the other rows do not move.
 
         One session steps alone on its own row (its CUDA graph on GPU); all rows step as the whole
-        batch (one graph on GPU); a subset is copied out, stepped as a smaller batch, copied back, so
+        batch (one graph on GPU); a subset steps in place, its rows addressed by an index tensor, so
         idle rows cost nothing.
         """
         if len(sessions) == 1:
@@ -192,11 +192,9 @@ class SessionPool:
                 logits = self._full_step(ids)
                 index = torch.tensor(rows, device=device)
                 logits = logits.index_select(0, index)  # back to the sessions' order
-            else:
+            else:  # the rows step in place, addressed by index
                 index = torch.tensor(rows, device=device)
-                sub = self.cache.take_rows(index)
-                logits = forward_step(self.runtime.model, sub, ids, passes=1, all_logits=False)
-                self.cache.put_rows(index, sub)
+                logits = forward_step(self.runtime.model, self.cache, ids, passes=1, all_logits=False, rows=index)
             for session, token, row_logits in zip(sessions, tokens, logits[:, 0]):
                 session.accept_decoded(token, row_logits)
 
