@@ -1,0 +1,334 @@
+"""Sampling settings and state of many rows as device tensors: the next token of every live row in one go.
+
+`RowSampling` holds, per row of an engine's cache, the temperature, top-k, top-p, repetition penalty,
+seed and draw counter as tensors, plus the repetition penalty's history (a ring of the last `history`
+ids and running token counts). `sample(rows, logits)` picks the next token of any set of rows with
+tensor ops only — no `.item()`, no host sync, no data-dependent Python branch — so it can be captured
+in a CUDA graph, and the host reads all the ids with one device-to-host copy per step.
+
+Randomness is counter-based, not a `torch.Generator` (one generator per row cannot be batched): the
+uniform of vocabulary index v in a row's draw is an integer hash of (row seed, row draw counter, v),
+see `hash_uniforms`. A row's tokens therefore depend only on its own seed, counter and logits, never
+on the other rows of the batch or their order, and are the same on CPU and CUDA up to float rounding.
+
+The math per row equals `streaming.sampling.sample` with the reference filters: repetition penalty,
+then temperature 0 -> argmax, else /temperature, top-k, top-p and the exponential race
+(argmax of p / E, E = -log u).
+
+Memory, for R rows, vocabulary V, history H (the lead's numbers: R = 1024, V = 32000, H = 4096):
+- the ring of recent ids: R x H int32 (16.8 MB);
+- the running counts: R x V int16 (int32 when H > 32767), allocated only once some row is configured
+  with a repetition penalty (65.5 MB; int32 would be 131 MB);
+- the settings: seven numbers a row (negligible);
+- `sample` temporaries: a few [k, V] buffers (float32, int64 for the hash and the sort's indices:
+  262 MB each at k = 1024); a captured graph keeps their peak in its private pool.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InvalidInputError
+from .sampling import SamplingParams
+
+MASK32 = 0xFFFFFFFF
+GOLDEN32 = 0x9E3779B9  # 2^32 / golden ratio, odd: the absorb step's additive constant
+CODE_MUL = 0x9E3779B1  # odd multiplier spreading vocabulary indices before their finaliser
+KEY_A_INIT = 0x243F6A88  # digits of pi: start of the first key chain
+KEY_B_INIT = 0xB7E15162  # digits of e: start of the second key chain
+NEG_INF = float("-inf")
+
+
+# -- the counter-based hash (32-bit arithmetic in int64 tensors; every value stays in [0, 2^32)) ----
+
+
+def fmix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser, a bijection on [0, 2^32), on int64 tensors holding 32-bit values.
+
+    Products of two 32-bit values can exceed 2^63 and wrap in int64; their low 32 bits are still
+    exact, and the mask keeps them. Right shifts only ever see non-negative values.
+    """
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & MASK32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & MASK32
+    return x ^ (x >> 16)
+
+
+def _absorb(h: torch.Tensor, word: torch.Tensor) -> torch.Tensor:
+    return fmix32(((h ^ word) + GOLDEN32) & MASK32)
+
+
+def seed_words(seed: int) -> tuple[int, int]:
+    """A Python int seed (any size or sign) as (low, high) 32-bit words of its value modulo 2^64."""
+    s = seed % (1 << 64)
+    return s & MASK32, s >> 32
+
+
+def vocab_codes(vocab: int, device) -> torch.Tensor:
+    """code[v] = fmix32(v * CODE_MUL mod 2^32): int64 [V], a fixed table the hash mixes with a draw's keys."""
+    v = torch.arange(vocab, dtype=torch.long, device=device)
+    return fmix32((v * CODE_MUL) & MASK32)
+
+
+def hash_uniforms(seeds: torch.Tensor, counters: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Uniforms in (0, 1) of one draw per row: float32 [k, V].
+
+    seeds int64 [k, 2] (the `seed_words` of each row's seed), counters int64 [k] (>= 0), codes the
+    `vocab_codes` table [V]. The hash, all arithmetic modulo 2^32:
+        absorb(h, w) = fmix32((h ^ w) + 0x9E3779B9)
+        key_a = absorb(absorb(absorb(absorb(0x243F6A88, seed_lo), seed_hi), counter_lo), counter_hi)
+        key_b = the same chain started from 0xB7E15162
+        bits  = fmix32((code[v] ^ key_a) + key_b)
+        u     = ((bits >> 8) | 1) / 2^24            # odd multiples of 2^-24: never 0, never 1
+    For a fixed draw, v -> bits is a bijection (distinct indices never share noise); the per-row keys
+    form a 64-bit key, so different (seed, counter) pairs give unrelated noise.
+    """
+    words = (seeds[:, 0], seeds[:, 1], counters & MASK32, (counters >> 32) & MASK32)
+    key_a = torch.full_like(counters, KEY_A_INIT)
+    key_b = torch.full_like(counters, KEY_B_INIT)
+    for word in words:  # per-row work: [k] only
+        key_a, key_b = _absorb(key_a, word), _absorb(key_b, word)
+    bits = fmix32(((codes[None, :] ^ key_a[:, None]) + key_b[:, None]) & MASK32)  # [k, V]
+    return ((bits >> 8) | 1).to(torch.float32) * (2.0 ** -24)
+
+
+# -- which parts of the sampler a batch needs ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplingFeatures:
+    """What a batch of rows needs (hashable: a CUDA-graph key). See `RowSampling.features`.
+
+    penalty: some row has a repetition penalty. sampling: some row has temperature > 0 (else the
+    batch is pure argmax). top_k: 0 = no sampling row uses top-k; else K with K >= every sampling
+    row's top_k, found with torch.topk(K) (K >= vocab: from the full sort). top_p: some sampling row
+    uses top-p (needs the full sort).
+    """
+
+    penalty: bool
+    sampling: bool
+    top_k: int
+    top_p: bool
+
+
+class RowSampling:
+    """Sampling settings and state of `rows` rows, as tensors on `device`.
+
+    `history`: tokens the repetition penalty looks back over. Rows given to `observe` and `sample`
+    must be distinct within one call. Ids given to `observe` must lie in [0, vocab) (not checked:
+    checking would read a tensor back to the host).
+
+    The running counts are allocated on the first `configure` with a repetition penalty (rebuilt
+    from the ring, which is always kept). `has_counts` says whether they exist: a CUDA graph that
+    captured `observe` before they did does not update them and must be captured again.
+    """
+
+    def __init__(self, rows: int, vocab: int, *, device, history: int):
+        for name, value in (("rows", rows), ("vocab", vocab), ("history", history)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidInputError(f"RowSampling: {name} must be an int >= 1, got {value!r}")
+        self.num_rows, self.vocab, self.history = rows, vocab, history
+        self.device = torch.device(device)
+        kw = {"device": self.device}
+        self.temperature = torch.zeros(rows, dtype=torch.float32, **kw)
+        self.top_k = torch.zeros(rows, dtype=torch.long, **kw)
+        self.top_p = torch.ones(rows, dtype=torch.float32, **kw)
+        self.penalty = torch.ones(rows, dtype=torch.float32, **kw)
+        fresh = [seed_words(secrets.randbits(64)) for _ in range(rows)]
+        self.seeds = torch.tensor(fresh, dtype=torch.long).to(self.device)  # [rows, 2] seed_words of each seed
+        self.counters = torch.zeros(rows, dtype=torch.long, **kw)  # draws taken since the last (re)seed
+        self.ring = torch.full((rows, history), -1, dtype=torch.int32, **kw)  # last `history` ids, -1 = empty
+        self.head = torch.zeros(rows, dtype=torch.long, **kw)  # ring slot of each row's next id
+        self.counts: torch.Tensor | None = None  # [rows, vocab]: occurrences of each id in the ring
+        self._count_dtype = torch.int16 if history <= torch.iinfo(torch.int16).max else torch.int32
+        self._codes = vocab_codes(vocab, self.device)  # [V] constant of the hash
+        self._ones = torch.ones(rows, dtype=torch.long, **kw)  # counter increments
+        self._offsets = torch.arange(history, dtype=torch.long, **kw)  # ring slots after the start
+        # host mirrors of the settings, for `features` (no device reads)
+        self._host = [SamplingParams() for _ in range(rows)]
+
+    @property
+    def has_counts(self) -> bool:
+        return self.counts is not None
+
+    # -- settings (host calls; each writes a few scalars on the device, no sync) ---------------------
+
+    def configure(self, row: int, params: SamplingParams) -> None:
+        """Set a row's settings and seed (a fresh random one when params.seed is None); reset its counter.
+
+        The penalty history is kept: a new reply on a chat continues it.
+        """
+        self._check_row(row)
+        params.validate()
+        self.temperature[row] = float(params.temperature)
+        self.top_k[row] = int(params.top_k)
+        self.top_p[row] = float(params.top_p)
+        self.penalty[row] = float(params.repetition_penalty)
+        self._host[row] = SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                                         repetition_penalty=params.repetition_penalty)
+        if params.repetition_penalty != 1.0 and self.counts is None:
+            self._allocate_counts()
+        self.reseed(row, params.seed)
+
+    def reseed(self, row: int, seed: int | None) -> None:
+        """Give a row a new seed (a fresh random one when None) and reset its draw counter."""
+        self._check_row(row)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise InvalidInputError(f"seed must be an int or None, got {seed!r}")
+        lo, hi = seed_words(secrets.randbits(64) if seed is None else seed)
+        self.seeds[row, 0] = lo
+        self.seeds[row, 1] = hi
+        self.counters[row] = 0
+
+    def clear(self, row: int) -> None:
+        """Forget everything of a row (reused by a new session): greedy settings, fresh seed, empty history."""
+        self.configure(row, SamplingParams())
+        self.ring[row] = -1
+        self.head[row] = 0
+        if self.counts is not None:
+            self.counts[row] = 0
+
+    def features(self, rows: list[int]) -> SamplingFeatures:
+        """What sampling these rows needs, from the host mirrors of their settings (no device read)."""
+        params = [self._host[self._check_row(r)] for r in rows]
+        drawing = [p for p in params if p.temperature > 0]
+        top_p = any(p.top_p < 1.0 for p in drawing)
+        ks = [p.top_k for p in drawing if 0 < p.top_k < self.vocab]
+        if not ks:
+            top_k = 0
+        elif top_p:
+            top_k = self.vocab  # the sort top-p needs serves top-k too
+        else:
+            top_k = min(self.vocab, 1 << (max(ks) - 1).bit_length())  # power-of-two bucket: few graph keys
+        penalty = any(p.repetition_penalty != 1.0 for p in params)
+        return SamplingFeatures(penalty=penalty, sampling=bool(drawing), top_k=top_k, top_p=top_p)
+
+    # -- device work (capturable: fixed shapes, no host reads) ----------------------------------------
+
+    def observe(self, rows: torch.Tensor, ids: torch.Tensor) -> None:
+        """Record ids [k, n] entering rows [k]'s streams (prompt or generated), oldest first.
+
+        Only each row's last `history` ids are kept; counts of ids pushed out of the ring go down.
+        """
+        if rows.dim() != 1 or ids.dim() != 2 or ids.shape[0] != rows.shape[0]:
+            raise InvalidInputError(f"observe: rows must be [k] and ids [k, n], got {tuple(rows.shape)} "
+                                    f"and {tuple(ids.shape)}")
+        k, n = ids.shape
+        if k == 0 or n == 0:
+            return
+        m = min(n, self.history)  # earlier ids of this call would leave the ring within the call
+        tail = ids[:, n - m:].long()  # [k, m]
+        start = self.head[rows] + (n - m)  # [k] slot of tail[:, 0]
+        slots = (start[:, None] + self._offsets[:m]) % self.history  # [k, m], distinct within a row
+        r = rows[:, None]
+        if self.counts is not None:
+            old = self.ring[r, slots].long()  # [k, m] ids leaving, -1 = empty slot
+            base = r * self.vocab  # flat index of each row's counts
+            index = torch.cat([base + old.clamp(min=0), base + tail], dim=1).flatten()
+            delta = torch.cat([-(old >= 0).to(self._count_dtype),
+                               torch.ones_like(tail, dtype=self._count_dtype)], dim=1).flatten()
+            self.counts.view(-1).index_add_(0, index, delta)  # duplicates accumulate
+        self.ring[r, slots] = tail.to(torch.int32)
+        self.head[rows] = (self.head[rows] + n) % self.history
+
+    def uniforms(self, rows: torch.Tensor) -> torch.Tensor:
+        """The uniforms [k, V] the next `sample` of these rows uses (does not advance the counters)."""
+        return hash_uniforms(self.seeds[rows], self.counters[rows], self._codes)
+
+    def filter_logits(self, rows: torch.Tensor, logits: torch.Tensor, *,
+                      features: SamplingFeatures | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(penalized, filtered), float32 [k, V]: the logits after the repetition penalty (argmax of a
+        greedy row), and after temperature, top-k and top-p (softmax = a sampling row's distribution).
+
+        Greedy rows' `filtered` is not their distribution (their temperature is taken as 1). With
+        `features.sampling` False, `filtered` is `penalized`.
+        """
+        self._check_batch(rows, logits)
+        f = features if features is not None else self._all_features()
+        x = logits.float()
+        if f.penalty and self.counts is not None:
+            x = self._penalize(rows, x)
+        if not f.sampling:
+            return x, x
+        t = self.temperature[rows][:, None]  # [k, 1]
+        scaled = x / torch.where(t > 0, t, 1.0)
+        if f.top_p or f.top_k >= self.vocab:
+            return x, self._filter_sorted(rows, scaled, f.top_p)
+        if f.top_k > 0:
+            top = torch.topk(scaled, f.top_k, dim=-1).values  # [k, K] descending
+            scaled = scaled.masked_fill(scaled < self._kth(rows, top), NEG_INF)
+        return x, scaled
+
+    def sample(self, rows: torch.Tensor, logits: torch.Tensor, *,
+               features: SamplingFeatures | None = None) -> torch.Tensor:
+        """Next token of each row: LongTensor [k] on the device; advances each row's draw counter by one.
+
+        rows LongTensor [k] (distinct), logits [k, V]. `features` from `features(rows)` (or any one
+        that covers them) lets a batch skip work it does not need (pure greedy: no sort, no hash);
+        None runs everything.
+        """
+        f = features if features is not None else self._all_features()
+        penalized, filtered = self.filter_logits(rows, logits, features=f)
+        ids = torch.argmax(penalized, dim=-1)
+        if f.sampling:
+            probs = torch.softmax(filtered, dim=-1)
+            race = -torch.log(self.uniforms(rows))  # E ~ Exp(1), [k, V]
+            drawn = torch.argmax(probs / race, dim=-1)
+            ids = torch.where(self.temperature[rows] > 0, drawn, ids)
+        self.counters.index_add_(0, rows, self._ones[: rows.shape[0]])
+        return ids
+
+    # -- internals --------------------------------------------------------------------------------------
+
+    def _penalize(self, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        seen = self.counts[rows] > 0  # [k, V]
+        pen = self.penalty[rows][:, None]  # [k, 1]; 1 leaves a row unchanged exactly
+        return torch.where(seen, torch.where(x > 0, x / pen, x * pen), x)
+
+    def _kth(self, rows: torch.Tensor, desc: torch.Tensor) -> torch.Tensor:
+        """Per-row top-k threshold [k, 1] from values sorted descending [k, K]; -inf where top-k is off."""
+        k = self.top_k[rows]
+        kth = desc.gather(1, (k - 1).clamp(0, desc.shape[1] - 1)[:, None])
+        on = (k > 0) & (k < self.vocab)
+        return torch.where(on[:, None], kth, NEG_INF)
+
+    def _filter_sorted(self, rows: torch.Tensor, scaled: torch.Tensor, top_p: bool) -> torch.Tensor:
+        # One sort serves both filters: the tokens top-k keeps are a prefix of the descending order,
+        # so top-p on that prefix sees exactly what `top_p_filter(top_k_filter(x))` sorts.
+        desc, order = torch.sort(scaled, dim=-1, descending=True)  # [k, V]
+        kth = self._kth(rows, desc)
+        out = scaled.masked_fill(scaled < kth, NEG_INF)
+        if not top_p:
+            return out
+        desc = desc.masked_fill(desc < kth, NEG_INF)
+        probs = torch.softmax(desc, dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of strictly better tokens
+        p = self.top_p[rows][:, None]
+        drop_sorted = (mass_before >= p) & (p < 1.0)  # p = 1: off (rounding could reach 1)
+        drop_sorted[:, 0] = False  # the most likely token always stays
+        drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
+        return out.masked_fill(drop, NEG_INF)
+
+    def _all_features(self) -> SamplingFeatures:
+        return SamplingFeatures(penalty=self.counts is not None, sampling=True, top_k=self.vocab, top_p=True)
+
+    def _allocate_counts(self) -> None:
+        counts = torch.zeros(self.num_rows, self.vocab, dtype=self._count_dtype, device=self.device)
+        base = torch.arange(self.num_rows, device=self.device)[:, None] * self.vocab
+        index = (base + self.ring.long().clamp(min=0)).flatten()
+        counts.view(-1).index_add_(0, index, (self.ring >= 0).to(self._count_dtype).flatten())
+        self.counts = counts
+
+    def _check_row(self, row: int) -> int:
+        if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < self.num_rows:
+            raise InvalidInputError(f"row must be an int in [0, {self.num_rows}), got {row!r}")
+        return row
+
+    def _check_batch(self, rows: torch.Tensor, logits: torch.Tensor) -> None:
+        if rows.dim() != 1 or logits.dim() != 2 or logits.shape != (rows.shape[0], self.vocab):
+            raise InvalidInputError(f"rows must be [k] and logits [k, {self.vocab}], got {tuple(rows.shape)} "
+                                    f"and {tuple(logits.shape)}")
