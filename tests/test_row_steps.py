@@ -53,7 +53,7 @@ def test_subset_of_rows_steps_in_place_like_rows_alone(tmp_path, name):
     for row in range(4):
         assert int(shared.lengths[row]) == int(alone[row].lengths[0])
         for layer in shared.keys:
-            torch.testing.assert_close(shared.keys[layer][row], alone[row].keys[layer][0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(shared.keys[layer][row], alone[row].keys[layer][0], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["lckv", "lckv-two-targets", "lckv-two-blocks"])

@@ -1,0 +1,149 @@
+"""Aggregate decode throughput of the engine: every live stream advances in one batched step.
+
+    PYTHONPATH=. python benchmarks/engine_decode.py --streams 1 64 256 1024 --budget-gib 32
+
+TinyLlama-1.1B-shaped random checkpoints (plain and LCKV w=2), bf16, 4 + 1020 cache slots per
+stream. For each stream count: admission (open a row and submit a 128-token prompt, host time per
+stream), prompt ingestion of all streams, then aggregate greedy decode tok/s over `--new-tokens`
+steps with every stream live. The same run measures the old `SessionPool.generate` at one stream
+count (the baseline the engine replaces) and Hugging Face transformers' batched `generate` on the
+same plain weights. `--budget-gib`: as many streams as fit that KV budget, plain vs LCKV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import streaming
+from benchmarks.decode_speed import TINYLLAMA, sync
+from streaming.engine import Engine
+from streaming.sampling import SamplingParams
+from tests.tiny_checkpoint import lckv_config, plain_config, random_weights, write_checkpoint
+
+SINKS, WINDOW = 4, 1020
+
+
+def prompts(count, length, vocab):
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(3, vocab, (count, length), generator=gen).tolist()
+
+
+def engine_run(rt, streams, prompt_len, new_tokens):
+    """(admission ms/stream, prompt tok/s, decode tok/s) with `streams` live streams."""
+    engine = Engine(rt, streams, sinks=SINKS, window=WINDOW, chunk=128, prefill_budget=128 * 64)
+    greedy = SamplingParams()
+    # Warm-up: capture the decode graphs of every bucket once (what a server does at start).
+    engine.graphs.capture_all(engine.sampling.features([0]))
+    batch = prompts(streams, prompt_len, rt.config.vocab_size)
+    sync(rt.device)
+    t0 = time.perf_counter()
+    jobs = [engine.submit(engine.open_row(), p, params=greedy, max_new_tokens=new_tokens + 1) for p in batch]
+    t1 = time.perf_counter()
+    while any(j.prefilling for j in jobs):
+        engine.step()
+    sync(rt.device)
+    t2 = time.perf_counter()
+    engine.step()  # every stream's first token
+    start = sum(len(j.generated) for j in jobs)
+    sync(rt.device)
+    t3 = time.perf_counter()
+    while engine.step():
+        pass
+    sync(rt.device)
+    t4 = time.perf_counter()
+    made = sum(len(j.generated) for j in jobs) - start
+    del engine
+    torch.cuda.empty_cache()
+    return (t1 - t0) / streams * 1e3, streams * prompt_len / (t2 - t1), made / (t4 - t3)
+
+
+def pool_run(rt, streams, new_tokens):
+    """The old SessionPool.generate (sessions' graphs, host sampling) for comparison."""
+    pool = rt.pool(streams, sinks=SINKS, window=WINDOW, chunk=128)
+    sessions = [pool.session(seed=0) for _ in range(streams)]
+    for s, p in zip(sessions, prompts(streams, 8, rt.config.vocab_size)):
+        s.feed(p)
+    list(pool.generate([(s, None) for s in sessions], max_new_tokens=2))
+    sync(rt.device)
+    t0 = time.perf_counter()
+    n = sum(len(r.token_ids) for _, r in pool.generate([(s, None) for s in sessions], max_new_tokens=new_tokens))
+    sync(rt.device)
+    del pool, sessions
+    torch.cuda.empty_cache()
+    return n / (time.perf_counter() - t0)
+
+
+def hf_run(path, streams, new_tokens):
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to("cuda").eval()
+    ids = torch.tensor(prompts(streams, 128, hf.config.vocab_size), device="cuda")
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        hf.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)
+        sync(torch.device("cuda"))
+        t0 = time.perf_counter()
+        hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        sync(torch.device("cuda"))
+    del hf
+    torch.cuda.empty_cache()
+    return streams * new_tokens / (time.perf_counter() - t0)
+
+
+def row_bytes(rt):
+    c = rt.config
+    return len(c.kv_layers) * 2 * c.num_key_value_heads * (SINKS + WINDOW) * c.head_dim * 2
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 64, 256, 1024])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--budget-gib", type=float, default=32.0)
+    parser.add_argument("--pool-streams", type=int, default=256)
+    parser.add_argument("--hf-streams", type=int, nargs="*", default=[1, 64])
+    args = parser.parse_args()
+    lines = []
+
+    def report(line):
+        lines.append(line)
+        print(line, flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("plain", "lckv"):
+            config = (plain_config(layers=22, **TINYLLAMA) if kind == "plain"
+                      else lckv_config(layers=22, m=7, b=2, **TINYLLAMA))
+            weights = {k: (v * 0.1 if v.dim() > 1 else v).to(torch.bfloat16)
+                       for k, v in random_weights(config, std=0.2).items()}
+            path = write_checkpoint(Path(tmp) / kind, config, weights)
+            del weights
+            rt = streaming.load(path, device="cuda", dtype="bf16")
+            for streams in args.streams:
+                adm, pre, dec = engine_run(rt, streams, 128, args.new_tokens)
+                report(f"| {kind} | engine | {streams} | {adm:.3f} | {pre:,.0f} | {dec:,.0f} |")
+            budget = int(args.budget_gib * 2**30 // row_bytes(rt))
+            adm, pre, dec = engine_run(rt, budget, 8, args.new_tokens)
+            report(f"| {kind} | engine, {args.budget_gib:g} GiB KV budget | {budget} | {adm:.3f} | {pre:,.0f} | {dec:,.0f} |")
+            if args.pool_streams:
+                dec = pool_run(rt, args.pool_streams, args.new_tokens)
+                report(f"| {kind} | old SessionPool.generate | {args.pool_streams} | | | {dec:,.0f} |")
+            del rt
+            torch.cuda.empty_cache()
+            if kind == "plain":
+                for streams in args.hf_streams:
+                    report(f"| plain | transformers generate (dynamic cache) | {streams} | | | "
+                           f"{hf_run(path, streams, args.new_tokens):,.0f} |")
+    print(f"\ntorch {torch.__version__}, {torch.cuda.get_device_name()}, bf16, {SINKS}+{WINDOW} slots, "
+          f"{args.new_tokens} decode steps")
+    print("| model | path | streams | admission ms/stream (host) | prompt tok/s | decode tok/s (all streams) |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
