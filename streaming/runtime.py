@@ -14,7 +14,7 @@ from cache.errors import CacheConfigError
 
 from .checkpoint import load_model
 from .errors import CheckpointError, InvalidInputError, TokenizerMissingError
-from .sampling import SamplingParams, load_generation_defaults
+from .sampling import SamplingParams, load_generation_defaults, load_max_new_tokens
 from .session import Session
 
 if TYPE_CHECKING:
@@ -23,6 +23,8 @@ from .tokenizer import Tokenizer
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
 DEFAULT_CHUNK = 256
+# Reply length when neither the call nor the checkpoint's generation_config.json gives one.
+DEFAULT_MAX_NEW_TOKENS = 256
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -76,13 +78,21 @@ def load(model: str | Path | None = None, *, device=None, dtype=None) -> "Runtim
         )
     defaults = SamplingParams().merged(**load_generation_defaults(path))
     defaults.validate()
-    return Runtime(network, tokenizer, device=device, dtype=dtype, path=path, sampling_defaults=defaults)
+    max_new_tokens = load_max_new_tokens(path) or DEFAULT_MAX_NEW_TOKENS
+    return Runtime(network, tokenizer, device=device, dtype=dtype, path=path, sampling_defaults=defaults,
+                   default_max_new_tokens=max_new_tokens)
 
 
 class Runtime:
-    """A loaded model. Create sessions with `session()`; sessions share the weights, not memory."""
+    """A loaded model. Create sessions with `session()`; sessions share the weights, not memory.
 
-    def __init__(self, model, tokenizer, *, device, dtype, path, sampling_defaults):
+    `sampling_defaults` and `default_max_new_tokens` (the reply length a generation call uses when
+    it gives none) come from the checkpoint's generation_config.json, else greedy and
+    DEFAULT_MAX_NEW_TOKENS.
+    """
+
+    def __init__(self, model, tokenizer, *, device, dtype, path, sampling_defaults,
+                 default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
         self.model = model
         self.config = model.config
         self.tokenizer: Tokenizer | None = tokenizer
@@ -90,6 +100,7 @@ class Runtime:
         self.dtype = dtype
         self.path = path
         self.sampling_defaults: SamplingParams = sampling_defaults
+        self.default_max_new_tokens: int = default_max_new_tokens
         # Decode steps of sink-window sessions on CUDA replay a captured graph (False: always eager).
         self.cuda_graphs = True
         self.eos_ids = set(self.config.eos_token_ids)

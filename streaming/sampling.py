@@ -72,15 +72,7 @@ def load_generation_defaults(checkpoint_dir) -> dict:
     that ``"do_sample": false`` means greedy (as in transformers) and sets temperature to 0.
     A malformed file or value raises ConfigError naming the file and key.
     """
-    path = Path(checkpoint_dir) / "generation_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
+    path, data = _read_generation_config(checkpoint_dir)
     out = {k: data[k] for k in GENERATION_KEYS if data.get(k) is not None}
     if data.get("do_sample") is False:
         out["temperature"] = 0.0
@@ -89,6 +81,34 @@ def load_generation_defaults(checkpoint_dir) -> dict:
     except InvalidInputError as e:
         raise ConfigError(f"{path}: {e}") from None
     return out
+
+
+def load_max_new_tokens(checkpoint_dir) -> int | None:
+    """The reply length ``generation_config.json`` asks for (its ``max_new_tokens``), None when absent.
+
+    A value that is not a positive integer raises ConfigError naming the file and key.
+    """
+    path, data = _read_generation_config(checkpoint_dir)
+    value = data.get("max_new_tokens")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{path}: 'max_new_tokens' must be a positive integer, got {value!r}")
+    return value
+
+
+def _read_generation_config(checkpoint_dir) -> tuple[Path, dict]:
+    """(path, parsed object) of ``generation_config.json``; {} when the file is absent."""
+    path = Path(checkpoint_dir) / "generation_config.json"
+    if not path.is_file():
+        return path, {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return path, data
 
 
 # -- pure functions on logits [B, V] ---------------------------------------------------------------

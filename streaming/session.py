@@ -29,6 +29,16 @@ CHAT_TAIL = 4096
 PENALTY_HISTORY = 4096
 
 
+class _RuntimeDefault:
+    """The default of `max_new_tokens`: omitted means the runtime's default length (None means unbounded)."""
+
+    def __repr__(self) -> str:
+        return "<runtime default>"
+
+
+_RUNTIME_DEFAULT = _RuntimeDefault()
+
+
 @dataclass
 class ReplyRequest:
     """A validated generation request (see `Session.prepare_reply`)."""
@@ -172,22 +182,30 @@ class Session:
 
     # ---- generation ------------------------------------------------------------------------------
 
-    def generate(self, prompt=None, *, max_new_tokens: int | None = None, temperature=None, top_k=None,
+    def generate(self, prompt=None, *, max_new_tokens: int | None = _RUNTIME_DEFAULT, temperature=None, top_k=None,
                  top_p=None, repetition_penalty=None, stop: Sequence[str] | None = None,
                  seed: int | None = None) -> Iterator[Response]:
-        """Stream a continuation as Response objects. `max_new_tokens=None` never stops on length.
+        """Stream a continuation as Response objects.
 
-        Closing the iterator (or breaking out of the loop) stops generation; every token yielded so
-        far is already in the cache, so the stream can be continued.
+        `max_new_tokens` omitted: the runtime's `default_max_new_tokens` (the checkpoint's
+        generation_config.json, else 256); an integer: at most that many; None: never stops on length
+        (only on EOS, a stop string or closing the iterator). Sampling settings left as None take the
+        runtime's defaults. Closing the iterator (or breaking out of the loop) stops generation; every
+        token yielded so far is already in the cache, so the stream can be continued.
         """
         request = self.prepare_reply(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                      top_p=top_p, repetition_penalty=repetition_penalty, stop=stop, seed=seed)
         return self._generate(request)
 
-    def prepare_reply(self, prompt=None, *, max_new_tokens=None, stop=None, **sampling) -> ReplyRequest:
-        """Validate a generation request (raises here, not on the first step) and encode its prompt."""
+    def prepare_reply(self, prompt=None, *, max_new_tokens=_RUNTIME_DEFAULT, stop=None, **sampling) -> ReplyRequest:
+        """Validate a generation request (raises here, not on the first step) and encode its prompt.
+
+        An omitted `max_new_tokens` becomes the runtime's `default_max_new_tokens`; None stays unbounded.
+        """
         params = self.runtime.sampling_defaults.merged(**sampling)
         params.validate()
+        if max_new_tokens is _RUNTIME_DEFAULT:
+            max_new_tokens = self.runtime.default_max_new_tokens
         if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
                                            or max_new_tokens < 0):
             raise InvalidInputError(f"max_new_tokens must be None or an integer >= 0, got {max_new_tokens!r}")
@@ -221,11 +239,12 @@ class Session:
                 yield reply.end()
 
     def generate_text(self, prompt=None, **kwargs) -> str:
-        """Generate and return the whole reply as one string."""
+        """Generate and return the whole reply as one string (arguments and length default as `generate`)."""
         return "".join(r.text for r in self.generate(prompt, **kwargs))
 
     async def agenerate(self, prompt=None, **kwargs) -> AsyncIterator[Response]:
-        """Async twin of `generate`: every decode step runs in a worker thread, off the event loop.
+        """Async twin of `generate` (same arguments and default length): every decode step runs in a
+        worker thread, off the event loop.
 
         Cancelling the consuming task or breaking out stops generation within one decode step.
         """
@@ -247,6 +266,9 @@ class Session:
 
     def chat(self, messages: list[dict], *, stop: Sequence[str] | None = None, **sampling) -> Iterator[Response]:
         """Continue a conversation: feeds the messages not yet in the stream, then streams the reply.
+
+        `sampling` takes `generate`'s keyword arguments; the reply ends at the runtime's
+        `default_max_new_tokens` unless `max_new_tokens` says otherwise (None: no length limit).
 
         `messages` is the whole conversation so far (system/user/assistant dicts), the replies this
         session generated included; only the messages after those already in the stream are fed. The

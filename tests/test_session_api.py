@@ -1,11 +1,13 @@
 """Public Session API behaviour: generation layers, stops, busy sessions, chat turns, seeds."""
 
 import asyncio
+import json
 
 import pytest
 
 import streaming
-from streaming.errors import InvalidInputError, SessionBusyError
+from streaming.errors import ConfigError, InvalidInputError, SessionBusyError
+from streaming.runtime import DEFAULT_MODEL_DIR
 from tests.tiny_checkpoint import make_tiny_checkpoint
 
 
@@ -135,3 +137,116 @@ def test_cancelling_an_async_generation_leaves_the_session_usable(runtime, monke
     seen_before = s.stats().tokens_seen
     asyncio.run(main())
     assert s.stats().tokens_seen > seen_before
+
+
+# ---- reply length defaults ------------------------------------------------------------------------
+
+DEFAULT_LEN = 7  # the tiny checkpoint's generation_config.json max_new_tokens
+
+
+@pytest.fixture(scope="module")
+def short_default(tmp_path_factory):
+    """A tiny checkpoint whose generation_config.json asks for 7-token replies."""
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("gencfg"), "lckv")
+    (path / "generation_config.json").write_text(json.dumps({"max_new_tokens": DEFAULT_LEN, "do_sample": False}))
+    return streaming.load(path)
+
+
+def finish_within(responses, limit: int) -> list:
+    """Consume a reply, failing (instead of running for ever) when it has not ended after `limit` responses."""
+    out = []
+    try:
+        for r in responses:
+            out.append(r)
+            if r.finish_reason is not None:
+                return out
+            if len(out) >= limit:
+                pytest.fail(f"the reply did not end within {limit} responses")
+    finally:
+        responses.close()
+    return out
+
+
+def test_default_length_comes_from_generation_config_else_the_documented_constant(runtime, short_default):
+    from streaming.runtime import DEFAULT_MAX_NEW_TOKENS
+
+    assert short_default.default_max_new_tokens == DEFAULT_LEN
+    assert runtime.default_max_new_tokens == DEFAULT_MAX_NEW_TOKENS == 256  # no generation_config.json
+
+
+@pytest.mark.parametrize("bad", [0, -3, "200", 2.5, True])
+def test_bad_max_new_tokens_in_generation_config_names_file_and_key(tmp_path, bad):
+    path = make_tiny_checkpoint(tmp_path / "bad", "plain", layers=1)
+    (path / "generation_config.json").write_text(json.dumps({"max_new_tokens": bad}))
+    with pytest.raises(ConfigError, match=r"generation_config\.json.*'max_new_tokens'"):
+        streaming.load(path)
+
+
+def test_omitted_length_is_the_default_and_none_is_unbounded(short_default):
+    rt = short_default
+    responses = finish_within(rt.session(window=64).generate("Once upon a time"), DEFAULT_LEN + 2)
+    assert responses[-1].finish_reason == "length" and responses[-1].generated_tokens == DEFAULT_LEN
+    assert len(rt.session(window=64).generate_text("Once upon a time")) == len(
+        rt.session(window=64).generate_text("Once upon a time", max_new_tokens=DEFAULT_LEN))
+
+    async def collect():
+        return [r async for r in rt.session(window=64).agenerate("Once upon a time")]
+
+    assert [r.token_ids for r in asyncio.run(collect())] == [r.token_ids for r in responses]
+    # Explicit None: no length limit. Three times the default, still running, then closed by the caller.
+    s = rt.session(window=64)
+    it = s.generate("Once upon a time", max_new_tokens=None)
+    unbounded = [next(it) for _ in range(3 * DEFAULT_LEN)]
+    it.close()
+    assert all(r.finish_reason is None for r in unbounded)
+    assert unbounded[-1].generated_tokens == 3 * DEFAULT_LEN
+
+
+def test_chat_without_a_length_ends_at_the_default(short_default):
+    s = short_default.session(window=256)
+    responses = finish_within(s.chat([{"role": "user", "content": "Tell me a long story."}]), DEFAULT_LEN + 2)
+    assert responses[-1].generated_tokens <= DEFAULT_LEN
+    if responses[-1].finish_reason == "length":
+        assert responses[-1].generated_tokens == DEFAULT_LEN
+
+
+def test_pool_replies_default_to_the_runtime_length(short_default):
+    pool = short_default.pool(2, window=64)
+    a, b = pool.session(), pool.session()
+    last = {}
+    replies = pool.generate([(a, "Once upon a time"), (b, "The")])
+    for count, (session, response) in enumerate(replies):
+        assert count < 2 * (DEFAULT_LEN + 1), "the pool's replies did not end at the default length"
+        last[session] = response
+    for session in (a, b):
+        assert last[session].generated_tokens <= DEFAULT_LEN and last[session].finish_reason is not None
+    assert max(r.generated_tokens for r in last.values()) == DEFAULT_LEN  # one at least ran to the limit
+    handle = pool.begin(a, " and then")
+    for _ in range(DEFAULT_LEN + 1):
+        if not handle.reply.finished:
+            pool.step([handle])
+    assert handle.reply.finished
+    pool.end(handle)
+    assert handle.reply.generated <= DEFAULT_LEN
+    chat = pool.begin_chat(b, [{"role": "user", "content": "hi"}])
+    unbounded = pool.begin(a, " more", max_new_tokens=None)
+    for _ in range(3 * DEFAULT_LEN):
+        if not chat.reply.finished:
+            pool.step([chat])
+        pool.step([unbounded])
+    assert chat.reply.finished and chat.reply.generated <= DEFAULT_LEN
+    assert not unbounded.reply.finished and unbounded.reply.generated == 3 * DEFAULT_LEN
+    pool.end(chat)
+    pool.end(unbounded)
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").exists(), reason="no bundled model")
+def test_chat_on_the_bundled_model_ends_by_default():
+    rt = streaming.load(device="cpu")
+    assert rt.default_max_new_tokens == 200  # its generation_config.json
+    s = rt.session(seed=0)
+    responses = finish_within(s.chat([{"role": "user", "content": "Who is the narrator?"}]), 202)
+    assert responses[-1].finish_reason in ("eos", "stop", "length")
+    assert responses[-1].generated_tokens <= 200
+    if responses[-1].finish_reason == "length":
+        assert responses[-1].generated_tokens == 200
