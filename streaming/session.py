@@ -7,7 +7,7 @@ import threading
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, AsyncIterator, Iterator, Sequence
+from typing import TYPE_CHECKING, AsyncIterator, Iterable, Iterator, Sequence
 
 import torch
 
@@ -18,6 +18,7 @@ from .errors import InvalidInputError, SessionBusyError
 from .forward import forward_tokens, runs_as_one_step
 from .generate import Reply, Response, next_token
 from .sampling import SamplingParams
+from .text_pieces import blocks, word_aligned
 from .tokenizer import validate_messages
 
 if TYPE_CHECKING:
@@ -123,7 +124,8 @@ class Session:
         """Ingest text or token ids in constant memory (chunk by chunk, evicting as needed).
 
         With `return_logits=True`, returns float32 logits [n, vocab]: row i predicts the token after
-        fed token i. (For very long inputs feed in pieces: this tensor is n x vocab.)
+        fed token i. That tensor is n x vocab (32 KiB per token for a 8k vocabulary), so it is meant for
+        short inputs; to score long text use `score` or `score_chunks`, which keep one chunk's logits.
         """
         ids = self._to_ids(text_or_ids)
         with self._exclusive():
@@ -136,17 +138,113 @@ class Session:
             return torch.empty(0, runtime.config.vocab_size) if return_logits else None
         all_ids = torch.tensor(ids, dtype=torch.long, device=runtime.device)
         outputs = []
-        step = self.chunk
+        for start in range(0, len(ids), self.chunk):
+            logits = self._advance(ids[start : start + self.chunk], all_ids[start : start + self.chunk], return_logits)
+            if return_logits:
+                outputs.append(logits)
+        return torch.cat(outputs).float() if return_logits else None
+
+    def _advance(self, ids: Sequence[int], piece: torch.Tensor, all_logits: bool) -> torch.Tensor:
+        """One cache step of at most `chunk` tokens (`ids`, and the same as piece [c] on the device).
+
+        Returns logits [c, V] (all_logits) or [1, V] (the last position's); the session's counters and
+        next-token prediction already account for the step.
+        """
         with torch.inference_mode():
-            for start in range(0, len(ids), step):
-                piece = all_ids[start : start + step][None]  # [1, C]
-                logits = self._step(piece, return_logits)
-                if return_logits:
-                    outputs.append(logits[0])
-                self.next_logits = logits[0, -1]
+            logits = self._step(piece[None], all_logits)[0]
+            self.next_logits = logits[-1].clone()  # not a view: the chunk's logits can be freed
         self._seen += len(ids)
         self._recent.extend(ids)
-        return torch.cat(outputs).float() if return_logits else None
+        return logits
+
+    # ---- scoring ---------------------------------------------------------------------------------
+
+    def score(self, text_or_ids) -> torch.Tensor:
+        """Ingest text or token ids and return the log-probability of every fed token: float32 [n] on the CPU.
+
+        Entry i is log p(token_i | everything before it in the stream), so `-lp.mean()` is the
+        negative log-likelihood per token and `exp` of it the perplexity. Every fed token is scored
+        except the first token of an empty session (the BOS that text starts with), which has no
+        prediction. Memory: one chunk's logits at a time plus the n floats returned (see
+        `score_chunks` for inputs too long to hold even those). Scores equal the log-softmax of
+        `feed(..., return_logits=True)` gathered at the next tokens.
+        """
+        out, n = torch.empty(0), 0
+        for lp in self.score_chunks(text_or_ids):
+            if n + len(lp) > len(out):  # grow by doubling: a few large buffers, not one small tensor per chunk
+                grown = torch.empty(max(2 * len(out), n + len(lp), 4096))
+                grown[:n] = out[:n]
+                out = grown
+            out[n : n + len(lp)] = lp
+            n += len(lp)
+        return out[:n].clone()
+
+    def score_chunks(self, source) -> Iterator[torch.Tensor]:
+        """`score`, one ingestion step at a time: yields float32 [k] CPU tensors, in stream order.
+
+        `source` is text, token ids, or an iterable of text pieces of any size (e.g. a text file
+        object, or `iter(lambda: f.read(65536), "")`). Text is tokenized in pieces re-cut just before
+        single spaces (where the tokenizer splits anyway) and the ids are grouped into full chunks,
+        so the scores do not depend on where the pieces were cut; only one piece, one word and one
+        chunk's logits are held. (A run of over 64K characters without such a space is cut hard.)
+        The session stays busy while the iterator is open; closing it stops after the chunk in
+        progress (every chunk scored so far is in the cache).
+        """
+        if isinstance(source, (bytes, bytearray)):
+            raise InvalidInputError("score_chunks needs text, not bytes: decode it (or open the file in text mode)")
+        if isinstance(source, str):  # tokenized block by block: the tokenizer's per-token records stay small
+            self.runtime.require_tokenizer()
+            return self._score(self._encode_pieces(blocks(source)))
+        if isinstance(source, torch.Tensor) or (
+            isinstance(source, (list, tuple)) and not (source and isinstance(source[0], str))
+        ):
+            return self._score([self._to_ids(source)])
+        try:
+            pieces = iter(source)
+        except TypeError:
+            raise InvalidInputError(
+                f"expected text, token ids or an iterable of text pieces, got {type(source).__name__}"
+            ) from None
+        self.runtime.require_tokenizer()
+        return self._score(self._encode_pieces(pieces))
+
+    def _encode_pieces(self, pieces: Iterator[str]) -> Iterator[list[int]]:
+        """Ids of word-aligned text pieces; the first one starts with BOS when the session is empty."""
+        tokenizer = self.runtime.tokenizer
+        at_start = self._seen == 0  # read when the first piece is needed, under the session's lock
+        for text in word_aligned(pieces):
+            yield tokenizer.encode(text, add_bos=at_start and tokenizer.bos_id is not None)
+            at_start = False
+
+    def _score(self, id_lists: Iterable[list[int]]) -> Iterator[torch.Tensor]:
+        """Ingest the ids in full chunks (however the lists are cut) and yield each chunk's scores."""
+        with self._exclusive():
+            pending: list[int] = []  # fewer than `chunk` ids waiting for the next list
+            for ids in id_lists:
+                start = 0
+                if pending:
+                    start = self.chunk - len(pending)
+                    pending.extend(ids[:start])
+                    if len(pending) < self.chunk:
+                        continue
+                    yield from self._score_step(pending)
+                while len(ids) - start >= self.chunk:
+                    yield from self._score_step(ids[start : start + self.chunk])
+                    start += self.chunk
+                pending = list(ids[start:])
+            if pending:
+                yield from self._score_step(pending)
+
+    def _score_step(self, ids: list[int]) -> Iterator[torch.Tensor]:
+        """Ingest ids (at most one chunk); yield log p of each one that has a prediction, float32 [k] CPU."""
+        before = self.next_logits  # [V]: predicts ids[0]; None in an empty session
+        target = torch.tensor(ids, dtype=torch.long, device=self.runtime.device)
+        logits = self._advance(ids, target, True)  # [c, V]: row j predicts ids[j + 1]
+        scored = _log_probs(logits[:-1], target[1:])
+        if before is not None:
+            scored = torch.cat([_log_probs(before[None], target[:1]), scored])
+        if len(scored):
+            yield scored.cpu()
 
     def accept_decoded(self, token: int, logits: torch.Tensor) -> None:
         """Record a token a batched decode step (SessionPool) wrote into this session's row."""
@@ -368,6 +466,12 @@ async def _close_after(step, iterator) -> None:
         except BaseException:  # the step's own error was already reported, or nobody is listening
             pass
     await asyncio.to_thread(iterator.close)
+
+
+def _log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[j, targets[j]] for logits [k, V], targets [k]: float32 [k], without a [k, V] copy."""
+    logits = logits.float()
+    return logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
 
 
 def _check_stop(stop) -> list[str]:
