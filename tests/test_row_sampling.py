@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import streaming.row_sampling as row_sampling
+from streaming import counter_noise
+from streaming.counter_noise import hash_uniforms, seed_words, vocab_codes
 from streaming.errors import InvalidInputError
 from streaming.row_sampling import RowSampling, SamplingFeatures
 from streaming.sampling import SamplingParams, apply_repetition_penalty, top_k_filter, top_p_filter
@@ -358,7 +360,22 @@ def test_bad_arguments():
         RowSampling(2, 10, device="cpu", history=0)
 
 
-# -- CUDA graph (GPU only) ---------------------------------------------------------------------------------
+# -- GPU only ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or counter_noise.triton is None, reason="needs CUDA and Triton")
+def test_triton_uniforms_equal_the_torch_version():
+    vocab = 32_003  # not a multiple of the kernel's block
+    seeds = torch.tensor([seed_words(s) for s in (0, 1, -1, 2**64 - 1, 123_456_789, 2**40 + 17)], device="cuda")
+    counters = torch.tensor([0, 1, 2**32 + 5, 2**62, 77, 4095], device="cuda")
+    codes = vocab_codes(vocab, "cuda")
+    fused = hash_uniforms(seeds, counters, codes, use_triton=True)
+    plain = hash_uniforms(seeds, counters, codes, use_triton=False)
+    assert fused.shape == (6, vocab) and torch.equal(fused, plain)
+    assert hash_uniforms(seeds[:0], counters[:0], codes, use_triton=True).shape == (0, vocab)
+
+
+# -- CUDA graph ---------------------------------------------------------------------------------
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
