@@ -5,6 +5,7 @@
     s = rt.session(sinks=4, window=1020)
     for r in s.generate("Once upon a time", max_new_tokens=50):
         print(r.text, end="", flush=True)
+    lp = s.score(" and they lived happily.")   # log p of each token given the stream: perplexity exp(-lp.mean())
 """
 
 from .errors import (
