@@ -97,6 +97,7 @@ class RowSampling:
 
     @property
     def has_counts(self) -> bool:
+        """Whether the running counts exist (some row was configured with a repetition penalty)."""
         return self.counts is not None
 
     # -- settings (host calls; each writes a few scalars on the device, no sync) ---------------------

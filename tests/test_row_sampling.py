@@ -41,8 +41,8 @@ def reference_filtered(logits: torch.Tensor, params: SamplingParams, seen: list[
     return top_p_filter(top_k_filter(x / params.temperature, params.top_k), params.top_p)[0]
 
 
-def make(params_list, *, vocab=200, history=16, rows=None) -> RowSampling:
-    rs = RowSampling(rows or len(params_list), vocab, device="cpu", history=history)
+def make(params_list, *, vocab=200, history=16) -> RowSampling:
+    rs = RowSampling(len(params_list), vocab, device="cpu", history=history)
     for row, params in enumerate(params_list):
         rs.configure(row, params)
     return rs
