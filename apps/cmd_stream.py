@@ -95,36 +95,24 @@ class Perplexity:
 
 def ingest(session, tok, pieces: TextPieces, ppl: Perplexity, progress: Progress | None,
            score_tokens: int, ctrl_c: StopOnCtrlC) -> int:
-    """Feed every piece; score each next token. Returns the number of tokens fed."""
-    import torch
+    """Feed every piece and score each next token with `Session.score_chunks`: one chunk's logits
+    at a time, the first BOS fed as context and never scored. Returns the number of tokens fed.
 
-    prev = None  # log-probs [vocab] predicted by the last token fed so far
-    fed = 0
-    first = True
-    for piece in pieces:
-        ids = tok.encode(piece, add_bos=first)
-        if first and ids and ids[0] == tok.bos_id:
-            # BOS is context, not a scored token; its logits predict the first real token.
-            prev = torch.log_softmax(session.feed(ids[:1], return_logits=True)[-1], dim=-1)
-            fed, ids = 1, ids[1:]
-        first = False
-        for s in range(0, len(ids), score_tokens):
-            part = ids[s:s + score_tokens]
-            logits = session.feed(part, return_logits=True)  # [n, vocab] float32
-            lp = torch.log_softmax(logits.float(), dim=-1)
-            target = torch.tensor(part, dtype=torch.long, device=lp.device)
-            nll = -lp[:-1].gather(1, target[1:, None])[:, 0]  # token j+1 from position j
-            if prev is not None:
-                nll = torch.cat([-prev[target[0]].reshape(1), nll])
-            ppl.add_tokens(nll.cpu())
-            prev = lp[-1].clone()
-            del logits, lp
-            fed += len(part)
+    `tok` and `score_tokens` are no longer used: the session tokenizes, and its chunk bounds the
+    logits held at once.
+    """
+    start = session.stats().tokens_seen
+    chunks = session.score_chunks(pieces)
+    try:
+        for lp in chunks:  # float32 [k]: log p of each token of one ingestion chunk
+            ppl.add_tokens(-lp)
             if progress is not None:
-                progress.update(fed, pieces.chars_read, ppl)
+                progress.update(session.stats().tokens_seen - start, pieces.chars_read, ppl)
             if ctrl_c.requested:
                 raise KeyboardInterrupt
-    return fed
+    finally:
+        chunks.close()  # frees the session (for --continue / --question) also after a stop
+    return session.stats().tokens_seen - start
 
 
 def run(args: argparse.Namespace) -> int:
