@@ -35,15 +35,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="also answer to this Host name (repeatable; '*' = any). A server bound "
                         "to loopback answers only to loopback names (DNS-rebinding guard)")
     g = p.add_argument_group("limits")
-    g.add_argument("--max-sessions", type=int, default=D.max_sessions)
-    g.add_argument("--max-message-bytes", type=int, default=D.max_message_bytes)
-    g.add_argument("--max-prompt-tokens", type=int, default=D.max_prompt_tokens)
+    g.add_argument("--max-sessions", type=int, default=D.max_sessions,
+                   help=f"open sessions at most (default {D.max_sessions})")
+    g.add_argument("--max-message-bytes", type=int, default=D.max_message_bytes,
+                   help=f"largest websocket message accepted (default {D.max_message_bytes})")
+    g.add_argument("--max-prompt-tokens", type=int, default=D.max_prompt_tokens,
+                   help=f"longest prompt accepted, in tokens (default {D.max_prompt_tokens})")
     g.add_argument("--max-new-tokens", type=int, default=D.max_new_tokens,
                    help=f"tokens per reply unless the client asks (default {D.max_new_tokens})")
     g.add_argument("--max-new-tokens-cap", type=int, default=D.max_new_tokens_cap,
-                   help="the most tokens per reply a client may ask for")
+                   help="the most tokens per reply a client may ask for "
+                        f"(default {D.max_new_tokens_cap})")
     g.add_argument("--idle-timeout", type=float, default=D.idle_timeout_s, metavar="SECONDS",
-                   help="close sessions idle this long (default 900)")
+                   help=f"close sessions idle this long (default {D.idle_timeout_s:g})")
     p.add_argument("--verbose", "-v", action="store_true", help="log sessions to stderr")
     add_model_args(p)
     p.set_defaults(func=run)
