@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from apps import cmd_chat, cmd_generate, cmd_serve, cmd_stream
+from apps.common import check_model_args, check_sampling_args, stdout_gone
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -22,11 +23,18 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = setup_arg_parser().parse_args(argv)
+    # Flags are checked before anything slow: reading stdin, loading the model.
+    check_model_args(args)
+    check_sampling_args(args)
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        sys.stdout.flush()  # inside the try: a reader that left shows up here at the latest
+        return code
     except KeyboardInterrupt:  # Ctrl-C outside a generation loop (e.g. while loading)
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout's reader went away (`| head`), in any subcommand
+        return stdout_gone()
 
 
 if __name__ == "__main__":

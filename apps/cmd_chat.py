@@ -11,9 +11,10 @@ import json
 import sys
 from pathlib import Path
 
-from apps.common import (Timer, add_model_args, add_sampling_args, eprint, load_runtime,
-                         new_session, peak_memory, sampling_kwargs)
+from apps.common import (Timer, add_model_args, add_sampling_args, cache_size, eprint,
+                         load_runtime, new_session, peak_memory, sampling_kwargs)
 from apps.interrupt import StopOnCtrlC
+from apps.stdin_text import ENCODING_HELP, StdinText
 
 HELP = """commands:
   /reset        forget the conversation (keeps the system prompt)
@@ -31,6 +32,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--verbose", "-v", action="store_true", help="per-reply tokens/s and cache use")
+    p.add_argument("--encoding", default="utf-8", help=ENCODING_HELP)
     add_model_args(p)
     add_sampling_args(p)
     p.set_defaults(func=run)
@@ -39,7 +41,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 class Chat:
     def __init__(self, rt, args: argparse.Namespace) -> None:
-        self.rt, self.args, self.kw = rt, args, sampling_kwargs(args)
+        self.rt, self.args, self.kw = rt, args, sampling_kwargs(args, rt)
         self.session = new_session(rt, args)
         self.messages: list[dict] = self._start()
 
@@ -76,7 +78,7 @@ class Chat:
             st = self.session.stats()
             eprint(f"[{timer.generated} tokens, {timer.generation_tps():.1f} tokens/s, prompt "
                    f"{timer.prompt_tokens} tokens at {timer.prompt_tps():.1f} tokens/s, cache "
-                   f"{st.tokens_in_cache}/{st.tokens_seen} tokens]")
+                   f"{st.tokens_in_cache}/{st.tokens_seen} tokens, {cache_size(self.rt, st)}]")
 
     def command(self, line: str) -> bool:
         """Run a /command; returns False to quit."""
@@ -91,7 +93,7 @@ class Chat:
         elif name == "/stats":
             st = self.session.stats()
             print(f"[{st.tokens_seen} tokens seen, {st.tokens_in_cache} in cache "
-                  f"({st.cache_bytes / 2**20:.2f} MiB), {st.evictions} evicted, "
+                  f"({cache_size(self.rt, st)}), {st.evictions} evicted, "
                   f"{len(self.messages)} messages, peak memory {peak_memory(self.rt)}]")
         elif name == "/save" and arg:
             self.save(Path(arg))
@@ -103,12 +105,14 @@ class Chat:
             print(f"[unknown or incomplete command {line.strip()!r}; /help lists them]")
         return True
 
+    # /save and /load catch every Exception: whatever a file system or the safetensors library
+    # raises (OSError, ValueError, SafetensorError ...), the conversation in memory must survive.
     def save(self, path: Path) -> None:
         try:
             self.session.save(path)
             transcript(path).write_text(json.dumps(self.messages, ensure_ascii=False))
-        except (OSError, ValueError) as e:
-            print(f"[save failed: {e}]")
+        except Exception as e:
+            print(f"[save failed: {describe(e)}]")
             return
         print(f"[saved to {path}]")
 
@@ -116,12 +120,20 @@ class Chat:
         try:
             session = self.rt.restore_session(path)
             messages = json.loads(transcript(path).read_text())
-        except (OSError, ValueError) as e:
-            print(f"[load failed: {e}]")
+            if not isinstance(messages, list):
+                raise ValueError(f"{transcript(path)} is not a list of messages")
+        except Exception as e:
+            print(f"[load failed: {describe(e)}]")
             return
         self.session, self.messages = session, messages
         print(f"[loaded {path}: {len(messages)} messages, "
               f"{session.stats().tokens_in_cache} tokens in cache]")
+
+
+def describe(e: Exception) -> str:
+    """One line naming the error: its type, and its message when there is one."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
 def transcript(path: Path) -> Path:
@@ -130,6 +142,7 @@ def transcript(path: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    stdin = StdinText(args.encoding).reconfigure()  # input() decodes with it, counting bad bytes
     rt = load_runtime(args)
     if rt.tokenizer is None:
         raise SystemExit("error: this checkpoint has no tokenizer; `chat` needs one")
@@ -149,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             print()
             continue
+        stdin.warn()
         if line.startswith("/"):
             if not chat.command(line):
                 break

@@ -63,8 +63,6 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1")
     if args.idle_timeout <= 0:
         raise SystemExit("error: --idle-timeout must be > 0")
-    if args.sinks < 0 or args.window < 1:
-        raise SystemExit("error: --sinks must be >= 0 and --window >= 1")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     limits = Limits(max_message_bytes=args.max_message_bytes,

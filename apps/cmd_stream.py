@@ -1,24 +1,26 @@
 """`sinkstream stream`: ingest a document of any length from stdin in constant memory.
 
-Reads stdin in bounded text blocks, cuts them at whitespace (so each piece tokenizes as it would
-inside the whole text), feeds each piece's ids with ``return_logits=True`` and scores every next
-token: streaming perplexity. At EOF it can continue the text or answer a question about it.
-Nothing grows with the input: one text block, one logits slice and a few counters are held.
+Reads stdin in bounded blocks as soon as they arrive (a slow pipe is streamed, not waited on),
+cuts them at whitespace (so each piece tokenizes as it would inside the whole text) and scores
+every next token through `Session.score_chunks`: streaming perplexity. At EOF it can continue the
+text or answer a question about it. Nothing grows with the input: one text block, one chunk's
+logits and a few counters are held.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
+import signal
 import sys
 import time
 
-from apps.common import (add_model_args, add_sampling_args, eprint, load_runtime, new_session,
-                         sampling_kwargs)
-from apps.interrupt import StopOnCtrlC
+from apps.common import (add_model_args, add_sampling_args, cache_size, eprint, load_runtime,
+                         new_session, sampling_kwargs)
+from apps.interrupt import InterruptibleReader, StopOnCtrlC
 from apps.progress import Progress
+from apps.stdin_text import ENCODING_HELP, StdinText
 from apps.textpieces import TextPieces, probe_space_rule
 
 
@@ -27,7 +29,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "stream", help="ingest a document from stdin in constant memory, report perplexity",
         description="Read a document of any length from stdin, ingest it into a constant-size "
                     "cache with a progress bar (tokens, tokens/s, running perplexity) on stderr, "
-                    "then optionally continue the text or answer a question about it.")
+                    "then optionally continue the text or answer a question about it. Empty stdin "
+                    "is an error. Ctrl-C or SIGTERM stops between steps, still writes the last "
+                    "partial --ppl-jsonl segment and the summary (exit 130 / 143); a closed "
+                    "stdout (`| head`) stops quietly (exit 141).")
     p.add_argument("--ppl-jsonl", metavar="PATH",
                    help="write per-segment perplexity as JSON lines to PATH ('-' = stdout)")
     p.add_argument("--segment", type=int, default=1024, metavar="N",
@@ -38,10 +43,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     then.add_argument("--question", "-q", metavar="TEXT",
                       help="at EOF, answer this question about the text on stdout")
     p.add_argument("--block-chars", type=int, default=1 << 16, metavar="N",
-                   help="characters read from stdin at a time (default 65536)")
+                   help="bytes read from stdin at a time, at most (default 65536)")
     p.add_argument("--score-tokens", type=int, default=256, metavar="N",
                    help="tokens per feed call, bounds the logits held at once (default 256)")
-    p.add_argument("--encoding", default="utf-8", help="stdin encoding (default utf-8)")
+    p.add_argument("--encoding", default="utf-8", help=ENCODING_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--verbose", "-v", action="store_true")
     add_model_args(p)
@@ -118,38 +123,56 @@ def ingest(session, tok, pieces: TextPieces, ppl: Perplexity, progress: Progress
 def run(args: argparse.Namespace) -> int:
     if args.segment < 1 or args.block_chars < 64 or args.score_tokens < 1:
         raise SystemExit("error: --segment and --score-tokens must be >= 1, --block-chars >= 64")
-    kw = sampling_kwargs(args)
+    stdin = StdinText(args.encoding)  # checks --encoding before the model loads
+    sink = open_jsonl(args.ppl_jsonl)              # so does opening --ppl-jsonl
     rt = load_runtime(args)
     if rt.tokenizer is None:
         raise SystemExit("error: this checkpoint has no tokenizer; `stream` needs one")
+    kw = sampling_kwargs(args, rt)
     session = new_session(rt, args)
-    stdin = io.TextIOWrapper(sys.stdin.buffer, encoding=args.encoding, errors="replace",
-                             newline="")
-    pieces = TextPieces(stdin, args.block_chars, probe_space_rule(rt.tokenizer))
-    sink = None
-    if args.ppl_jsonl:
-        sink = sys.stdout if args.ppl_jsonl == "-" else open(args.ppl_jsonl, "w", encoding="utf-8")
     ppl = Perplexity(args.segment, sink)
     progress = None if args.no_progress else Progress(sys.stderr)
+    stop = StopOnCtrlC(term=True)
+    # A stop signal ends a blocking read at once; one during a feed ends the loop after it.
+    pieces = TextPieces(InterruptibleReader(stdin, stop), args.block_chars,
+                        probe_space_rule(rt.tokenizer))
     t0, code = time.perf_counter(), 0
     try:
-        with StopOnCtrlC() as ctrl_c:
-            ingest(session, rt.tokenizer, pieces, ppl, progress, args.score_tokens, ctrl_c)
+        with stop:
+            ingest(session, rt.tokenizer, pieces, ppl, progress, args.score_tokens, stop)
     except KeyboardInterrupt:
-        code = 130
-    ppl.flush()
+        code = stop.exit_code
+    ppl.flush()  # the unfinished last segment, also after an interruption
+    if code == 0 and pieces.chars_read == 0:
+        raise SystemExit("error: no input on stdin: `stream` reads the document from stdin "
+                         "(e.g. `sinkstream stream < book.txt`)")
     if progress is not None:
         progress.finish(session.stats().tokens_seen, pieces.chars_read, ppl)
+    stdin.warn()
     st = session.stats()
     dt = time.perf_counter() - t0
+    perplexity = f"perplexity {ppl.ppl:.3f}" if ppl.total else "perplexity n/a (no token scored)"
     eprint(f"ingested {st.tokens_seen} tokens ({pieces.chars_read} chars) in {dt:.1f}s, "
-           f"{st.tokens_seen / dt if dt > 0 else 0:.1f} tokens/s, perplexity {ppl.ppl:.3f}, "
-           f"{st.tokens_in_cache} tokens in cache ({st.cache_bytes / 2**20:.2f} MiB)")
+           f"{st.tokens_seen / dt if dt > 0 else 0:.1f} tokens/s, {perplexity}, "
+           f"{st.tokens_in_cache} tokens in cache ({cache_size(rt, st)})"
+           + (f"; stopped by {signal.Signals(stop.signum).name}" if code else ""))
     if code == 0 and (args.continue_text or args.question):
         code = answer(session, args, kw)
     if sink is not None and sink is not sys.stdout:
         sink.close()
     return code
+
+
+def open_jsonl(path: str | None):
+    """The --ppl-jsonl sink ('-' = stdout), opened before the model loads so a bad path fails fast."""
+    if path is None:
+        return None
+    if path == "-":
+        return sys.stdout
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as e:
+        raise SystemExit(f"error: cannot write --ppl-jsonl {path}: {e.strerror or e}") from None
 
 
 def answer(session, args, kw) -> int:
@@ -159,17 +182,18 @@ def answer(session, args, kw) -> int:
         it = session.generate(prompt, **kw)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    try:
-        with StopOnCtrlC() as ctrl_c:
+    stop = StopOnCtrlC(term=True)
+    try:  # a closed stdout raises BrokenPipeError out of here, to cli.main (exit 141)
+        with stop:
             for resp in it:
                 sys.stdout.write(resp.text)
                 sys.stdout.flush()
-                if ctrl_c.requested:
+                if stop.requested:
                     raise KeyboardInterrupt
     except KeyboardInterrupt:
-        return 130
+        return stop.exit_code
     finally:
         it.close()
-        if sys.stdout.isatty():
-            sys.stdout.write("\n")
+    if sys.stdout.isatty():
+        sys.stdout.write("\n")
     return 0

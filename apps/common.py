@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import time
 
-DEFAULT_MAX_NEW_TOKENS = 256
+# streaming.runtime.DEFAULT_MAX_NEW_TOKENS, for --help without importing torch (a test keeps them equal).
+RUNTIME_DEFAULT_MAX_NEW_TOKENS = 256
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -24,6 +26,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="tokens per ingestion step, at most the window (default min(256, window))")
 
 
+def check_model_args(args: argparse.Namespace) -> None:
+    """Reject impossible cache flags before anything slow (model load, stdin) runs."""
+    from cache import CacheConfigError, check_sink_window
+
+    try:
+        check_sink_window(args.sinks, args.window)
+    except CacheConfigError as e:
+        raise SystemExit(f"error: bad cache flags --sinks {args.sinks} --window {args.window}: {e}") from None
+    if args.chunk is not None and not 1 <= args.chunk <= args.window:
+        raise SystemExit(f"error: --chunk must be between 1 and --window ({args.window}), got "
+                         f"{args.chunk}: a step evicts to make room for its chunk")
+
+
 def add_sampling_args(p: argparse.ArgumentParser, *, generation_length: bool = True) -> None:
     """Sampling, seed, stop strings and (optionally) the reply length flags."""
     g = p.add_argument_group("sampling")
@@ -38,28 +53,36 @@ def add_sampling_args(p: argparse.ArgumentParser, *, generation_length: bool = T
     if generation_length:
         n = g.add_mutually_exclusive_group()
         n.add_argument("--max-new-tokens", "-n", type=int, default=None,
-                       help=f"tokens to generate at most (default {DEFAULT_MAX_NEW_TOKENS})")
+                       help="tokens to generate at most (default: the checkpoint's "
+                            "generation_config.json max_new_tokens, 200 for the bundled model; "
+                            f"{RUNTIME_DEFAULT_MAX_NEW_TOKENS} when it has none)")
         n.add_argument("--unbounded", action="store_true",
                        help="generate until EOS, a stop string or Ctrl-C (constant memory)")
 
 
-def sampling_kwargs(args: argparse.Namespace) -> dict:
+def check_sampling_args(args: argparse.Namespace) -> None:
+    """Reject an impossible reply length before the model loads."""
+    if hasattr(args, "unbounded") and args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise SystemExit("error: --max-new-tokens must be >= 1 (use --unbounded for no limit)")
+
+
+def sampling_kwargs(args: argparse.Namespace, rt) -> dict:
     """The generate()/chat() keyword arguments from parsed flags (None = runtime default)."""
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed)
     if hasattr(args, "unbounded"):
-        kw["max_new_tokens"] = max_new_tokens(args)
+        kw["max_new_tokens"] = max_new_tokens(args, rt)
     return {k: v for k, v in kw.items() if v is not None or k == "max_new_tokens"}
 
 
-def max_new_tokens(args: argparse.Namespace) -> int | None:
-    """None means unbounded, which only --unbounded may ask for."""
+def max_new_tokens(args: argparse.Namespace, rt) -> int | None:
+    """-n, else the runtime's default reply length; None (unbounded) only with --unbounded."""
+    check_sampling_args(args)
     if args.unbounded:
         return None
-    n = DEFAULT_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
-    if n < 1:
-        raise SystemExit("error: --max-new-tokens must be >= 1 (use --unbounded for no limit)")
-    return n
+    if args.max_new_tokens is not None:
+        return args.max_new_tokens
+    return rt.default_max_new_tokens  # the checkpoint's generation_config.json, else 256
 
 
 def load_runtime(args: argparse.Namespace):
@@ -73,7 +96,7 @@ def load_runtime(args: argparse.Namespace):
     except (SinkstreamError, OSError) as e:
         raise SystemExit(f"error: cannot load model {args.model or '(bundled)'}: {e}") from None
     if getattr(args, "verbose", False):
-        eprint(f"[loaded {args.model or 'bundled model'} on {rt.device} ({rt.dtype}) "
+        eprint(f"[loaded {args.model or 'bundled model'} on {rt.device} ({dtype_name(rt)}) "
                f"in {time.perf_counter() - t0:.2f}s]")
     return rt
 
@@ -88,6 +111,27 @@ def new_session(rt, args: argparse.Namespace):
 
 def eprint(*a, **kw) -> None:
     print(*a, file=sys.stderr, flush=True, **kw)
+
+
+def dtype_name(rt) -> str:
+    return str(rt.dtype).removeprefix("torch.")
+
+
+def cache_size(rt, stats) -> str:
+    """The session's KV memory with its dtype: float32 on CPU takes twice bfloat16's bytes."""
+    return f"{stats.cache_bytes / 2**20:.2f} MiB {dtype_name(rt)}"
+
+
+def stdout_gone() -> int:
+    """The reader of stdout went away (`| head`): stop quietly, exit as a shell reports SIGPIPE.
+
+    Further writes, including Python's flush at exit, go to /dev/null instead of raising
+    BrokenPipeError ("Exception ignored ..."). Returns 141 = 128 + SIGPIPE.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141
 
 
 def peak_memory(rt) -> str:

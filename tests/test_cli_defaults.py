@@ -19,3 +19,38 @@ def test_serve_help_shows_every_limit_default():
                         ("--max-new-tokens-cap", d.max_new_tokens_cap),
                         ("--idle-timeout SECONDS", f"{d.idle_timeout_s:g}")]:
         assert re.search(re.escape(flag) + r" [^-]*?\(default " + re.escape(str(value)) + r"\)", text), flag
+
+
+def test_cache_size_states_its_dtype(tmp_path):
+    from tests.tiny_checkpoint import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "lckv")
+    mib = {}
+    for dtype in ("float32", "bfloat16"):
+        r = sinkstream("generate", "The river", "--model", ckpt, "--device", "cpu", "--dtype", dtype,
+                       "-n", 3, "--temperature", 0, "-v")
+        assert r.returncode == 0, r.stderr
+        m = re.search(r"cache: .* evicted, ([0-9.]+) MiB (\w+)", r.stderr)
+        assert m and m.group(2) == dtype, r.stderr
+        mib[dtype] = float(m.group(1))
+    # Same slots (4 + 1020), twice the bytes per value; MiB are printed to 0.01.
+    assert mib["bfloat16"] > 0.1 and abs(mib["float32"] - 2 * mib["bfloat16"]) <= 0.011, mib
+
+
+def test_default_reply_length_is_the_checkpoints(tmp_path):
+    import json
+
+    from apps.common import RUNTIME_DEFAULT_MAX_NEW_TOKENS
+    from streaming.runtime import DEFAULT_MAX_NEW_TOKENS
+    from tests.tiny_checkpoint import make_tiny_checkpoint
+
+    assert RUNTIME_DEFAULT_MAX_NEW_TOKENS == DEFAULT_MAX_NEW_TOKENS  # what --help says
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "lckv")
+    (ckpt / "generation_config.json").write_text(json.dumps({"max_new_tokens": 7}))
+    r = sinkstream("generate", "The river", "--model", ckpt, "--device", "cpu", "--temperature", 0,
+                   "-v")
+    assert r.returncode == 0, r.stderr
+    assert "generation: 7 tokens" in r.stderr and "finish: length" in r.stderr, r.stderr
+    explicit = sinkstream("generate", "The river", "--model", ckpt, "--device", "cpu",
+                          "--temperature", 0, "-n", 9, "-v")
+    assert "generation: 9 tokens" in explicit.stderr, explicit.stderr
