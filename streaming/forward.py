@@ -16,6 +16,8 @@ DESIGN.md, "Attention semantics (exact)":
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .model import CausalLM
@@ -29,13 +31,16 @@ class _Step:
         self.plan = cache.plan(ids.shape[1], rows)
         dtype = model.model.embed_tokens.weight.dtype
         self.q_rope = model.rope(self.plan.query_positions, dtype)  # cos/sin [B,1,n,D]
+        self._rotated: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.kernel = _decode_kernel_inputs(model, cache, self.plan, ids)
+        if self.kernel is not None:  # the kernel derives slot positions and masks itself
+            return
         self.k_rope = model.rope(self.plan.slot_positions, dtype)  # cos/sin [B,1,L,D]
         q_pos = self.plan.query_positions[:, :, None]  # [B, n, 1]
         k_pos = self.plan.slot_positions[:, None, :]  # [B, 1, L]
         valid = self.plan.slot_valid[:, None, :]
         self.mask_with_diag = valid & (k_pos <= q_pos)  # [B, n, L]
         self.mask_no_diag = valid & (k_pos < q_pos)
-        self._rotated: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.cache.write(layer, self.plan, keys, values)
@@ -56,6 +61,9 @@ class _Step:
         new_kv = layer.self_attn.project_kv(x) if layer.owns_kv else None
         if new_kv is not None and not attend_before_store:
             self.store(index, *new_kv)
+        if self.kernel is not None:
+            attn = _kernel_attention(self, index, q)
+            return model.after_attention(layer, hidden, attn)
         keys, values = self.kv(model.config.kv_sources[index])
         mask = self.mask_with_diag if model.config.sees_diagonal(index) else self.mask_no_diag
         if attend_before_store and model.config.sees_diagonal(index):
@@ -77,6 +85,33 @@ class _Step:
         eye = torch.eye(n, dtype=torch.bool, device=keys.device).expand(keys.shape[0], n, n)
         return (torch.cat((keys, own_keys), dim=2), torch.cat((values, new_kv[1]), dim=2),
                 torch.cat((self.mask_no_diag, eye), dim=2))
+
+
+def _decode_kernel_inputs(model: CausalLM, cache, plan, ids: torch.Tensor):
+    """(rows [B], tokens after the write [B], cos, sin) when this step's attention runs in the decode
+    kernel (CUDA, one token per row, a sink-window cache, Triton present); else None."""
+    on_gpu = cache.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"  # (interpreter: debugging)
+    if not (model.decode_kernel and ids.shape[1] == 1 and on_gpu and getattr(cache, "capacity", None) is not None):
+        return None
+    from .kernels import decode_attention as kernel
+
+    if not kernel.available(cache.head_dim):
+        return None
+    rows = plan.rows if plan.rows is not None else torch.arange(cache.batch, device=cache.device)
+    total = cache.lengths.index_select(0, rows) + 1  # lengths advance only at the end of the step
+    return (rows, total, *model.rope_table(cache.capacity, cache.device))
+
+
+def _kernel_attention(step: _Step, index: int, q: torch.Tensor) -> torch.Tensor:
+    """Layer `index`'s attention for q [B,H,1,D] read straight from its KV source's cache buffers."""
+    from .kernels.decode_attention import decode_attention
+
+    config, cache = step.model.config, step.cache
+    source = config.kv_sources[index]
+    rows, total, cos, sin = step.kernel
+    out = decode_attention(q[:, :, 0], cache.keys[source], cache.values[source], rows, total, cos, sin,
+                           sinks=cache.sinks, window=cache.window, diagonal=config.sees_diagonal(index))
+    return out[:, :, None]
 
 
 def forward_step(model: CausalLM, cache, ids: torch.Tensor, *, passes: int, all_logits: bool,

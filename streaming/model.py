@@ -108,6 +108,10 @@ class CausalLM(nn.Module):
         )
         self.segments = config.segments
         self.attention_impl = "sdpa"  # or "plain": the reference softmax path
+        # Decode steps on CUDA read the sink-window cache in a Triton kernel (RoPE where keys are
+        # read, rows by index) when Triton is present; False keeps the plain path everywhere.
+        self.decode_kernel = True
+        self._rope_tables: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: hidden [..., hidden] -> float32 logits [..., vocab]."""
@@ -120,9 +124,21 @@ class CausalLM(nn.Module):
 
     def attention(self, layer, hidden, q, keys, values, mask) -> torch.Tensor:
         """One layer's attention block + MLP given rotated q [B,H,n,D], keys/values [B,Hkv,L,D]."""
-        attn = attend(q, keys, values, mask, impl=self.attention_impl)
+        return self.after_attention(layer, hidden, attend(q, keys, values, mask, impl=self.attention_impl))
+
+    def after_attention(self, layer, hidden, attn) -> torch.Tensor:
+        """Output projection, residual and MLP of a layer given its attention output attn [B,H,n,D]."""
         hidden = hidden + layer.self_attn.output(attn)
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+    def rope_table(self, slots: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [slots, D/2] float32 of in-cache positions 0..slots-1, built once per cache size."""
+        from .kernels.decode_attention import rope_table
+
+        key = (slots, torch.device(device))
+        if key not in self._rope_tables:
+            self._rope_tables[key] = rope_table(self.inv_freq.to(device), slots)
+        return self._rope_tables[key]
 
     @staticmethod
     def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

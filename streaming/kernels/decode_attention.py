@@ -1,0 +1,167 @@
+"""Decode attention read straight from the sink-window cache: rows by index, RoPE applied to the keys
+where they are read. A Triton kernel (CUDA) next to the plain path in streaming/forward.py.
+
+The plain path gathers the addressed rows' keys and values (a copy), builds cos/sin for every slot,
+writes a rotated copy of the keys and a mask, then calls SDPA: several passes over the whole cache
+per layer and step. Here one kernel reads each key and value once: a program takes one (row, KV head,
+split of the slots); it derives every slot's in-cache position and validity from the row's length
+(the same ring arithmetic as `SinkWindowCache.plan`), rotates the keys in registers with a fixed
+cos/sin table of S+W positions, and runs an online softmax for the KV head's `group` query heads. A
+small reduction joins the splits (flash-decoding), so one row still fills the GPU.
+
+tests/test_decode_kernel.py shows it equals the plain path (GPU; skipped in CI).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the plain path is used
+    triton = None
+
+BLOCK = 64  # slots per inner iteration
+
+
+def available(head_dim: int) -> bool:
+    """Whether the kernel can run for this head size (Triton present, halves of at least 16 lanes)."""
+    return triton is not None and head_dim >= 32 and head_dim & (head_dim - 1) == 0
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":  # Triton's interpreter (TRITON_INTERPRET=1), for debugging on CPU
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def rope_table(inv_freq: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [slots, D/2] float32 for in-cache positions 0..slots-1 (all a sink window ever uses)."""
+    angles = torch.arange(slots, dtype=torch.float32, device=inv_freq.device)[:, None] * inv_freq.float()
+    return angles.cos().contiguous(), angles.sin().contiguous()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_kernel(Q, K, V, Rows, Total, Cos, Sin, MidAcc, MidMax, MidSum,
+                       stride_qb, stride_qh, stride_kr, stride_kh, stride_ks, stride_vr, stride_vh, stride_vs,
+                       scale,
+                       SINKS: tl.constexpr, WINDOW: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                       HALF: tl.constexpr, SPLITS: tl.constexpr, SPLIT_SLOTS: tl.constexpr, DIAG: tl.constexpr, BLOCK_N: tl.constexpr,
+                       TENSOR_CORES: tl.constexpr):
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        num_kv = tl.num_programs(1)
+        row = tl.load(Rows + b)
+        total = tl.load(Total + b)  # tokens of the row after this step's write (the current one included)
+        written = total - SINKS  # window tokens written (negative while the sinks are filling)
+        evicted = tl.maximum(total - SINKS - WINDOW, 0)
+        q_pos = total - 1 - evicted  # in-cache position of the current token
+
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, HALF)
+        g_ok = g < GROUP
+        q_base = Q + b * stride_qb + (kvh * GROUP + g)[:, None] * stride_qh
+        q1 = tl.load(q_base + d[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)  # [G, D/2]
+        q2 = tl.load(q_base + HALF + d[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+
+        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_PAD], tl.float32)
+        acc1 = tl.zeros([GROUP_PAD, HALF], tl.float32)
+        acc2 = tl.zeros([GROUP_PAD, HALF], tl.float32)
+        k_base = K + row.to(tl.int64) * stride_kr + kvh * stride_kh
+        v_base = V + row.to(tl.int64) * stride_vr + kvh * stride_vh
+        lo = split * SPLIT_SLOTS
+        hi = tl.minimum(lo + SPLIT_SLOTS, SINKS + WINDOW)
+        for offset in range(0, SPLIT_SLOTS, BLOCK_N):
+            s = lo + offset + tl.arange(0, BLOCK_N)
+            in_range = s < hi
+            # Window slot j holds window token k = written-1 - ((written-1-j) mod W) (k < 0: empty).
+            j = s - SINKS
+            r = (written - 1 - j) % WINDOW
+            r = tl.where(r < 0, r + WINDOW, r)  # C-style remainder of a negative number
+            k_tok = written - 1 - r
+            is_sink = s < SINKS
+            pos = tl.where(is_sink, s, SINKS + k_tok - evicted)
+            valid = in_range & tl.where(is_sink, s < total, k_tok >= 0)
+            if DIAG:
+                valid = valid & (pos <= q_pos)
+            else:
+                valid = valid & (pos < q_pos)
+            pos = tl.where(valid, pos, 0)
+            k1 = tl.load(k_base + s[:, None] * stride_ks + d[None, :], mask=in_range[:, None], other=0.0).to(tl.float32)
+            k2 = tl.load(k_base + s[:, None] * stride_ks + HALF + d[None, :], mask=in_range[:, None], other=0.0).to(tl.float32)
+            cos = tl.load(Cos + pos[:, None] * HALF + d[None, :])
+            sin = tl.load(Sin + pos[:, None] * HALF + d[None, :])
+            r1 = k1 * cos - k2 * sin  # rotate-half RoPE, [N, D/2] each half
+            r2 = k2 * cos + k1 * sin
+            if TENSOR_CORES:  # bf16/fp16 models: keys rounded to the model dtype once rotated, as the plain path does
+                dt = Q.dtype.element_ty
+                scores = tl.dot(q1.to(dt), tl.trans(r1.to(dt))) + tl.dot(q2.to(dt), tl.trans(r2.to(dt)))
+            else:
+                scores = (tl.dot(q1, tl.trans(r1), input_precision="ieee")
+                          + tl.dot(q2, tl.trans(r2), input_precision="ieee"))
+            scores = tl.where(valid[None, :], scores * scale, float("-inf"))  # [G, N]
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(scores - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v1 = tl.load(v_base + s[:, None] * stride_vs + d[None, :], mask=in_range[:, None], other=0.0)
+            v2 = tl.load(v_base + s[:, None] * stride_vs + HALF + d[None, :], mask=in_range[:, None], other=0.0)
+            if TENSOR_CORES:
+                pv = p.to(v1.dtype)
+                acc1 = acc1 * alpha[:, None] + tl.dot(pv, v1)
+                acc2 = acc2 * alpha[:, None] + tl.dot(pv, v2)
+            else:
+                acc1 = acc1 * alpha[:, None] + tl.dot(p, v1.to(tl.float32), input_precision="ieee")
+                acc2 = acc2 * alpha[:, None] + tl.dot(p, v2.to(tl.float32), input_precision="ieee")
+            m_i = m_new
+        out = ((b * num_kv + kvh) * SPLITS + split) * GROUP_PAD + g  # [G] index of (b, kvh, split, g)
+        tl.store(MidMax + out, m_i)
+        tl.store(MidSum + out, l_i)
+        tl.store(MidAcc + out[:, None] * (2 * HALF) + d[None, :], acc1)
+        tl.store(MidAcc + out[:, None] * (2 * HALF) + HALF + d[None, :], acc2)
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
+                     total: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, sinks: int, window: int,
+                     diagonal: bool) -> torch.Tensor:
+    """One new token per row: q [B, H, D] rotated at its in-cache position; keys/values: a sink-window
+    cache's whole buffers [R, Hkv, S+W, D] (keys unrotated); rows [B] long: the cache row of each query;
+    total [B] long: tokens of the row after this step's write. `diagonal`: whether the query sees its
+    own slot. Returns [B, H, D] in q's dtype; a query that sees no key gets exactly zero."""
+    B, H, D = q.shape
+    kv_heads, slots = keys.shape[1], keys.shape[2]
+    group = H // kv_heads
+    group_pad = max(16, triton.next_power_of_2(group))
+    # Enough programs to fill the GPU: split the slots when the batch is small (flash-decoding).
+    want = max(1, 2 * _multiprocessors(q.device) // (B * kv_heads))
+    splits = min(want, triton.cdiv(slots, BLOCK))
+    per_split = triton.cdiv(triton.cdiv(slots, splits), BLOCK) * BLOCK
+    splits = triton.cdiv(slots, per_split)
+    mid_acc = torch.empty(B, kv_heads, splits, group_pad, D, dtype=torch.float32, device=q.device)
+    mid_max = torch.empty(B, kv_heads, splits, group_pad, dtype=torch.float32, device=q.device)
+    mid_sum = torch.empty_like(mid_max)
+    q = q.contiguous()
+    _decode_kernel[(B, kv_heads, splits)](
+        q, keys, values, rows, total, cos, sin, mid_acc, mid_max, mid_sum,
+        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2),
+        1.0 / math.sqrt(D),
+        SINKS=sinks, WINDOW=window, GROUP=group, GROUP_PAD=group_pad, HALF=D // 2, SPLITS=splits, SPLIT_SLOTS=per_split,
+        DIAG=diagonal, BLOCK_N=BLOCK, TENSOR_CORES=q.dtype in (torch.bfloat16, torch.float16),
+        num_warps=4, num_stages=3)
+    # Join the splits: weights exp(m_s - m) of each split's partial softmax.
+    best = mid_max.amax(dim=2, keepdim=True)  # [B, Hkv, 1, G]
+    best = torch.where(best == float("-inf"), 0.0, best)
+    weight = torch.exp(mid_max - best)  # [B, Hkv, S, G]; 0 for a split that saw nothing
+    norm = (weight * mid_sum).sum(dim=2)  # [B, Hkv, G]
+    acc = (weight[..., None] * mid_acc).sum(dim=2)  # [B, Hkv, G, D]
+    out = torch.where(norm[..., None] > 0, acc / norm.clamp(min=1e-30)[..., None], 0.0)
+    return out[:, :, :group].reshape(B, H, D).to(q.dtype)
