@@ -5,14 +5,15 @@
 TinyLlama-1.1B-shaped random checkpoints (plain and LCKV w=2), bf16, 4 + 1020 cache slots per
 stream. For each stream count: admission (open a row and submit a 128-token prompt, host time per
 stream), prompt ingestion of all streams, then aggregate greedy decode tok/s over `--new-tokens`
-steps with every stream live. The same run measures the old `SessionPool.generate` at one stream
-count (the baseline the engine replaces) and Hugging Face transformers' batched `generate` on the
-same plain weights. `--budget-gib`: as many streams as fit that KV budget, plain vs LCKV.
+steps with every stream live, with the decode-attention kernel and with the plain attention path.
+The same run measures Hugging Face transformers' batched `generate` on the same plain weights.
+`--budget-gib`: as many streams as fit that KV budget, plain vs LCKV.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import tempfile
 import time
 from pathlib import Path
@@ -38,7 +39,7 @@ def engine_run(rt, streams, prompt_len, new_tokens):
     engine = Engine(rt, streams, sinks=SINKS, window=WINDOW, chunk=128, prefill_budget=128 * 64)
     greedy = SamplingParams()
     # Warm-up: capture the decode graphs of every bucket once (what a server does at start).
-    engine.graphs.capture_all(engine.sampling.features([0]))
+    engine.graphs.capture_decode(engine.sampling.features([0]))
     batch = prompts(streams, prompt_len, rt.config.vocab_size)
     sync(rt.device)
     t0 = time.perf_counter()
@@ -57,25 +58,10 @@ def engine_run(rt, streams, prompt_len, new_tokens):
     sync(rt.device)
     t4 = time.perf_counter()
     made = sum(len(j.generated) for j in jobs) - start
-    del engine
+    del engine, jobs
+    gc.collect()  # the engine and its graphs hold each other: free their memory before the next run
     torch.cuda.empty_cache()
     return (t1 - t0) / streams * 1e3, streams * prompt_len / (t2 - t1), made / (t4 - t3)
-
-
-def pool_run(rt, streams, new_tokens):
-    """The old SessionPool.generate (sessions' graphs, host sampling) for comparison."""
-    pool = rt.pool(streams, sinks=SINKS, window=WINDOW, chunk=128)
-    sessions = [pool.session(seed=0) for _ in range(streams)]
-    for s, p in zip(sessions, prompts(streams, 8, rt.config.vocab_size)):
-        s.feed(p)
-    list(pool.generate([(s, None) for s in sessions], max_new_tokens=2))
-    sync(rt.device)
-    t0 = time.perf_counter()
-    n = sum(len(r.token_ids) for _, r in pool.generate([(s, None) for s in sessions], max_new_tokens=new_tokens))
-    sync(rt.device)
-    del pool, sessions
-    torch.cuda.empty_cache()
-    return n / (time.perf_counter() - t0)
 
 
 def hf_run(path, streams, new_tokens):
@@ -105,7 +91,7 @@ def main():
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 64, 256, 1024])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--budget-gib", type=float, default=32.0)
-    parser.add_argument("--pool-streams", type=int, default=256)
+    parser.add_argument("--plain-path-streams", type=int, nargs="*", default=[1, 256])
     parser.add_argument("--hf-streams", type=int, nargs="*", default=[1, 64])
     args = parser.parse_args()
     lines = []
@@ -126,12 +112,14 @@ def main():
             for streams in args.streams:
                 adm, pre, dec = engine_run(rt, streams, 128, args.new_tokens)
                 report(f"| {kind} | engine | {streams} | {adm:.3f} | {pre:,.0f} | {dec:,.0f} |")
+            rt.model.decode_kernel = False  # the plain attention path (gather, rotate, SDPA) for comparison
+            for streams in args.plain_path_streams:
+                adm, pre, dec = engine_run(rt, streams, 128, args.new_tokens)
+                report(f"| {kind} | engine, plain attention path | {streams} | {adm:.3f} | {pre:,.0f} | {dec:,.0f} |")
+            rt.model.decode_kernel = True
             budget = int(args.budget_gib * 2**30 // row_bytes(rt))
             adm, pre, dec = engine_run(rt, budget, 8, args.new_tokens)
             report(f"| {kind} | engine, {args.budget_gib:g} GiB KV budget | {budget} | {adm:.3f} | {pre:,.0f} | {dec:,.0f} |")
-            if args.pool_streams:
-                dec = pool_run(rt, args.pool_streams, args.new_tokens)
-                report(f"| {kind} | old SessionPool.generate | {args.pool_streams} | | | {dec:,.0f} |")
             del rt
             torch.cuda.empty_cache()
             if kind == "plain":

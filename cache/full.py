@@ -14,22 +14,24 @@ class FullCache(KVBuffers):
         super().__init__(kv_layers, batch, initial_slots, num_kv_heads, head_dim, dtype=dtype, device=device)
 
     def plan(self, n: int, rows: torch.Tensor | None = None) -> StepPlan:
-        if rows is not None:
-            raise ValueError("an unbounded cache steps all its rows together")
+        """Plan a step of n tokens for every row, or for `rows` ([B] long) only (reads the lengths
+        on the host to grow when needed: this cache is for finite contexts and tests, not graphs)."""
         if n < 1:
             raise ValueError(f"a step must write at least one token, got {n}")
-        longest = int(self.lengths.max()) + n
+        lengths = self.lengths if rows is None else self.lengths.index_select(0, rows)
+        longest = int(lengths.max()) + n
         if longest > self.slots:
             self._grow(longest)
-        start = self.lengths[:, None]  # [B, 1]
+        start = lengths[:, None]  # [B, 1]
         token = start + torch.arange(n, device=self.device)  # [B, n]
         slots = torch.arange(longest, device=self.device)[None]  # [1, L]
         return StepPlan(
             n=n,
             write_slots=token,
             query_positions=token,
-            slot_positions=slots.expand(self.batch, -1),
+            slot_positions=slots.expand(start.shape[0], -1),
             slot_valid=slots < start + n,
+            rows=rows,
         )
 
     def _grow(self, needed: int) -> None:

@@ -12,7 +12,8 @@ row's next-token logits. Each iteration of the loop (`Engine.step`):
 
 A reply's tokens are in the cache when they are reported (as with a standalone session), so a
 finished reply needs no extra step and the stream can be continued. On CUDA the decode step is
-replayed from a CUDA graph captured per batch-size bucket on the shared cache (`DecodeGraphs`);
+replayed from a CUDA graph captured per batch-size bucket on the shared cache (`StepGraphs`, full
+prompt chunks too);
 admitting a stream captures nothing. tests/test_engine.py shows batched streams equal streams run
 alone.
 """
@@ -27,12 +28,12 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
-from cache import SinkWindowCache, check_sink_window
+from cache import FullCache, SinkWindowCache, check_sink_window
 from cache.errors import CacheConfigError
 
-from .engine_graphs import DecodeGraphs
+from .engine_graphs import StepGraphs
 from .errors import InvalidInputError, PoolFullError
-from .forward import forward_step, forward_tokens
+from .forward import forward_step, forward_tokens, runs_as_one_step
 from .generate import Reply, Response
 from .row_sampling import RowSampling
 from .sampling import SamplingParams
@@ -59,6 +60,9 @@ class Job:
     finished: bool = False
     cancelled: bool = False
     error: BaseException | None = None
+    # Called (in the thread that steps the engine) after each step that gave this job Responses or
+    # finished it: e.g. wakes an asyncio consumer with loop.call_soon_threadsafe.
+    notify: Callable[[], None] | None = None
 
     @property
     def prefilling(self) -> bool:
@@ -72,7 +76,7 @@ class _RowView:
         self.runtime, self._engine, self._row = engine.runtime, engine, row
 
     def tokens_in_cache(self) -> int:
-        return min(self._engine.seen[self._row], self._engine.cache.capacity)
+        return self._engine.tokens_in_cache(self._row)
 
 
 class Engine:
@@ -84,13 +88,21 @@ class Engine:
     """
 
     def __init__(self, runtime: "Runtime", rows: int, *, sinks: int = 4, window: int = 1020,
-                 chunk: int | None = None, prefill: str = "iterative", prefill_budget: int | None = None):
+                 chunk: int | None = None, prefill: str = "iterative", prefill_budget: int | None = None,
+                 unbounded: bool = False):
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
             raise InvalidInputError(f"rows must be an integer >= 1, got {rows!r}")
-        check_sink_window(sinks, window)
-        chunk = min(DEFAULT_CHUNK, window) if chunk is None else chunk
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or not 1 <= chunk <= window:
-            raise CacheConfigError(f"chunk must be an integer in [1, window={window}], got {chunk!r}")
+        if unbounded:
+            chunk = DEFAULT_CHUNK if chunk is None else chunk
+            limit = None
+        else:
+            check_sink_window(sinks, window)
+            chunk = min(DEFAULT_CHUNK, window) if chunk is None else chunk
+            limit = window
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise CacheConfigError(f"chunk must be an integer >= 1, got {chunk!r}")
+        if limit is not None and chunk > limit:
+            raise CacheConfigError(f"chunk ({chunk}) must not exceed window ({limit}): a step evicts to make room")
         if prefill not in ("iterative", "sequential"):
             raise InvalidInputError(f"prefill must be 'iterative' or 'sequential', got {prefill!r}")
         config, device = runtime.config, runtime.device
@@ -98,21 +110,29 @@ class Engine:
         self.chunk, self.sequential = chunk, prefill == "sequential"
         budget = chunk * (4 if device.type == "cuda" else 1) if prefill_budget is None else prefill_budget
         self.prefill_budget = max(chunk, budget)
-        # One row more than asked: the scratch row that pads graph batches (nobody reads it).
-        self.rows, self.scratch = rows, rows
-        self.cache = SinkWindowCache(config.kv_layers, rows + 1, config.num_key_value_heads, config.head_dim,
-                                     sinks=sinks, window=window, dtype=runtime.dtype, device=device)
-        self.sampling = RowSampling(rows + 1, config.vocab_size, device=device,
-                                    history=min(self.cache.capacity, PENALTY_HISTORY))
-        self.next_logits = torch.zeros(rows + 1, config.vocab_size, dtype=torch.float32, device=device)  # [R+1, V]
-        self.seen = [0] * (rows + 1)  # tokens each row has ingested (host copy: no device read)
+        # Graph batches of k rows replay a bucket of b >= k rows: the b - k others are a scratch row
+        # (one row more than asked, nobody reads it). One row needs no padding and no scratch.
+        self.rows = rows
+        self.scratch = rows if rows > 1 else None
+        allocated = rows + (1 if rows > 1 else 0)
+        geometry = (config.kv_layers, allocated, config.num_key_value_heads, config.head_dim)
+        if unbounded:
+            self.cache = FullCache(*geometry, dtype=runtime.dtype, device=device)
+        else:
+            self.cache = SinkWindowCache(*geometry, sinks=sinks, window=window, dtype=runtime.dtype, device=device)
+        self.capacity: int | None = getattr(self.cache, "capacity", None)  # None: unbounded
+        self.sampling = RowSampling(allocated, config.vocab_size, device=device,
+                                    history=min(self.capacity or PENALTY_HISTORY, PENALTY_HISTORY))
+        self.next_logits = torch.zeros(allocated, config.vocab_size, dtype=torch.float32, device=device)  # [R, V]
+        self.seen = [0] * allocated  # tokens each row has ingested (host copy: no device read)
         self._free = list(range(rows))  # a heap: the lowest free row first
         self._open: set[int] = set()
         self._jobs: dict[int, Job] = {}  # live job of each busy row
         self._decoding: dict[Job, None] = {}  # an ordered set
         self._prefilling: deque[Job] = deque()
         self._lock = threading.RLock()
-        self.graphs = DecodeGraphs(self) if runtime.cuda_graphs and device.type == "cuda" else None
+        use_graphs = runtime.cuda_graphs and device.type == "cuda" and self.capacity is not None
+        self.graphs = StepGraphs(self) if use_graphs else None
 
     # ---- rows --------------------------------------------------------------------------------------
 
@@ -154,6 +174,14 @@ class Engine:
         self.next_logits[row].zero_()
         self.seen[row] = 0
 
+    def tokens_in_cache(self, row: int) -> int:
+        seen = self.seen[row]
+        return seen if self.capacity is None else min(seen, self.capacity)
+
+    def row_bytes(self) -> int:
+        """KV bytes of one row (what one stream owns)."""
+        return self.cache.nbytes // self.cache.batch
+
     def _check_idle(self, row: int) -> None:
         if row not in self._open:
             raise InvalidInputError(f"row {row} is not open on this engine")
@@ -164,7 +192,7 @@ class Engine:
 
     def submit(self, row: int, ids: list[int], *, params: SamplingParams | None = None,
                max_new_tokens: int | None = None, stop: list[str] | None = None,
-               on_logits: Callable | None = None) -> Job:
+               on_logits: Callable | None = None, notify: Callable[[], None] | None = None) -> Job:
         """Queue work on an idle row: ingest `ids` (validated token ids), then, when `params` is given,
         generate a reply with those settings (`max_new_tokens` None = unbounded). `on_logits(ids, logits)`
         sees every ingested chunk's logits [n, V] (for scoring). Nothing runs until `step()`."""
@@ -178,7 +206,7 @@ class Engine:
                 self.sampling.configure(row, params)
                 reply = Reply(_RowView(self, row), prompt_tokens=len(ids), max_new_tokens=max_new_tokens,
                               stop=stop, eos_ids=self.runtime.eos_ids)
-            job = Job(row, ids, reply, on_logits)
+            job = Job(row, ids, reply, on_logits, notify=notify)
             self._jobs[row] = job
             if job.prefilling:
                 self._prefilling.append(job)
@@ -203,12 +231,12 @@ class Engine:
                 response = job.responses.popleft()
             yield response
 
-    def wait(self, job: Job) -> None:
+    def wait(self, job: Job, *, raise_error: bool = True) -> None:
         """Drive the loop until `job` is finished (its Responses stay queued)."""
         with self._lock:
             while not job.finished:
                 self.step()
-            if job.error is not None:
+            if job.error is not None and raise_error:
                 raise job.error
 
     def step(self) -> bool:
@@ -217,17 +245,23 @@ class Engine:
         with self._lock:
             for job in [j for j in (*self._decoding, *self._prefilling) if j.cancelled]:
                 self._finish(job, cancelled=True)
-            stepping = list(self._decoding)
+                if job.notify is not None:
+                    job.notify()
+            stepping = list(self._decoding) + list(self._prefilling)
             try:
                 if self._decoding:
                     self._decode_step()
                 if self._prefilling:
                     self._prefill_step()
             except BaseException as exc:  # every job that took part sees the failure
-                for job in (*stepping, *self._prefilling):
+                for job in stepping:
                     job.error = exc
                     self._finish(job)
                 raise
+            finally:
+                for job in stepping:
+                    if job.notify is not None and (job.responses or job.finished):
+                        job.notify()
             return bool(self._decoding or self._prefilling)
 
     # ---- the decode step ---------------------------------------------------------------------------
@@ -253,7 +287,7 @@ class Engine:
 
     def decode_rows(self, rows: torch.Tensor, features) -> torch.Tensor:
         """Device work of one decode step for rows [k]: sample from the stored logits, ingest the
-        tokens in place, store the new logits. Returns the tokens [k]. (Captured by DecodeGraphs.)"""
+        tokens in place, store the new logits. Returns the tokens [k]. (Captured by StepGraphs.)"""
         tokens = self.sampling.sample(rows, self.next_logits.index_select(0, rows), features=features)
         self.sampling.observe(rows, tokens[:, None])
         logits = forward_step(self.model, self.cache, tokens[:, None], passes=1, all_logits=False, rows=rows)
@@ -292,15 +326,26 @@ class Engine:
         rows = torch.tensor([job.row for job in jobs], device=self.device)
         pieces = [job.ids[job.ingested : job.ingested + n] for job in jobs]
         ids = torch.tensor(pieces, dtype=torch.long, device=self.device)  # [k, n]
-        logits = forward_tokens(self.model, self.cache, ids, sequential=self.sequential, all_logits=all_logits,
-                                rows=rows)  # [k, n or 1, V]
-        self.sampling.observe(rows, ids)
-        self.next_logits.index_copy_(0, rows, logits[:, -1])
+        one_step = runs_as_one_step(self.model.config, n, sequential=self.sequential)
+        if self.graphs is not None and n == self.chunk and one_step:
+            logits = self.graphs.prefill([job.row for job in jobs], ids, all_logits)
+        else:
+            logits = self.prefill_rows(rows, ids, all_logits)  # [k, n or 1, V]
         for i, (job, piece) in enumerate(zip(jobs, pieces)):
             job.ingested += n
             self.seen[job.row] += n
             if job.on_logits is not None:
                 job.on_logits(piece, logits[i])
+
+    def prefill_rows(self, rows: torch.Tensor, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
+        """Device work of one prompt chunk ids [k, n] for rows [k]: ingest, record the ids for the
+        repetition penalty, store the last position's logits. Returns logits [k, n or 1, V].
+        (Captured by StepGraphs for full chunks.)"""
+        logits = forward_tokens(self.model, self.cache, ids, sequential=self.sequential, all_logits=all_logits,
+                                rows=rows)
+        self.sampling.observe(rows, ids)
+        self.next_logits.index_copy_(0, rows, logits[:, -1])
+        return logits
 
     # ---- bookkeeping -------------------------------------------------------------------------------
 

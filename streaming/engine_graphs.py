@@ -1,15 +1,18 @@
-"""The engine's decode step captured as CUDA graphs, one per batch-size bucket, on the shared cache.
+"""The engine's steps captured as CUDA graphs on the shared cache, one per batch-size bucket.
 
-A bucket of b rows (1, 2, 4, ... up to the engine's row count) is captured once per set of sampling
-features (`RowSampling.features`: greedy batches skip the sort) and replayed for whichever rows are
-in the batch: the rows go into a static index buffer, padded with the engine's scratch row, whose
-contents nobody reads. So admitting a stream captures nothing. tests/test_engine_cuda.py shows the
-replays equal the eager step.
+A bucket of b rows (1, 2, 4, ... up to the engine's row count) is captured once and replayed for
+whichever rows are in the batch: the rows go into a static index buffer, padded with the engine's
+scratch row, whose contents nobody reads. So admitting a stream captures nothing.
+- Decode steps: one graph per bucket and set of sampling features (`RowSampling.features`: a greedy
+  batch skips the sort); sampling, the step and the logits store replay as one graph.
+- Full prompt chunks (n = the engine's chunk; for LCKV all m+b passes): one graph per bucket and
+  per "every position's logits" flag.
+tests/test_engine_cuda.py shows the replays equal the eager steps.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -27,57 +30,101 @@ def buckets(rows: int) -> list[int]:
 
 
 class _Graph:
-    def __init__(self, engine: "Engine", size: int, features, pool):
+    """`fn(rows, *inputs)` captured with static rows [size] (all the scratch row, or row 0 for a
+    one-row engine, while capturing) and static inputs."""
+
+    def __init__(self, engine: "Engine", size: int, fn: Callable, inputs: list[torch.Tensor], pool):
         device = engine.device
-        self.rows = torch.full((size,), engine.scratch, dtype=torch.long, device=device)  # static input
-
-        def step():
-            return engine.decode_rows(self.rows, features)
-
-        # Warm up on a side stream (lazy initialisation must not be captured). With every index on the
-        # scratch row, warm-up and capture touch only that row.
+        filler = engine.scratch if engine.scratch is not None else 0
+        self.rows = torch.full((size,), filler, dtype=torch.long, device=device)
+        self.inputs = inputs
+        # Warm-up and capture run the step on the filler row; for a one-row engine that is the live
+        # row, so its state is saved first and put back after.
+        saved = _row_state(engine, filler)
         side = torch.cuda.Stream(device=device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            for _ in range(2):
-                step()
+            for _ in range(2):  # lazy initialisation must not be captured
+                fn(self.rows, *inputs)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.tokens = step()  # [size] static output
+            self.output = fn(self.rows, *inputs)
+        _put_row_state(engine, filler, saved)
 
-    def __call__(self, rows: list[int], scratch: int) -> torch.Tensor:
+    def __call__(self, rows: list[int], scratch: int | None, *inputs: torch.Tensor) -> torch.Tensor:
         padded = rows + [scratch] * (self.rows.numel() - len(rows))
-        self.rows.copy_(torch.tensor(padded, dtype=torch.long), non_blocking=False)
+        self.rows.copy_(torch.tensor(padded, dtype=torch.long))
+        for static, given in zip(self.inputs, inputs):
+            static[: given.shape[0]].copy_(given)
         self.graph.replay()
-        return self.tokens[: len(rows)]
+        return self.output[: len(rows)]
 
 
-class DecodeGraphs:
-    """Replays the engine's decode step for any set of rows from a graph of the next bucket up."""
+def _row_views(engine: "Engine", row: int) -> list[torch.Tensor]:
+    """Views of everything a step writes for one row: cache, lengths, logits, sampling state."""
+    cache, sampling = engine.cache, engine.sampling
+    views = [cache.lengths[row], engine.next_logits[row], sampling.counters[row], sampling.ring[row],
+             sampling.head[row]]
+    views += [t[row] for t in (*cache.keys.values(), *cache.values.values())]
+    if sampling.counts is not None:
+        views.append(sampling.counts[row])
+    return views
+
+
+def _row_state(engine: "Engine", row: int) -> list[torch.Tensor]:
+    return [view.clone() for view in _row_views(engine, row)]
+
+
+def _put_row_state(engine: "Engine", row: int, saved: list[torch.Tensor]) -> None:
+    for view, value in zip(_row_views(engine, row), saved):
+        view.copy_(value)
+
+
+class StepGraphs:
+    """Replays the engine's decode steps and full prompt chunks from graphs of the next bucket up."""
 
     def __init__(self, engine: "Engine"):
         self.engine = engine
         self.sizes = buckets(engine.rows)
-        self._graphs: dict[tuple[int, object, bool], _Graph] = {}
-        # One memory pool for every bucket's temporaries: safe because replays never overlap and
-        # a replay's only output (the ids) is read before the next one. Separate pools would each
-        # hold their own temporaries ([k, V] sampling buffers, gathered keys): 75 GiB at 1,024 rows.
+        self._graphs: dict[tuple, _Graph] = {}
+        # One memory pool for every graph's temporaries: safe because replays never overlap and a
+        # replay's output is read (or copied) before the next one. Separate pools would each hold
+        # their own temporaries ([k, V] sampling buffers, attention inputs): 75 GiB at 1,024 rows.
         self.pool = torch.cuda.graph_pool_handle()
 
+    def _bucket(self, k: int) -> int:
+        return next(b for b in self.sizes if b >= k)
+
     def decode(self, rows: list[int], features) -> torch.Tensor:
-        size = next(b for b in self.sizes if b >= len(rows))
+        """Sampled ids [k] of a decode step of `rows` (see Engine.decode_rows)."""
+        return self._decode_graph(self._bucket(len(rows)), features)(rows, self.engine.scratch)
+
+    def prefill(self, rows: list[int], ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
+        """Logits [k, chunk or 1, V] of a full chunk ids [k, chunk] of `rows` (see Engine.prefill_rows).
+        A view of the graph's output: read it before the next replay."""
+        size = self._bucket(len(rows))
         # A graph captured before the penalty counts existed does not update them: the key says so.
-        key = (size, features, self.engine.sampling.has_counts)
+        key = ("prefill", size, all_logits, self.engine.sampling.has_counts)
         graph = self._graphs.get(key)
         if graph is None:
-            graph = self._graphs[key] = _Graph(self.engine, size, features, self.pool)
-        return graph(rows, self.engine.scratch)
+            engine = self.engine
+            static = torch.zeros(size, engine.chunk, dtype=torch.long, device=engine.device)
+            graph = self._graphs[key] = _Graph(
+                engine, size, lambda rows, ids: engine.prefill_rows(rows, ids, all_logits), [static], self.pool)
+        return graph(rows, self.engine.scratch, ids)
 
-    def capture_all(self, features) -> None:
-        """Capture every bucket now (e.g. at server start), so no request waits for a capture.
-        Largest first: the shared pool is sized once, smaller buckets fit in its blocks."""
+    def capture_decode(self, features) -> None:
+        """Capture every decode bucket now (e.g. at server start), so no request waits for a capture.
+        Largest first: the shared pool is sized once and smaller buckets fit in its blocks."""
         for size in reversed(self.sizes):
-            key = (size, features, self.engine.sampling.has_counts)
-            if key not in self._graphs:
-                self._graphs[key] = _Graph(self.engine, size, features, self.pool)
+            self._decode_graph(size, features)
+
+    def _decode_graph(self, size: int, features) -> _Graph:
+        key = ("decode", size, features, self.engine.sampling.has_counts)
+        graph = self._graphs.get(key)
+        if graph is None:
+            engine = self.engine
+            graph = self._graphs[key] = _Graph(
+                engine, size, lambda rows: engine.decode_rows(rows, features), [], self.pool)
+        return graph

@@ -1,24 +1,16 @@
-"""Generation pieces shared by single sessions and batched pools.
+"""What a reply looks like to its consumer: `Response` objects built by `Reply`.
 
-`next_token` samples one id from a session's next-token logits (the caller ingests it, so the cache
-always holds everything produced and a stopped reply can be continued); `Reply` turns ids into
-UTF-8-safe text deltas, holds back possible stop-string prefixes and reports counters and the finish
-reason. `Session.generate` (ids -> Responses) and `Session.generate_text` (a string) build on them.
+The engine samples and ingests each token (so the cache holds everything produced and a stopped
+reply can be continued); `Reply` turns the ids into UTF-8-safe text deltas, holds back possible
+stop-string prefixes and reports counters and the finish reason.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-import torch
 
 from .detokenizer import StreamingDetokenizer
-from .sampling import SamplingParams, apply_repetition_penalty, sample
 from .stops import StopMatcher
-
-if TYPE_CHECKING:
-    from .session import Session
 
 
 @dataclass
@@ -33,14 +25,6 @@ class Response:
     finish_reason: str | None = None  # None while running; "eos" | "stop" | "length" at the end
 
 
-def next_token(session: "Session", params: SamplingParams, generator: torch.Generator) -> int:
-    """Sample the token after the session's stream from its next-token logits."""
-    logits = session.next_logits[None]  # [1, V]
-    if params.repetition_penalty != 1.0:
-        logits = apply_repetition_penalty(logits, session.recent_ids()[None], params.repetition_penalty)
-    return int(sample(logits, params, generator)[0])
-
-
 class Reply:
     """One reply's bookkeeping: ids -> Responses with text deltas, stop strings, EOS and length.
 
@@ -48,10 +32,11 @@ class Reply:
     a stop string; `end()` closes a reply that ran out of `max_new_tokens`.
     """
 
-    def __init__(self, session: "Session", *, prompt_tokens: int, max_new_tokens: int | None,
+    def __init__(self, stream, *, prompt_tokens: int, max_new_tokens: int | None,
                  stop: list[str] | None, eos_ids: set[int]):
-        tokenizer = session.runtime.tokenizer
-        self.session = session
+        # `stream`: what the reply runs on; it has `.runtime` and `.tokens_in_cache()`.
+        tokenizer = stream.runtime.tokenizer
+        self.stream = stream
         self.detok = StreamingDetokenizer(tokenizer) if tokenizer is not None else None
         self.stops = StopMatcher(stop) if stop else None
         self.prompt_tokens, self.max_new_tokens, self.eos_ids = prompt_tokens, max_new_tokens, eos_ids
@@ -78,7 +63,7 @@ class Reply:
 
     def _response(self, text: str, ids: list[int], reason: str | None = None) -> Response:
         self.finished = reason is not None
-        return Response(text, ids, self.prompt_tokens, self.generated, self.session.tokens_in_cache(), reason)
+        return Response(text, ids, self.prompt_tokens, self.generated, self.stream.tokens_in_cache(), reason)
 
     def _held_back(self) -> str:
         text = self.detok.flush() if self.detok else ""

@@ -152,6 +152,12 @@ class RowSampling:
         penalty = any(p.repetition_penalty != 1.0 for p in params)
         return SamplingFeatures(penalty=penalty, sampling=bool(drawing), top_k=top_k, top_p=top_p)
 
+    def history_ids(self, row: int) -> list[int]:
+        """The ids in a row's penalty history, oldest first (reads the device: not for the hot path)."""
+        self._check_row(row)
+        ring, head = self.ring[row].tolist(), int(self.head[row])
+        return [i for i in ring[head:] + ring[:head] if i >= 0]
+
     # -- device work (capturable: fixed shapes, no host reads) ----------------------------------------
 
     def observe(self, rows: torch.Tensor, ids: torch.Tensor) -> None:

@@ -4,25 +4,19 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 
-from cache import FullCache, SinkWindowCache, check_sink_window
 from cache import state as cache_state
-from cache.errors import CacheConfigError
 
 from .checkpoint import load_model
+from .engine import Engine
 from .errors import CheckpointError, InvalidInputError, TokenizerMissingError
+from .pool import SessionPool
 from .sampling import SamplingParams, load_generation_defaults, load_max_new_tokens
 from .session import Session
-
-if TYPE_CHECKING:
-    from .pool import SessionPool
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
-DEFAULT_CHUNK = 256
 # Reply length when neither the call nor the checkpoint's generation_config.json gives one.
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -113,48 +107,33 @@ class Runtime:
         self.fingerprint = digest[:16]
 
     def session(self, sinks: int = 4, window: int = 1020, chunk: int | None = None, prefill: str = "iterative",
-                seed: int | None = None, *, unbounded_cache: bool = False, _cache=None) -> Session:
-        """A new stream with its own KV memory: `sinks` + `window` slots per KV-owning layer.
+                seed: int | None = None, *, unbounded_cache: bool = False) -> Session:
+        """A new stream with its own KV memory: `sinks` + `window` slots per KV-owning layer (an engine
+        with one row).
 
         `window` counts the token being processed: a step sees the sinks and at most `window` recent
         tokens including itself. `chunk` tokens are ingested per step (at most `window`; default
         min(256, window)). `prefill` "iterative" uses the LCKV parallel prefill, "sequential" feeds
         token by token (exact). `unbounded_cache=True` keeps every token instead (finite contexts).
+        `seed` makes sampled replies reproducible (each reply's seed derives from it).
         """
-        if prefill not in ("iterative", "sequential"):
-            raise InvalidInputError(f"prefill must be 'iterative' or 'sequential', got {prefill!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise InvalidInputError(f"seed must be an integer, got {seed!r}")
-        config = self.config
-        geometry = (config.kv_layers, 1, config.num_key_value_heads, config.head_dim)
-        if _cache is not None:  # a row of a SessionPool's shared cache
-            cache, limit = _cache, _cache.window
-        elif unbounded_cache:
-            cache = FullCache(*geometry, dtype=self.dtype, device=self.device)
-            limit = None
-        else:
-            check_sink_window(sinks, window)
-            cache = SinkWindowCache(*geometry, sinks=sinks, window=window, dtype=self.dtype, device=self.device)
-            limit = window
-        if chunk is None:
-            chunk = DEFAULT_CHUNK if limit is None else min(DEFAULT_CHUNK, limit)
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-            raise CacheConfigError(f"chunk must be an integer >= 1, got {chunk!r}")
-        if limit is not None and chunk > limit:
-            raise CacheConfigError(f"chunk ({chunk}) must not exceed window ({limit}): a step evicts to make room")
-        return Session(self, cache, chunk=chunk, sequential=prefill == "sequential", seed=seed)
+        _check_seed(seed)
+        engine = Engine(self, 1, sinks=sinks, window=window, chunk=chunk, prefill=prefill, unbounded=unbounded_cache)
+        return Session(engine, engine.open_row(), seed=seed)
 
     def pool(self, slots: int, sinks: int = 4, window: int = 1020, chunk: int | None = None,
-             prefill: str = "iterative") -> "SessionPool":
-        """A pool of `slots` sessions sharing one cache, whose decode steps can run batched
-        (`SessionPool.generate`). Memory: `slots` x (sinks + window) slots per KV layer, allocated now."""
-        from .pool import SessionPool
+             prefill: str = "iterative", *, prefill_budget: int | None = None) -> SessionPool:
+        """A pool of `slots` sessions on the rows of one engine: their steps run batched. Memory:
+        `slots` x (sinks + window) slots per KV layer (plus one scratch row), allocated now."""
+        engine = Engine(self, slots, sinks=sinks, window=window, chunk=chunk, prefill=prefill,
+                        prefill_budget=prefill_budget)
+        return SessionPool(engine)
 
-        if chunk is None:
-            chunk = min(DEFAULT_CHUNK, window) if isinstance(window, int) and window > 0 else DEFAULT_CHUNK
-        if prefill not in ("iterative", "sequential"):
-            raise InvalidInputError(f"prefill must be 'iterative' or 'sequential', got {prefill!r}")
-        return SessionPool(self, slots, sinks=sinks, window=window, chunk=chunk, prefill=prefill)
+    def engine(self, rows: int, sinks: int = 4, window: int = 1020, chunk: int | None = None,
+               prefill: str = "iterative", *, prefill_budget: int | None = None) -> Engine:
+        """An engine of `rows` streams (see `streaming.engine.Engine`), for schedulers of their own."""
+        return Engine(self, rows, sinks=sinks, window=window, chunk=chunk, prefill=prefill,
+                      prefill_budget=prefill_budget)
 
     def restore_session(self, path) -> Session:
         """Re-open a session saved with `Session.save(path)`."""
@@ -163,7 +142,8 @@ class Runtime:
             session = self.session(meta["sinks"], meta["window"], chunk=extra.get("chunk"))
         else:
             session = self.session(unbounded_cache=True, chunk=extra.get("chunk"))
-        session.sequential = bool(extra.get("sequential", False))
+        if bool(extra.get("sequential", False)):
+            session.engine.sequential = True
         session.restore(tensors, meta, extra)
         return session
 
@@ -187,3 +167,8 @@ class Runtime:
             if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab:
                 raise InvalidInputError(f"token id {i!r} is not an integer in [0, {vocab})")
         return list(ids)
+
+
+def _check_seed(seed) -> None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise InvalidInputError(f"seed must be an integer, got {seed!r}")

@@ -93,8 +93,8 @@ def test_chat_turns_continue_the_stream_exactly_in_bounded_memory(runtime):
         conversation.append({"role": "user", "content": f"question {turn}"})
         reply = "".join(r.text for r in s.chat(conversation, max_new_tokens=5))
         conversation.append({"role": "assistant", "content": reply})
-        assert len(s._chat_tail) <= CHAT_TAIL and s._chat_count == len(conversation)
-    stream = tok.decode(list(s._recent))  # every id fed so far (the window is large enough)
+        assert len(s._chat.tail) <= CHAT_TAIL and s._chat.count == len(conversation)
+    stream = tok.decode(s.recent_ids())  # every id fed so far (the window is large enough)
     assert stream.startswith(tok.render_chat(conversation[:2], add_generation_prompt=True))
     for turn in range(6):  # each user turn was fed exactly once, with its generation prompt
         assert stream.count(f"question {turn}\n<|assistant|>\n") == 1
@@ -103,15 +103,15 @@ def test_chat_turns_continue_the_stream_exactly_in_bounded_memory(runtime):
 def test_cancelling_an_async_generation_leaves_the_session_usable(runtime, monkeypatch):
     import time
 
-    import streaming.generate as generate_module
+    from streaming.engine import Engine
 
-    real_sample = generate_module.sample
+    real_decode = Engine.decode_rows
 
-    def slow_sample(*args, **kwargs):  # every decode step takes 50 ms: the cancel lands mid-step
+    def slow_decode(*args, **kwargs):  # every decode step takes 50 ms: the cancel lands mid-step
         time.sleep(0.05)
-        return real_sample(*args, **kwargs)
+        return real_decode(*args, **kwargs)
 
-    monkeypatch.setattr(generate_module, "sample", slow_sample)
+    monkeypatch.setattr(Engine, "decode_rows", slow_decode)
     s = runtime.session(window=64, seed=0)
 
     async def consume(started):
