@@ -301,17 +301,18 @@ def test_origin_and_token_checks(rt):
 
 
 def test_concurrent_replies_share_batched_decode_steps(rt):
-    """Three sessions streaming at once advance together: the pool's batched step serves them all."""
+    """Three sessions streaming at once advance together: the engine's batched step serves them all."""
     async def main():
         async with serve(rt) as app:
             calls = []
-            real_step = app.pool.step
+            engine = app.pool.engine
+            real_decode = engine.decode_rows
 
-            def counting_step(handles):
-                calls.append(len(handles))
-                return real_step(handles)
+            def counting_decode(rows, features):
+                calls.append(int(rows.shape[0]))
+                return real_decode(rows, features)
 
-            app.pool.step = counting_step
+            engine.decode_rows = counting_decode
             async with connect(ws_url(app)) as ws:
                 sids = [await create(ws) for _ in range(3)]
                 for sid in sids:
@@ -323,5 +324,5 @@ def test_concurrent_replies_share_batched_decode_steps(rt):
                         assert event["usage"]["completion_tokens"] == 12
                         done.add(event["session"])
             assert max(calls) >= 2, calls  # some steps served several replies at once
-            assert sum(calls) == 3 * 13  # 12 tokens + the final "length" response per reply
+            assert sum(calls) == 3 * 12  # one row-step per generated token, nothing else
     run(main())

@@ -13,7 +13,7 @@ from websockets.exceptions import ConnectionClosed
 
 from apps import protocol
 from apps.protocol import Limits, ProtocolError
-from apps.server.batcher import DecodeBatcher
+from apps.server.engine_loop import EngineLoop
 from apps.server.http import WS_PATH, Gate, make_process_request
 from apps.server.sessions import ChatState, ModelWorker, Registry
 from streaming import PoolFullError
@@ -42,15 +42,15 @@ class ChatServer:
         self.server = None
         self._reaper: asyncio.Task | None = None
         self.pool = None  # one cache row per session, allocated at start: memory known up front
-        self.batcher: DecodeBatcher | None = None
+        self.loop: EngineLoop | None = None  # the thread that steps the engine
 
     # ---- lifecycle ----
 
     async def start(self):
         self.pool = await self.worker.run(self.rt.pool, self.limits.max_sessions, sinks=self.limits.sinks,
                                           window=self.limits.window, chunk=self.cfg.chunk)
-        self.batcher = DecodeBatcher(self.worker, self.pool)
-        self.batcher.start()
+        self.loop = EngineLoop(self.pool.engine)
+        self.loop.start()
         gate = Gate(self.cfg.host, self.cfg.allowed_origins, self.cfg.allowed_hosts, self.cfg.token)
         # The transport limit is a backstop (the connection closes with 1009 past it); frames
         # between max_message_bytes and it get a polite `frame_too_large` error instead.
@@ -71,13 +71,13 @@ class ChatServer:
 
     async def stop(self) -> None:
         for st in list(self.sessions.by_id.values()):
-            st.cancel = True
+            self.stop_reply(st)
         tasks = [st.task for st in self.sessions.by_id.values() if st.busy]
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._reaper:
             self._reaper.cancel()
-        if self.batcher:
-            await self.batcher.stop()
+        if self.loop:
+            await asyncio.to_thread(self.loop.stop)
         if self.server:
             self.server.close()
             await self.server.wait_closed()
@@ -110,7 +110,8 @@ class ChatServer:
             for sid in owned:
                 st = self.sessions.by_id.get(sid)
                 if st is not None and st.conn is ws:
-                    st.conn, st.cancel = None, True
+                    st.conn = None
+                    self.stop_reply(st)
                     st.touch()
 
     async def dispatch(self, ws, msg: dict, owned: set[str]) -> None:
@@ -124,7 +125,7 @@ class ChatServer:
         if kind == "message":
             await self.start_reply(st, msg)
         elif kind == "cancel":
-            st.cancel = True  # the reply ends with a `done` event, finish_reason "cancelled"
+            self.stop_reply(st)  # the reply ends with a `done` event, finish_reason "cancelled"
         elif kind == "session.close":
             await self.drop(st)
             owned.discard(st.id)
@@ -193,32 +194,50 @@ class ChatServer:
         kw = {"max_new_tokens": self.limits.max_new_tokens, **st.sampling,
               **msg.get("sampling", {})}
         st.cancel = False
+        st.replying = True  # from now on the reply, not drop(), gives the row back
         st.task = asyncio.create_task(self.reply(st, msg["text"], kw))
 
     # ---- one reply ----
 
     async def reply(self, st: ChatState, text: str, kw: dict) -> None:
         st.history.append({"role": "user", "content": text})
-        parts, finish, it, err, started = [], "error", None, None, False
+        parts, finish, handle, err = [], "error", None, None
         prompt_tokens = generated = 0
         t0 = time.perf_counter()
         t_first = None
+        loop = asyncio.get_running_loop()
+        ready = st.ready = asyncio.Event()
         try:
-            it = await self.worker.run(self.pool.begin_chat, st.session, list(st.history), **kw)
-            while not st.cancel:
-                started = True
-                resp = await self.batcher.step(it)  # one decode step, batched with other replies
-                t_first = t_first or time.perf_counter()
-                prompt_tokens, generated = resp.prompt_tokens, resp.generated_tokens
-                if resp.text:
-                    parts.append(resp.text)
-                    st.seq += 1
-                    await self.send_to(st, protocol.delta(st.id, st.seq, resp.text))
-                if resp.finish_reason:
-                    finish = resp.finish_reason
+            handle = await self.worker.run(self.pool.begin_chat, st.session, list(st.history), **kw,
+                                           notify=lambda: loop.call_soon_threadsafe(ready.set))
+            st.job = handle.job
+            if st.cancel:  # cancelled while the turn was being prepared
+                self.stop_reply(st)
+            self.loop.wake()
+            job = handle.job
+            while True:
+                await ready.wait()
+                ready.clear()
+                # Everything produced since the last wake-up goes out as one delta: a client that
+                # falls behind gets fewer, larger events, never a growing queue.
+                batch = []
+                while job.responses:
+                    batch.append(job.responses.popleft())
+                if batch:
+                    t_first = t_first or time.perf_counter()
+                    prompt_tokens, generated = batch[-1].prompt_tokens, batch[-1].generated_tokens
+                    delta = "".join(r.text for r in batch)
+                    if delta:
+                        parts.append(delta)
+                        st.seq += 1
+                        await self.send_to(st, protocol.delta(st.id, st.seq, delta))
+                    finish = batch[-1].finish_reason or finish
+                if job.finished and not job.responses:
+                    if job.error is not None:
+                        raise job.error
+                    if job.cancelled:
+                        finish = "cancelled"
                     break
-            else:
-                finish = "cancelled"
         except ValueError as e:  # settings the runtime refused (e.g. top_k > vocab)
             err = protocol.error(protocol.BAD_REQUEST, f"message: {e}", session=st.id)
         except Exception as e:
@@ -226,15 +245,18 @@ class ChatServer:
             err = protocol.error(protocol.INTERNAL, f"generation failed: {type(e).__name__}",
                                  session=st.id)
         finally:
-            if it is not None:
-                await self.worker.run(self.pool.end, it)  # the partial reply stays in the cache
-            if not started:
-                st.history.pop()  # the session never saw the message: forget it
-            else:
+            if handle is not None:
+                # Records the turn in the session's chat state (a partial or empty reply included):
+                # the history below says the same, so the next message extends the conversation.
+                await self.worker.run(self.pool.end, handle)
                 st.history.append({"role": "assistant", "content": "".join(parts)})
+            else:
+                st.history.pop()  # the session never saw the message: forget it
+            st.job, st.ready = None, None
             st.touch()
-            if st.closed:  # closed while replying: its row goes back to the pool now
-                await self.worker.run(self.pool.release, st.session)
+            st.replying = False
+            if st.closed:  # closed while replying: its row goes back to the pool now, exactly once
+                await self.release(st)
         if err is not None:
             await self.send_to(st, err)
         stats = await self.worker.run(st.session.stats)
@@ -250,11 +272,27 @@ class ChatServer:
         }
         await self.send_to(st, protocol.done(st.id, st.seq, finish, usage))
 
+    def stop_reply(self, st: ChatState) -> None:
+        """Cancel the session's running reply: the engine drops it before its next step (between
+        prompt chunks too)."""
+        st.cancel = True
+        if st.job is not None:
+            self.pool.engine.cancel(st.job)
+            self.loop.wake()
+        if st.ready is not None:
+            st.ready.set()
+
     async def drop(self, st: ChatState) -> None:
         """Forget a session; its cache row returns to the pool (after its reply, if one runs)."""
-        busy = st.busy
         self.sessions.remove(st)
-        if not busy:
+        if st.replying:
+            self.stop_reply(st)  # the reply's `finally` releases the row
+        else:
+            await self.release(st)
+
+    async def release(self, st: ChatState) -> None:
+        if not st.released:
+            st.released = True
             await self.worker.run(self.pool.release, st.session)
 
     # ---- sending ----
@@ -269,9 +307,9 @@ class ChatServer:
     async def send_to(self, st: ChatState, event: dict) -> None:
         conn = st.conn
         if conn is None:
-            st.cancel = True  # nobody is listening: stop at the next step
+            self.stop_reply(st)  # nobody is listening: stop at the next step
         elif not await self.send(conn, event) and st.conn is conn:
-            st.cancel = True
+            self.stop_reply(st)
 
     async def _reap_idle(self) -> None:
         timeout = self.limits.idle_timeout_s

@@ -1,9 +1,9 @@
-"""Server-side session state and the single model worker.
+"""Server-side session state and the model worker.
 
-The model is shared by every session, so all model calls (creating a session, prompts, the batched
-decode steps of apps/server/batcher.py, stats) run on one worker thread, one at a time, in arrival
-order. Each session owns a row of one SessionPool; a reply is a sequence of steps, and a cancel takes
-effect before the session's next step.
+Each session owns a row of one SessionPool (an engine). The engine's steps run on the scheduler
+thread (apps/server/engine_loop.py); every other model call (creating a session, tokenizing,
+starting and ending a reply, stats) runs on one worker thread, one at a time, in arrival order.
+A cancel takes effect before the engine's next step.
 """
 
 from __future__ import annotations
@@ -43,8 +43,12 @@ class ChatState:
     sampling: dict                       # the session's default sampling settings
     conn: Any = None                     # attached websocket connection, or None while detached
     task: asyncio.Task | None = None     # the running reply, if any
-    cancel: bool = False                 # set by cancel / disconnect / close; checked every step
+    cancel: bool = False                 # set by cancel / disconnect / close
     closed: bool = False
+    replying: bool = False               # a reply holds the session (cleared before its row may go back)
+    released: bool = False               # the session's row went back to the pool
+    job: Any = None                      # the running reply's engine job
+    ready: asyncio.Event | None = None   # set when the running reply has news
     seq: int = 0                         # last delta sequence number sent (per session)
     last_active: float = field(default_factory=time.monotonic)
 
