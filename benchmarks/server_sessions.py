@@ -1,0 +1,96 @@
+"""Many concurrent websocket sessions on one server: errors, time to first token (p50/p99), aggregate
+tok/s. The bundled model unless --model is given; clients run in the same process as the server.
+
+    PYTHONPATH=. python benchmarks/server_sessions.py --sessions 1000 --connections 50 --new-tokens 64 --device cuda
+
+Every session sends one message at the same moment and reads its reply to the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+
+import torch
+from websockets.asyncio.client import connect
+
+import streaming
+from apps.protocol import Limits
+from apps.server.app import ServerConfig, running
+
+
+async def connection(url, sessions, new_tokens, start: asyncio.Event, results: list):
+    async with connect(url, max_size=None) as ws:
+        sids = []
+        for _ in range(sessions):
+            await ws.send(json.dumps({"type": "session.create"}))
+            event = json.loads(await ws.recv())
+            if event["type"] != "session.created":
+                results.append(("error", event))
+                continue
+            sids.append(event["session"])
+        await start.wait()
+        sent = {}
+        for sid in sids:
+            await ws.send(json.dumps({"type": "message", "session": sid, "text": "Tell me a story.",
+                                      "sampling": {"max_new_tokens": new_tokens, "temperature": 0.8, "seed": 1}}))
+            sent[sid] = time.perf_counter()
+        first, pending = {}, set(sids)
+        while pending:
+            event = json.loads(await ws.recv())
+            sid = event.get("session")
+            if event["type"] == "delta" and sid not in first:
+                first[sid] = time.perf_counter() - sent[sid]
+            elif event["type"] == "done":
+                pending.discard(sid)
+                results.append(("ok", first.get(sid), event["usage"]["completion_tokens"]))
+            elif event["type"] == "error":
+                pending.discard(sid)
+                results.append(("error", event))
+
+
+async def main_async(args):
+    rt = streaming.load(args.model, device=args.device)
+    limits = Limits(max_sessions=args.sessions, max_new_tokens_cap=4096)
+    async with running(rt, ServerConfig(port=0, limits=limits, model_name="bench")) as app:
+        url = f"ws://127.0.0.1:{app.port}/ws"
+        per = args.sessions // args.connections
+        start, results = asyncio.Event(), []
+        clients = [asyncio.create_task(connection(url, per, args.new_tokens, start, results))
+                   for _ in range(args.connections)]
+        while len(app.sessions) < per * args.connections and not all(c.done() for c in clients):
+            await asyncio.sleep(0.05)
+        t0 = time.perf_counter()
+        start.set()
+        await asyncio.gather(*clients)
+        elapsed = time.perf_counter() - t0
+    ok = [r for r in results if r[0] == "ok"]
+    errors = [r for r in results if r[0] == "error"]
+    ttft = sorted(r[1] for r in ok if r[1] is not None)
+    tokens = sum(r[2] for r in ok)
+    p = lambda q: ttft[min(len(ttft) - 1, int(q * len(ttft)))] if ttft else float("nan")  # noqa: E731
+    print(f"{rt.device}, {rt.dtype}, torch {torch.__version__}, {per * args.connections} sessions on "
+          f"{args.connections} connections, {args.new_tokens} tokens each")
+    print("| sessions | errors | p50 time to first token | p99 time to first token | aggregate tok/s |")
+    print("|---|---|---|---|---|")
+    print(f"| {len(ok) + len(errors)} | {len(errors)} | {p(0.5):.2f} s | {p(0.99):.2f} s | {tokens / elapsed:,.0f} |")
+    if errors:
+        print("first error:", errors[0][1])
+    print(f"(mean TTFT {statistics.mean(ttft) if ttft else float('nan'):.2f} s, wall {elapsed:.1f} s)")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--sessions", type=int, default=1000)
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
