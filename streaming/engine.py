@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import heapq
 import threading
+from contextlib import contextmanager
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -131,8 +132,27 @@ class Engine:
         self._decoding: dict[Job, None] = {}  # an ordered set
         self._prefilling: deque[Job] = deque()
         self._lock = threading.RLock()
+        self._waiting = 0  # threads queued for the lock through _locked() (see `has_waiters`)
         use_graphs = runtime.cuda_graphs and device.type == "cuda" and self.capacity is not None
         self.graphs = StepGraphs(self) if use_graphs else None
+
+    @contextmanager
+    def _locked(self):
+        """The engine's lock, taken by an API call: counted, so a loop that steps back to back can
+        let it in (`has_waiters`) instead of re-taking the lock first every time."""
+        self._waiting += 1
+        try:
+            self._lock.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def has_waiters(self) -> bool:
+        """Whether an API call (submit, cancel's cleanup, open/close a row...) waits for the lock."""
+        return self._waiting > 0
 
     # ---- rows --------------------------------------------------------------------------------------
 
@@ -142,7 +162,7 @@ class Engine:
 
     def open_row(self) -> int:
         """Take a free row, reset completely (PoolFullError when every row is taken)."""
-        with self._lock:
+        with self._locked():
             if not self._free:
                 raise PoolFullError(f"all {self.rows} rows of the engine are in use; close one first")
             row = heapq.heappop(self._free)
@@ -152,7 +172,7 @@ class Engine:
 
     def close_row(self, row: int) -> None:
         """Give a row back; its live job, if any, is cancelled first. Idempotent."""
-        with self._lock:
+        with self._locked():
             if row not in self._open:
                 return
             job = self._jobs.get(row)
@@ -164,7 +184,7 @@ class Engine:
 
     def reset_row(self, row: int) -> None:
         """Start a new stream on an open, idle row."""
-        with self._lock:
+        with self._locked():
             self._check_idle(row)
             self._reset_row(row)
 
@@ -196,7 +216,7 @@ class Engine:
         """Queue work on an idle row: ingest `ids` (validated token ids), then, when `params` is given,
         generate a reply with those settings (`max_new_tokens` None = unbounded). `on_logits(ids, logits)`
         sees every ingested chunk's logits [n, V] (for scoring). Nothing runs until `step()`."""
-        with self._lock:
+        with self._locked():
             self._check_idle(row)
             ids = list(ids)
             reply = None
@@ -221,7 +241,7 @@ class Engine:
     def responses(self, job: Job) -> Iterator[Response]:
         """A reply's Responses as they come, driving the loop while waiting (from any thread)."""
         while True:
-            with self._lock:
+            with self._locked():
                 while not job.responses and not job.finished:
                     self.step()
                 if job.error is not None and not job.responses:
@@ -233,7 +253,7 @@ class Engine:
 
     def wait(self, job: Job, *, raise_error: bool = True) -> None:
         """Drive the loop until `job` is finished (its Responses stay queued)."""
-        with self._lock:
+        with self._locked():
             while not job.finished:
                 self.step()
             if job.error is not None and raise_error:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 log = logging.getLogger("sinkstream.server")
 
@@ -45,3 +46,7 @@ class EngineLoop:
                     more = True
                 if not more:
                     break
+                # Locks are not fair: stepping back to back, this thread would re-take the engine's
+                # lock before a waiting API call (a new reply, a cancel's cleanup) ever got it.
+                while self.engine.has_waiters() and not self._stopping:
+                    time.sleep(0.0001)
