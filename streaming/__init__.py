@@ -11,12 +11,13 @@
 from .errors import (
     CheckpointError, ConfigError, InvalidInputError, PoolFullError, SessionBusyError, SinkstreamError, TokenizerMissingError,
 )
+from .engine import Engine
 from .generate import Response
 from .pool import SessionPool
 from .runtime import Runtime, load
 from .session import Session, SessionStats
 
 __all__ = [
-    "CheckpointError", "ConfigError", "InvalidInputError", "PoolFullError", "Response", "Runtime", "Session", "SessionBusyError", "SessionPool", "SessionStats",
+    "CheckpointError", "ConfigError", "Engine", "InvalidInputError", "PoolFullError", "Response", "Runtime", "Session", "SessionBusyError", "SessionPool", "SessionStats",
     "SinkstreamError", "TokenizerMissingError", "load",
 ]
