@@ -7,6 +7,7 @@ import sys
 
 from apps import cmd_chat, cmd_generate, cmd_serve, cmd_stream
 from apps.common import check_model_args, check_sampling_args, stdout_gone
+from apps.threads import configure_threads
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -23,10 +24,11 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = setup_arg_parser().parse_args(argv)
-    # Flags are checked before anything slow: reading stdin, loading the model.
+    # Flags are checked before anything slow: reading stdin, importing torch, loading the model.
     check_model_args(args)
     check_sampling_args(args)
     try:
+        args.threads_note = configure_threads(args)
         code = args.func(args) or 0
         sys.stdout.flush()  # inside the try: a reader that left shows up here at the latest
         return code

@@ -24,10 +24,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--window", type=int, default=1020, help="rolling-window slots (default 1020)")
     g.add_argument("--chunk", type=int, default=None,
                    help="tokens per ingestion step, at most the window (default min(256, window))")
+    g.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for tensor ops (default: $OMP_NUM_THREADS if set, else "
+                        "automatic: 1 for models under 100M parameters, whose steps slow down "
+                        "badly on more threads whenever another process is busy; else every CPU "
+                        "this process may use but one)")
 
 
 def check_model_args(args: argparse.Namespace) -> None:
-    """Reject impossible cache flags before anything slow (model load, stdin) runs."""
+    """Reject impossible cache and thread flags before anything slow (model load, stdin) runs."""
     from cache import CacheConfigError, check_sink_window
 
     try:
@@ -37,6 +42,8 @@ def check_model_args(args: argparse.Namespace) -> None:
     if args.chunk is not None and not 1 <= args.chunk <= args.window:
         raise SystemExit(f"error: --chunk must be between 1 and --window ({args.window}), got "
                          f"{args.chunk}: a step evicts to make room for its chunk")
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"error: --threads must be >= 1, got {args.threads}")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, *, generation_length: bool = True) -> None:
@@ -97,7 +104,7 @@ def load_runtime(args: argparse.Namespace):
         raise SystemExit(f"error: cannot load model {args.model or '(bundled)'}: {e}") from None
     if getattr(args, "verbose", False):
         eprint(f"[loaded {args.model or 'bundled model'} on {rt.device} ({dtype_name(rt)}) "
-               f"in {time.perf_counter() - t0:.2f}s]")
+               f"in {time.perf_counter() - t0:.2f}s; {getattr(args, 'threads_note', '')}]")
     return rt
 
 

@@ -103,6 +103,7 @@ def test_bad_stream_paths_and_codecs_fail_before_the_model_loads(ckpt, tmp_path)
      "error: bad cache flags --sinks 2000 --window 10: sinks (2000) must not exceed window (10)"),
     (["--chunk", 5000], "error: --chunk must be between 1 and --window (1020), got 5000"),
     (["--chunk", 0], "error: --chunk must be between 1 and --window (1020), got 0"),
+    (["--threads", 0], "error: --threads must be >= 1, got 0"),
 ])
 def test_impossible_cache_flags_fail_before_the_model_loads(flags, message, tmp_path):
     # --model names nothing: if the model were loaded first, "cannot load model" would win.
