@@ -45,7 +45,12 @@ def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Apply RoPE to x [B, H, L, D] with cos/sin [B, 1, L, D] (the rotate-half convention of HF Llama)."""
+    """Apply RoPE to x [B, H, L, D] with cos/sin [B, 1, L, D] (the rotate-half convention of HF Llama):
+    x * cos + cat(-x2, x1) * sin, written as one product and two in-place multiply-adds on the halves
+    (no concatenated copy: a step rotates every cached key, so temporaries cost memory traffic)."""
     half = x.shape[-1] // 2
-    rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated_half * sin
+    x1, x2 = x[..., :half], x[..., half:]
+    out = x * cos
+    out[..., :half].addcmul_(x2, sin[..., :half], value=-1)
+    out[..., half:].addcmul_(x1, sin[..., half:])
+    return out

@@ -18,7 +18,9 @@ from tests.reference_model import Reference, rel_err
 from tests.runtime_helpers import build, full_cache
 from tests.tiny_checkpoint import lckv_config, plain_config
 
-TOL = 1e-5
+# float32 against the float64 reference: rounding alone measured 2e-6 to 1.1e-5 across these configs
+# (it moves with the order of float32 operations); a wrong mask, position or pass is 1e-2 or more.
+TOL = 2e-5
 
 
 def _opt_llama(**overrides) -> dict:
