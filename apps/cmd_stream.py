@@ -45,7 +45,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--block-chars", type=int, default=1 << 16, metavar="N",
                    help="bytes read from stdin at a time, at most (default 65536)")
     p.add_argument("--score-tokens", type=int, default=256, metavar="N",
-                   help="tokens per feed call, bounds the logits held at once (default 256)")
+                   help="ignored, kept so older command lines still run: scoring holds one "
+                        "--chunk of logits at a time")
     p.add_argument("--encoding", default="utf-8", help=ENCODING_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--verbose", "-v", action="store_true")
