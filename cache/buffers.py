@@ -49,6 +49,7 @@ class KVBuffers:
         shape = (batch, num_kv_heads, slots, head_dim)
         self.keys = {layer: torch.zeros(shape, dtype=dtype, device=device) for layer in self.kv_layers}
         self.values = {layer: torch.zeros(shape, dtype=dtype, device=device) for layer in self.kv_layers}
+        self._heads = torch.arange(num_kv_heads, device=device)[None, :, None]  # [1, Hkv, 1]: write index
         # Tokens each row has seen since its start (its stream length).
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
 
@@ -69,8 +70,7 @@ class KVBuffers:
             self.values[layer].scatter_(2, index, values.to(self.dtype))
             return
         # [B, 1, 1] x [1, Hkv, 1] x [B, 1, n] select [B, Hkv, n, D] of the addressed rows.
-        heads = torch.arange(self.num_kv_heads, device=self.device)[None, :, None]
-        index = (plan.rows[:, None, None], heads, plan.write_slots[:, None, :])
+        index = (plan.rows[:, None, None], self._heads, plan.write_slots[:, None, :])
         self.keys[layer].index_put_(index, keys.to(self.dtype))
         self.values[layer].index_put_(index, values.to(self.dtype))
 

@@ -16,10 +16,9 @@ DESIGN.md, "Attention semantics (exact)":
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from .kernels import decode_attention as kernel
 from .model import CausalLM
 
 
@@ -90,12 +89,8 @@ class _Step:
 def _decode_kernel_inputs(model: CausalLM, cache, plan, ids: torch.Tensor):
     """(rows [B], tokens after the write [B], cos, sin) when this step's attention runs in the decode
     kernel (CUDA, one token per row, a sink-window cache, Triton present); else None."""
-    on_gpu = cache.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"  # (interpreter: debugging)
-    if not (model.decode_kernel and ids.shape[1] == 1 and on_gpu and getattr(cache, "capacity", None) is not None):
-        return None
-    from .kernels import decode_attention as kernel
-
-    if not kernel.available(cache.head_dim):
+    if not (model.decode_kernel and ids.shape[1] == 1 and cache.device.type == "cuda"
+            and getattr(cache, "capacity", None) is not None and kernel.available(cache.head_dim)):
         return None
     rows = plan.rows if plan.rows is not None else torch.arange(cache.batch, device=cache.device)
     total = cache.lengths.index_select(0, rows) + 1  # lengths advance only at the end of the step
@@ -104,12 +99,10 @@ def _decode_kernel_inputs(model: CausalLM, cache, plan, ids: torch.Tensor):
 
 def _kernel_attention(step: _Step, index: int, q: torch.Tensor) -> torch.Tensor:
     """Layer `index`'s attention for q [B,H,1,D] read straight from its KV source's cache buffers."""
-    from .kernels.decode_attention import decode_attention
-
     config, cache = step.model.config, step.cache
     source = config.kv_sources[index]
     rows, total, cos, sin = step.kernel
-    out = decode_attention(q[:, :, 0], cache.keys[source], cache.values[source], rows, total, cos, sin,
+    out = kernel.decode_attention(q[:, :, 0], cache.keys[source], cache.values[source], rows, total, cos, sin,
                            sinks=cache.sinks, window=cache.window, diagonal=config.sees_diagonal(index))
     return out[:, :, None]
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from .attention import attend
 from .config import ModelConfig
-from .rope import cos_sin, inverse_frequencies, rotate
+from .rope import cos_sin, inverse_frequencies, rope_table, rotate
 
 
 class RMSNorm(nn.Module):
@@ -133,8 +133,6 @@ class CausalLM(nn.Module):
 
     def rope_table(self, slots: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [slots, D/2] float32 of in-cache positions 0..slots-1, built once per cache size."""
-        from .kernels.decode_attention import rope_table
-
         key = (slots, torch.device(device))
         if key not in self._rope_tables:
             self._rope_tables[key] = rope_table(self.inv_freq.to(device), slots)

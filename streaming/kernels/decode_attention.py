@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from ..rope import rope_table  # noqa: F401  (the table the kernel reads; tests build it from here)
+
 try:
     import triton
     import triton.language as tl
@@ -36,12 +38,6 @@ def _multiprocessors(device: torch.device) -> int:
     if device.type != "cuda":  # Triton's interpreter (TRITON_INTERPRET=1), for debugging on CPU
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def rope_table(inv_freq: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [slots, D/2] float32 for in-cache positions 0..slots-1 (all a sink window ever uses)."""
-    angles = torch.arange(slots, dtype=torch.float32, device=inv_freq.device)[:, None] * inv_freq.float()
-    return angles.cos().contiguous(), angles.sin().contiguous()
 
 
 if triton is not None:
