@@ -33,15 +33,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def check_model_args(args: argparse.Namespace) -> None:
     """Reject impossible cache and thread flags before anything slow (model load, stdin) runs."""
-    from cache import CacheConfigError, check_sink_window
+    from cache import CacheConfigError, check_chunk, check_sink_window
 
     try:
         check_sink_window(args.sinks, args.window)
     except CacheConfigError as e:
         raise SystemExit(f"error: bad cache flags --sinks {args.sinks} --window {args.window}: {e}") from None
-    if args.chunk is not None and not 1 <= args.chunk <= args.window:
+    try:
+        if args.chunk is not None:
+            check_chunk(args.chunk, args.window)
+    except CacheConfigError:
         raise SystemExit(f"error: --chunk must be between 1 and --window ({args.window}), got "
-                         f"{args.chunk}: a step evicts to make room for its chunk")
+                         f"{args.chunk}: a step evicts to make room for its chunk") from None
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"error: --threads must be >= 1, got {args.threads}")
 

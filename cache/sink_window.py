@@ -93,3 +93,11 @@ def check_sink_window(sinks: int, window: int) -> None:
         raise CacheConfigError(f"sinks must be >= 0, got {sinks}")
     if sinks > window:
         raise CacheConfigError(f"sinks ({sinks}) must not exceed window ({window})")
+
+
+def check_chunk(chunk: int, window: int | None) -> None:
+    """Raise CacheConfigError unless 1 <= chunk <= window (window None: an unbounded cache)."""
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise CacheConfigError(f"chunk must be an integer >= 1, got {chunk!r}")
+    if window is not None and chunk > window:
+        raise CacheConfigError(f"chunk ({chunk}) must not exceed window ({window}): a step evicts to make room")

@@ -28,7 +28,9 @@ class ChatTurn:
 
 
 @dataclass
-class ChatState:
+class ChatProgress:
+    """How far a session's stream has come in its conversation (what `Session.chat` fed so far)."""
+
     count: int = 0  # chat messages already in the stream (replies included)
     fed_chars: int = 0  # length of the rendered conversation fed so far
     tail: str = ""  # its last CHAT_TAIL characters
@@ -62,5 +64,5 @@ class ChatState:
         return {"chat_count": self.count, "chat_fed_chars": self.fed_chars, "chat_tail": self.tail}
 
     @classmethod
-    def from_extra(cls, extra: dict) -> "ChatState":
+    def from_extra(cls, extra: dict) -> "ChatProgress":
         return cls(int(extra.get("chat_count", 0)), int(extra.get("chat_fed_chars", 0)), str(extra.get("chat_tail", "")))

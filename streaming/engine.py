@@ -29,8 +29,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
-from cache import FullCache, SinkWindowCache, check_sink_window
-from cache.errors import CacheConfigError
+from cache import FullCache, SinkWindowCache, check_chunk, check_sink_window
 
 from .engine_graphs import StepGraphs
 from .errors import InvalidInputError, PoolFullError
@@ -54,7 +53,7 @@ class Job:
     row: int
     ids: list[int]  # tokens to ingest first (the prompt)
     reply: Reply | None  # None: ingest only
-    on_logits: Callable | None  # called with (ids of a chunk, its logits [n, V]) after each chunk
+    on_logits: Callable | None  # called with each ingested chunk's logits [n, V] (valid during the call)
     ingested: int = 0  # how many of `ids` are in the cache
     responses: deque = field(default_factory=deque)  # produced, not yet taken by the consumer
     generated: list[int] = field(default_factory=list)
@@ -68,16 +67,6 @@ class Job:
     @property
     def prefilling(self) -> bool:
         return self.ingested < len(self.ids)
-
-
-class _RowView:
-    """What a `Reply` asks of its stream: the runtime and the tokens in cache."""
-
-    def __init__(self, engine: "Engine", row: int):
-        self.runtime, self._engine, self._row = engine.runtime, engine, row
-
-    def tokens_in_cache(self) -> int:
-        return self._engine.tokens_in_cache(self._row)
 
 
 class Engine:
@@ -100,10 +89,7 @@ class Engine:
             check_sink_window(sinks, window)
             chunk = min(DEFAULT_CHUNK, window) if chunk is None else chunk
             limit = window
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-            raise CacheConfigError(f"chunk must be an integer >= 1, got {chunk!r}")
-        if limit is not None and chunk > limit:
-            raise CacheConfigError(f"chunk ({chunk}) must not exceed window ({limit}): a step evicts to make room")
+        check_chunk(chunk, limit)
         if prefill not in ("iterative", "sequential"):
             raise InvalidInputError(f"prefill must be 'iterative' or 'sequential', got {prefill!r}")
         config, device = runtime.config, runtime.device
@@ -214,7 +200,7 @@ class Engine:
                max_new_tokens: int | None = None, stop: list[str] | None = None,
                on_logits: Callable | None = None, notify: Callable[[], None] | None = None) -> Job:
         """Queue work on an idle row: ingest `ids` (validated token ids), then, when `params` is given,
-        generate a reply with those settings (`max_new_tokens` None = unbounded). `on_logits(ids, logits)`
+        generate a reply with those settings (`max_new_tokens` None = unbounded). `on_logits(logits)`
         sees every ingested chunk's logits [n, V] (for scoring). Nothing runs until `step()`."""
         with self._locked():
             self._check_idle(row)
@@ -224,8 +210,8 @@ class Engine:
                 if not ids and self.seen[row] == 0:
                     raise InvalidInputError("an empty stream needs a prompt (at least a BOS token) to generate from")
                 self.sampling.configure(row, params)
-                reply = Reply(_RowView(self, row), prompt_tokens=len(ids), max_new_tokens=max_new_tokens,
-                              stop=stop, eos_ids=self.runtime.eos_ids)
+                reply = Reply(self.runtime.tokenizer, lambda: self.tokens_in_cache(row), prompt_tokens=len(ids),
+                              max_new_tokens=max_new_tokens, stop=stop, eos_ids=self.runtime.eos_ids)
             job = Job(row, ids, reply, on_logits, notify=notify)
             self._jobs[row] = job
             if job.prefilling:
@@ -343,19 +329,19 @@ class Engine:
 
     def _ingest_chunk(self, jobs: list[Job], n: int, all_logits: bool) -> None:
         """The next n prompt tokens of every job, as one step of len(jobs) rows."""
-        rows = torch.tensor([job.row for job in jobs], device=self.device)
-        pieces = [job.ids[job.ingested : job.ingested + n] for job in jobs]
-        ids = torch.tensor(pieces, dtype=torch.long, device=self.device)  # [k, n]
+        rows = [job.row for job in jobs]
+        ids = torch.tensor([job.ids[job.ingested : job.ingested + n] for job in jobs], dtype=torch.long,
+                           device=self.device)  # [k, n]
         one_step = runs_as_one_step(self.model.config, n, sequential=self.sequential)
         if self.graphs is not None and n == self.chunk and one_step:
-            logits = self.graphs.prefill([job.row for job in jobs], ids, all_logits)
+            logits = self.graphs.prefill(rows, ids, all_logits)
         else:
-            logits = self.prefill_rows(rows, ids, all_logits)  # [k, n or 1, V]
-        for i, (job, piece) in enumerate(zip(jobs, pieces)):
+            logits = self.prefill_rows(torch.tensor(rows, device=self.device), ids, all_logits)  # [k, n or 1, V]
+        for i, job in enumerate(jobs):
             job.ingested += n
             self.seen[job.row] += n
             if job.on_logits is not None:
-                job.on_logits(piece, logits[i])
+                job.on_logits(logits[i])
 
     def prefill_rows(self, rows: torch.Tensor, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
         """Device work of one prompt chunk ids [k, n] for rows [k]: ingest, record the ids for the

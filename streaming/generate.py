@@ -8,6 +8,7 @@ stop-string prefixes and reports counters and the finish reason.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from .detokenizer import StreamingDetokenizer
 from .stops import StopMatcher
@@ -32,11 +33,9 @@ class Reply:
     a stop string; `end()` closes a reply that ran out of `max_new_tokens`.
     """
 
-    def __init__(self, stream, *, prompt_tokens: int, max_new_tokens: int | None,
-                 stop: list[str] | None, eos_ids: set[int]):
-        # `stream`: what the reply runs on; it has `.runtime` and `.tokens_in_cache()`.
-        tokenizer = stream.runtime.tokenizer
-        self.stream = stream
+    def __init__(self, tokenizer, tokens_in_cache: Callable[[], int], *, prompt_tokens: int,
+                 max_new_tokens: int | None, stop: list[str] | None, eos_ids: set[int]):
+        self.tokens_in_cache = tokens_in_cache  # the stream's count, reported in every Response
         self.detok = StreamingDetokenizer(tokenizer) if tokenizer is not None else None
         self.stops = StopMatcher(stop) if stop else None
         self.prompt_tokens, self.max_new_tokens, self.eos_ids = prompt_tokens, max_new_tokens, eos_ids
@@ -63,7 +62,7 @@ class Reply:
 
     def _response(self, text: str, ids: list[int], reason: str | None = None) -> Response:
         self.finished = reason is not None
-        return Response(text, ids, self.prompt_tokens, self.generated, self.stream.tokens_in_cache(), reason)
+        return Response(text, ids, self.prompt_tokens, self.generated, self.tokens_in_cache(), reason)
 
     def _held_back(self) -> str:
         text = self.detok.flush() if self.detok else ""

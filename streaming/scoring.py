@@ -93,7 +93,7 @@ def _score_step(session: "Session", ids: list[int]) -> Iterator[torch.Tensor]:
     target = torch.tensor(ids, dtype=torch.long, device=session.runtime.device)
     scored = []
 
-    def collect(piece, logits):  # logits [c, V]: row j predicts ids[j + 1] (a graph buffer: use it now)
+    def collect(logits):  # logits [c, V]: row j predicts ids[j + 1] (a graph buffer: use it now)
         scored.append(log_probs(logits[:-1], target[1:]))
 
     session.ingest(ids, on_logits=collect)

@@ -18,7 +18,7 @@ import torch
 from cache import state as cache_state
 
 from . import scoring
-from .chat import CHAT_TAIL, ChatState, ChatTurn  # noqa: F401  (CHAT_TAIL: part of the module's API)
+from .chat import CHAT_TAIL, ChatProgress, ChatTurn  # noqa: F401  (CHAT_TAIL: part of the module's API)
 from .errors import InvalidInputError, SessionBusyError
 from .generate import Response
 from .sampling import SamplingParams
@@ -85,7 +85,7 @@ class Session:
         self.released = False  # set when a pool takes its row back
         self._lock = threading.Lock()
         self._replies = 0  # replies so far: a seeded session derives each reply's seed from it
-        self._chat = ChatState()
+        self._chat = ChatProgress()
         self._abandoned: OpenReply | None = None  # an agenerate() reply whose consumer may be gone
 
     @property
@@ -106,9 +106,8 @@ class Session:
         """float32 [V]: the prediction for the next token (None before anything was fed)."""
         return self.engine.next_logits[self.row] if self.engine.seen[self.row] else None
 
-    @contextmanager
-    def _exclusive(self):
-        """One operation at a time. A second one fails at once instead of waiting: on the same thread
+    def _acquire(self) -> None:
+        """Take the session for one operation, or fail at once instead of waiting: on the same thread
         (e.g. feed() while a generate() iterator is still open) waiting would never end."""
         if self.released:
             raise InvalidInputError("this session was released back to its pool; create a new one")
@@ -118,6 +117,11 @@ class Session:
                 "the session is busy: a generate()/chat() iterator is still open or another thread is using "
                 "it; finish or close() that iterator first"
             )
+
+    @contextmanager
+    def _exclusive(self):
+        """One operation at a time (see `_acquire`)."""
+        self._acquire()
         try:
             yield
         finally:
@@ -138,11 +142,11 @@ class Session:
                 self.ingest(ids)
                 return None
             outputs: list[torch.Tensor] = []
-            self.ingest(ids, on_logits=lambda piece, logits: outputs.append(logits.float().clone()))
+            self.ingest(ids, on_logits=lambda logits: outputs.append(logits.float().clone()))
             return torch.cat(outputs) if outputs else torch.empty(0, self.runtime.config.vocab_size)
 
     def ingest(self, ids: Sequence[int], *, on_logits=None) -> None:
-        """Ingest already-validated ids (the lock-free inner form of `feed`); `on_logits(ids, logits)`
+        """Ingest already-validated ids (the lock-free inner form of `feed`); `on_logits(logits)`
         sees each chunk's logits [n, V] (valid only during the call)."""
         if len(ids) == 0:
             return
@@ -232,11 +236,7 @@ class Session:
         """Submit a prepared reply to the engine without waiting: the session stays busy until
         `end_reply`. Whoever steps the engine produces its Responses (`reply.job.responses`);
         `notify` is called in the stepping thread when some are ready."""
-        if self.released:
-            raise InvalidInputError("this session was released back to its pool; create a new one")
-        self._end_abandoned()
-        if not self._lock.acquire(blocking=False):
-            raise SessionBusyError("the session is busy: another reply or operation is running on it")
+        self._acquire()
         try:
             params = request.params
             if params.seed is None and self.seed is not None:  # a seeded session: reply i gets its own seed
@@ -343,7 +343,7 @@ class Session:
         """Start a new stream in the same memory."""
         with self._exclusive():
             self.engine.reset_row(self.row)
-            self._chat = ChatState()
+            self._chat = ChatProgress()
             self._replies = 0
 
     def save(self, path) -> None:
@@ -372,7 +372,7 @@ class Session:
             recent = tensors["recent_ids"].to(engine.device)
             if len(recent):
                 engine.sampling.observe(torch.tensor([row], device=engine.device), recent[None])
-            self._chat = ChatState.from_extra(extra)
+            self._chat = ChatProgress.from_extra(extra)
 
 
 def _check_stop(stop) -> list[str]:
