@@ -1,10 +1,9 @@
 """`sinkstream stream`: ingest a document of any length from stdin in constant memory.
 
-Reads stdin in bounded blocks as soon as they arrive (a slow pipe is streamed, not waited on),
-cuts them at whitespace (so each piece tokenizes as it would inside the whole text) and scores
-every next token through `Session.score_chunks`: streaming perplexity. At EOF it can continue the
-text or answer a question about it. Nothing grows with the input: one text block, one chunk's
-logits and a few counters are held.
+Reads stdin in bounded blocks as soon as they arrive (a slow pipe is streamed, not waited on) and
+scores every next token through `Session.score_chunks` (which cuts the text where the tokenizer
+splits anyway): streaming perplexity. At EOF it can continue the text or answer a question about
+it. Nothing grows with the input: one text block, one chunk's logits and a few counters are held.
 """
 
 from __future__ import annotations
@@ -15,13 +14,13 @@ import math
 import signal
 import sys
 import time
+from typing import Iterator
 
 from apps.common import (add_model_args, add_sampling_args, cache_size, eprint, load_runtime,
                          new_session, sampling_kwargs)
 from apps.interrupt import InterruptibleReader, StopOnCtrlC
 from apps.progress import Progress
 from apps.stdin_text import ENCODING_HELP, StdinText
-from apps.textpieces import TextPieces, probe_space_rule
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -99,7 +98,21 @@ class Perplexity:
         return math.exp(min(self.total_nll / self.total, 700.0)) if self.total else float("nan")
 
 
-def ingest(session, tok, pieces: TextPieces, ppl: Perplexity, progress: Progress | None,
+class TextBlocks:
+    """stdin as text blocks of at most `size` characters, counting what was read. No cutting here:
+    `Session.score_chunks` re-cuts the blocks where the tokenizer splits anyway."""
+
+    def __init__(self, reader, size: int) -> None:
+        self.reader, self.size = reader, size
+        self.chars_read = 0
+
+    def __iter__(self) -> Iterator[str]:
+        while data := self.reader.read(self.size):
+            self.chars_read += len(data)
+            yield data
+
+
+def ingest(session, tok, pieces: TextBlocks, ppl: Perplexity, progress: Progress | None,
            score_tokens: int, ctrl_c: StopOnCtrlC) -> int:
     """Feed every piece and score each next token with `Session.score_chunks`: one chunk's logits
     at a time, the first BOS fed as context and never scored. Returns the number of tokens fed.
@@ -135,8 +148,7 @@ def run(args: argparse.Namespace) -> int:
     progress = None if args.no_progress else Progress(sys.stderr)
     stop = StopOnCtrlC(term=True)
     # A stop signal ends a blocking read at once; one during a feed ends the loop after it.
-    pieces = TextPieces(InterruptibleReader(stdin, stop), args.block_chars,
-                        probe_space_rule(rt.tokenizer))
+    pieces = TextBlocks(InterruptibleReader(stdin, stop), args.block_chars)
     t0, code = time.perf_counter(), 0
     try:
         with stop:
