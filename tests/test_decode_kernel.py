@@ -35,7 +35,8 @@ def reference(q, cache, layer, rows, inv_freq, diagonal):
 @pytest.mark.parametrize("sinks,window,heads,kv_heads,head_dim", [(4, 60, 8, 2, 64), (0, 100, 4, 4, 32),
                                                                   (2, 33, 32, 4, 64), (4, 1020, 8, 1, 128)])
 @pytest.mark.parametrize("diagonal", [True, False])
-def test_kernel_equals_plain_path(dtype, sinks, window, heads, kv_heads, head_dim, diagonal):
+@pytest.mark.parametrize("splits", [None, 1, 3])
+def test_kernel_equals_plain_path(dtype, sinks, window, heads, kv_heads, head_dim, diagonal, splits):
     if INTERPRETED and not ON_GPU and window > 200:
         pytest.skip("slow under the interpreter")
     gen = torch.Generator().manual_seed(0)
@@ -54,7 +55,7 @@ def test_kernel_equals_plain_path(dtype, sinks, window, heads, kv_heads, head_di
     cos, sin = kernel.rope_table(inv_freq, sinks + window)
     total = cache.lengths.index_select(0, rows) + 1
     got = kernel.decode_attention(q, cache.keys[0], cache.values[0], rows, total, cos, sin, sinks=sinks,
-                                  window=window, diagonal=diagonal)
+                                  window=window, diagonal=diagonal, splits=splits)
     tol = {torch.bfloat16: 2e-2, torch.float16: 5e-3}.get(dtype, 1e-4)
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
     if not diagonal:  # the empty row's query sees nothing: exactly zero

@@ -6,8 +6,10 @@ writes a rotated copy of the keys and a mask, then calls SDPA: several passes ov
 per layer and step. Here one kernel reads each key and value once: a program takes one (row, KV head,
 split of the slots); it derives every slot's in-cache position and validity from the row's length
 (the same ring arithmetic as `SinkWindowCache.plan`), rotates the keys in registers with a fixed
-cos/sin table of S+W positions, and runs an online softmax for the KV head's `group` query heads. A
-small reduction joins the splits (flash-decoding), so one row still fills the GPU.
+cos/sin table of S+W positions, and runs an online softmax for the KV head's `group` query heads.
+Blocks of slots a row has not filled yet are skipped (a short stream reads only its tokens). When
+there are few rows, a row's slots are split over several programs and a small reduction joins them
+(flash-decoding), so one row still fills the GPU; with one split the program writes the output.
 
 tests/test_decode_kernel.py shows it equals the plain path (GPU; skipped in CI).
 """
@@ -43,7 +45,7 @@ def _multiprocessors(device: torch.device) -> int:
 if triton is not None:
 
     @triton.jit
-    def _decode_kernel(Q, K, V, Rows, Total, Cos, Sin, MidAcc, MidMax, MidSum,
+    def _decode_kernel(Q, K, V, Rows, Total, Cos, Sin, Out, MidAcc, MidMax, MidSum,
                        stride_qb, stride_qh, stride_kr, stride_kh, stride_ks, stride_vr, stride_vh, stride_vs,
                        scale,
                        SINKS: tl.constexpr, WINDOW: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
@@ -73,9 +75,10 @@ if triton is not None:
         k_base = K + row.to(tl.int64) * stride_kr + kvh * stride_kh
         v_base = V + row.to(tl.int64) * stride_vr + kvh * stride_vh
         lo = split * SPLIT_SLOTS
-        hi = tl.minimum(lo + SPLIT_SLOTS, SINKS + WINDOW)
-        for offset in range(0, SPLIT_SLOTS, BLOCK_N):
-            s = lo + offset + tl.arange(0, BLOCK_N)
+        # Slots at or past `total` are empty until the window is full: skip their blocks (no reads).
+        hi = tl.minimum(tl.minimum(lo + SPLIT_SLOTS, SINKS + WINDOW), total)
+        for start in range(lo, hi, BLOCK_N):
+            s = start + tl.arange(0, BLOCK_N)
             in_range = s < hi
             # Window slot j holds window token k = written-1 - ((written-1-j) mod W) (k < 0: empty).
             j = s - SINKS
@@ -118,6 +121,12 @@ if triton is not None:
                 acc1 = acc1 * alpha[:, None] + tl.dot(p, v1.to(tl.float32), input_precision="ieee")
                 acc2 = acc2 * alpha[:, None] + tl.dot(p, v2.to(tl.float32), input_precision="ieee")
             m_i = m_new
+        if SPLITS == 1:  # the whole row in one program: normalize and write the output (0 if nothing seen)
+            inv = tl.where(l_i > 0, 1.0 / tl.maximum(l_i, 1e-30), 0.0)[:, None]
+            o_base = Out + b * stride_qb + (kvh * GROUP + g)[:, None] * stride_qh
+            tl.store(o_base + d[None, :], (acc1 * inv).to(Out.dtype.element_ty), mask=g_ok[:, None])
+            tl.store(o_base + HALF + d[None, :], (acc2 * inv).to(Out.dtype.element_ty), mask=g_ok[:, None])
+            return
         out = ((b * num_kv + kvh) * SPLITS + split) * GROUP_PAD + g  # [G] index of (b, kvh, split, g)
         tl.store(MidMax + out, m_i)
         tl.store(MidSum + out, l_i)
@@ -127,32 +136,41 @@ if triton is not None:
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
                      total: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, sinks: int, window: int,
-                     diagonal: bool) -> torch.Tensor:
+                     diagonal: bool, block: int = BLOCK, num_warps: int = 4, num_stages: int = 3,
+                     splits: int | None = None) -> torch.Tensor:
     """One new token per row: q [B, H, D] rotated at its in-cache position; keys/values: a sink-window
     cache's whole buffers [R, Hkv, S+W, D] (keys unrotated); rows [B] long: the cache row of each query;
     total [B] long: tokens of the row after this step's write. `diagonal`: whether the query sees its
-    own slot. Returns [B, H, D] in q's dtype; a query that sees no key gets exactly zero."""
+    own slot. Returns [B, H, D] in q's dtype; a query that sees no key gets exactly zero.
+    `block`, `num_warps`, `num_stages`, `splits` (None: enough to fill the GPU) are tuning knobs
+    (benchmarks/decode_kernel.py sweeps them)."""
     B, H, D = q.shape
     kv_heads, slots = keys.shape[1], keys.shape[2]
     group = H // kv_heads
     group_pad = max(16, triton.next_power_of_2(group))
     # Enough programs to fill the GPU: split the slots when the batch is small (flash-decoding).
-    want = max(1, 2 * _multiprocessors(q.device) // (B * kv_heads))
-    splits = min(want, triton.cdiv(slots, BLOCK))
-    per_split = triton.cdiv(triton.cdiv(slots, splits), BLOCK) * BLOCK
+    if splits is None:
+        splits = max(1, 2 * _multiprocessors(q.device) // (B * kv_heads))
+    splits = min(splits, triton.cdiv(slots, block))
+    per_split = triton.cdiv(triton.cdiv(slots, splits), block) * block
     splits = triton.cdiv(slots, per_split)
-    mid_acc = torch.empty(B, kv_heads, splits, group_pad, D, dtype=torch.float32, device=q.device)
-    mid_max = torch.empty(B, kv_heads, splits, group_pad, dtype=torch.float32, device=q.device)
-    mid_sum = torch.empty_like(mid_max)
     q = q.contiguous()
+    out = torch.empty_like(q)  # written by the kernel when there is one split
+    # Per-split partial results [B, Hkv, splits, G(, D)]; unused (1 element) with one split.
+    shape = (B, kv_heads, splits, group_pad) if splits > 1 else (1,)
+    mid_max = torch.empty(shape, dtype=torch.float32, device=q.device)
+    mid_sum = torch.empty_like(mid_max)
+    mid_acc = torch.empty(shape + (D,) if splits > 1 else (1,), dtype=torch.float32, device=q.device)
     _decode_kernel[(B, kv_heads, splits)](
-        q, keys, values, rows, total, cos, sin, mid_acc, mid_max, mid_sum,
+        q, keys, values, rows, total, cos, sin, out, mid_acc, mid_max, mid_sum,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2),
         1.0 / math.sqrt(D),
         SINKS=sinks, WINDOW=window, GROUP=group, GROUP_PAD=group_pad, HALF=D // 2, SPLITS=splits, SPLIT_SLOTS=per_split,
-        DIAG=diagonal, BLOCK_N=BLOCK, TENSOR_CORES=q.dtype in (torch.bfloat16, torch.float16),
-        num_warps=4, num_stages=3)
+        DIAG=diagonal, BLOCK_N=block, TENSOR_CORES=q.dtype in (torch.bfloat16, torch.float16),
+        num_warps=num_warps, num_stages=num_stages)
+    if splits == 1:
+        return out
     # Join the splits: weights exp(m_s - m) of each split's partial softmax.
     best = mid_max.amax(dim=2, keepdim=True)  # [B, Hkv, 1, G]
     best = torch.where(best == float("-inf"), 0.0, best)
