@@ -35,7 +35,7 @@ from .engine_graphs import StepGraphs
 from .errors import InvalidInputError, PoolFullError
 from .forward import forward_step, forward_tokens, runs_as_one_step
 from .generate import Reply, Response
-from .row_sampling import RowSampling
+from .row_sampling import RowSampling, check_seed
 from .sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -54,6 +54,7 @@ class Job:
     ids: list[int]  # tokens to ingest first (the prompt)
     reply: Reply | None  # None: ingest only
     on_logits: Callable | None  # called with each ingested chunk's logits [n, V] (valid during the call)
+    params: SamplingParams | None = None  # a reply's settings, given to the row when the job is admitted
     ingested: int = 0  # how many of `ids` are in the cache
     responses: deque = field(default_factory=deque)  # produced, not yet taken by the consumer
     generated: list[int] = field(default_factory=list)
@@ -113,8 +114,13 @@ class Engine:
         self.next_logits = torch.zeros(allocated, config.vocab_size, dtype=torch.float32, device=device)  # [R, V]
         self.seen = [0] * allocated  # tokens each row has ingested (host copy: no device read)
         self._free = list(range(rows))  # a heap: the lowest free row first
+        # Rows and jobs are registered under a short lock of their own, never held across a step: a
+        # submit is queued in the inbox and admitted at the start of the next step, so it never waits
+        # for one (a server admitting a burst of replies would otherwise get one per step).
+        self._registry = threading.Lock()
         self._open: set[int] = set()
-        self._jobs: dict[int, Job] = {}  # live job of each busy row
+        self._jobs: dict[int, Job] = {}  # live job of each busy row (admitted or in the inbox)
+        self._inbox: deque[Job] = deque()
         self._decoding: dict[Job, None] = {}  # an ordered set
         self._prefilling: deque[Job] = deque()
         self._lock = threading.RLock()
@@ -153,7 +159,8 @@ class Engine:
                 raise PoolFullError(f"all {self.rows} rows of the engine are in use; close one first")
             row = heapq.heappop(self._free)
             self._reset_row(row)
-            self._open.add(row)
+            with self._registry:
+                self._open.add(row)
             return row
 
     def close_row(self, row: int) -> None:
@@ -164,7 +171,8 @@ class Engine:
             job = self._jobs.get(row)
             if job is not None:
                 self._finish(job, cancelled=True)
-            self._open.discard(row)
+            with self._registry:
+                self._open.discard(row)
             self._reset_row(row)
             heapq.heappush(self._free, row)
 
@@ -201,24 +209,26 @@ class Engine:
                on_logits: Callable | None = None, notify: Callable[[], None] | None = None) -> Job:
         """Queue work on an idle row: ingest `ids` (validated token ids), then, when `params` is given,
         generate a reply with those settings (`max_new_tokens` None = unbounded). `on_logits(logits)`
-        sees every ingested chunk's logits [n, V] (for scoring). Nothing runs until `step()`."""
-        with self._locked():
+        sees every ingested chunk's logits [n, V] (for scoring). Nothing runs until `step()`.
+
+        Never waits for a running step: the job is checked now (bad settings raise here) and admitted
+        at the start of the next step."""
+        ids = list(ids)
+        reply = None
+        if params is not None:
+            params.validate()
+            check_seed(params.seed)
+        with self._registry:
             self._check_idle(row)
-            ids = list(ids)
-            reply = None
             if params is not None:
                 if not ids and self.seen[row] == 0:
                     raise InvalidInputError("an empty stream needs a prompt (at least a BOS token) to generate from")
-                self.sampling.configure(row, params)
                 reply = Reply(self.runtime.tokenizer, lambda: self.tokens_in_cache(row), prompt_tokens=len(ids),
                               max_new_tokens=max_new_tokens, stop=stop, eos_ids=self.runtime.eos_ids)
-            job = Job(row, ids, reply, on_logits, notify=notify)
+            job = Job(row, ids, reply, on_logits, params=params, notify=notify)
             self._jobs[row] = job
-            if job.prefilling:
-                self._prefilling.append(job)
-            else:
-                self._start_decoding(job)
-            return job
+            self._inbox.append(job)
+        return job
 
     def cancel(self, job: Job) -> None:
         """Stop a job before the next iteration's work (between chunks of a prompt, too)."""
@@ -249,10 +259,10 @@ class Engine:
         """One iteration: a decode step of every decoding row, then a budget of prompt chunks.
         Returns whether work is left."""
         with self._lock:
-            for job in [j for j in (*self._decoding, *self._prefilling) if j.cancelled]:
+            admitted = self._admit()
+            cancelled = [j for j in (*self._decoding, *self._prefilling) if j.cancelled]
+            for job in cancelled:
                 self._finish(job, cancelled=True)
-                if job.notify is not None:
-                    job.notify()
             stepping = list(self._decoding) + list(self._prefilling)
             try:
                 if self._decoding:
@@ -265,10 +275,29 @@ class Engine:
                     self._finish(job)
                 raise
             finally:
-                for job in stepping:
+                for job in dict.fromkeys((*admitted, *cancelled, *stepping)):
                     if job.notify is not None and (job.responses or job.finished):
                         job.notify()
-            return bool(self._decoding or self._prefilling)
+            return bool(self._decoding or self._prefilling or self._inbox)
+
+    def _admit(self) -> list[Job]:
+        """Move the jobs submitted since the last step into the schedule (their rows' settings set)."""
+        with self._registry:
+            jobs = list(self._inbox)
+            self._inbox.clear()
+        for job in jobs:
+            if job.finished:  # its row was closed before it started
+                continue
+            if job.cancelled:
+                self._finish(job)
+                continue
+            if job.params is not None:
+                self.sampling.configure(job.row, job.params)
+            if job.prefilling:
+                self._prefilling.append(job)
+            else:
+                self._start_decoding(job)
+        return jobs
 
     # ---- the decode step ---------------------------------------------------------------------------
 
@@ -370,5 +399,6 @@ class Engine:
         self._decoding.pop(job, None)
         if job in self._prefilling:
             self._prefilling.remove(job)
-        if self._jobs.get(job.row) is job:
-            del self._jobs[job.row]
+        with self._registry:
+            if self._jobs.get(job.row) is job:
+                del self._jobs[job.row]

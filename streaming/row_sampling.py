@@ -59,6 +59,12 @@ class SamplingFeatures:
     top_p: bool
 
 
+def check_seed(seed) -> None:
+    """A sampling seed is an int or None (InvalidInputError otherwise)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise InvalidInputError(f"seed must be an int or None, got {seed!r}")
+
+
 class RowSampling:
     """Sampling settings and state of `rows` rows, as tensors on `device`.
 
@@ -122,8 +128,7 @@ class RowSampling:
     def reseed(self, row: int, seed: int | None) -> None:
         """Give a row a new seed (a fresh random one when None) and reset its draw counter."""
         self._check_row(row)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise InvalidInputError(f"seed must be an int or None, got {seed!r}")
+        check_seed(seed)
         lo, hi = seed_words(secrets.randbits(64) if seed is None else seed)
         self.seeds[row, 0] = lo
         self.seeds[row, 1] = hi

@@ -156,3 +156,48 @@ def test_chunk_larger_than_window_is_refused_up_front(runtime):
     """Engine defect 3: such a chunk used to be accepted and then fail every session creation."""
     with pytest.raises(CacheConfigError, match="chunk"):
         Engine(runtime, 2, sinks=SINKS, window=WINDOW, chunk=WINDOW + 1)
+
+
+def test_submit_never_waits_for_a_running_step(runtime):
+    """A server admits a burst of replies while the scheduler steps: each submit must return at once
+    (queued, admitted at the next step), not wait for the step to end. Here a step is held inside
+    a scoring callback while another thread submits."""
+    import threading
+
+    engine = Engine(runtime, 3, sinks=SINKS, window=WINDOW, chunk=CHUNK)
+    scorer_row, *rows = engine.open_row(), engine.open_row(), engine.open_row()
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(logits):
+        inside.set()
+        assert release.wait(10)
+
+    engine.submit(scorer_row, list(range(3, 3 + CHUNK)), on_logits=hold)
+    stepper = threading.Thread(target=engine.step)
+    stepper.start()
+    assert inside.wait(10)  # the step holds the engine's lock now
+    submitted, errors = [], []
+
+    def submit_all():
+        submitted.extend(engine.submit(r, _ids(runtime, PROMPTS[0]), params=SamplingParams(), max_new_tokens=3)
+                         for r in rows)
+        for row, params in ((rows[0], SamplingParams()), (scorer_row, SamplingParams(top_k=-1))):
+            try:
+                engine.submit(row, [5], params=params)
+            except Exception as error:  # refused at once: a queued job on the row; a bad setting
+                errors.append(error)
+
+    submitter = threading.Thread(target=submit_all)
+    submitter.start()
+    submitter.join(5)
+    try:
+        assert not submitter.is_alive(), "submit waited for the running step"
+        assert len(submitted) == 2 and not any(job.generated for job in submitted)
+        assert len(errors) == 2
+        assert "already has a job" in str(errors[0]) and "top_k" in str(errors[1])
+    finally:
+        release.set()
+        stepper.join(10)
+    for job in submitted:  # admitted by the next step, and exact
+        engine.wait(job)
+        assert job.generated == reference_tokens(runtime, _ids(runtime, PROMPTS[0]), SamplingParams(), 3)
