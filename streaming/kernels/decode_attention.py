@@ -136,7 +136,7 @@ if triton is not None:
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
                      total: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, sinks: int, window: int,
-                     diagonal: bool, block: int = BLOCK, num_warps: int = 4, num_stages: int = 3,
+                     diagonal: bool, block: int = BLOCK, num_warps: int = 4, num_stages: int | None = None,
                      splits: int | None = None) -> torch.Tensor:
     """One new token per row: q [B, H, D] rotated at its in-cache position; keys/values: a sink-window
     cache's whole buffers [R, Hkv, S+W, D] (keys unrotated); rows [B] long: the cache row of each query;
@@ -154,6 +154,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     splits = min(splits, triton.cdiv(slots, block))
     per_split = triton.cdiv(triton.cdiv(slots, splits), block) * block
     splits = triton.cdiv(slots, per_split)
+    if num_stages is None:  # float32 blocks of 128-wide heads need 237 KB of shared memory at 3 stages
+        num_stages = 3 if q.element_size() <= 2 or D <= 64 else 2
     q = q.contiguous()
     out = torch.empty_like(q)  # written by the kernel when there is one split
     # Per-split partial results [B, Hkv, splits, G(, D)]; unused (1 element) with one split.
