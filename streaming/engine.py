@@ -142,6 +142,24 @@ class Engine:
         finally:
             self._lock.release()
 
+    def warm_up(self, settings: list[SamplingParams]) -> int:
+        """Capture now every CUDA graph that steps with these sampling settings will replay (decode
+        steps of every bucket, full prompt chunks), so no request waits for a capture later (a
+        server calls this at start). Returns how many graphs exist; a no-op without graphs."""
+        if self.graphs is None:
+            return 0
+        with self._locked():
+            if any(p.repetition_penalty != 1.0 for p in settings):
+                self.sampling.prepare_counts()  # graphs are captured with or without the counts
+            with torch.inference_mode():
+                self._capture(settings)
+            return len(self.graphs)
+
+    def _capture(self, settings: list[SamplingParams]) -> None:
+        for features in dict.fromkeys(self.sampling.features_for([p]) for p in settings):
+            self.graphs.capture_decode(features)
+        self.graphs.capture_prefill()
+
     def has_waiters(self) -> bool:
         """Whether an API call (submit, cancel's cleanup, open/close a row...) waits for the lock."""
         return self._waiting > 0

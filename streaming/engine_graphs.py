@@ -93,6 +93,10 @@ class StepGraphs:
         # their own temporaries ([k, V] sampling buffers, attention inputs): 75 GiB at 1,024 rows.
         self.pool = torch.cuda.graph_pool_handle()
 
+    def __len__(self) -> int:
+        """How many graphs are captured."""
+        return len(self._graphs)
+
     def _bucket(self, k: int) -> int:
         return next(b for b in self.sizes if b >= k)
 
@@ -103,7 +107,9 @@ class StepGraphs:
     def prefill(self, rows: list[int], ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
         """Logits [k, chunk or 1, V] of a full chunk ids [k, chunk] of `rows` (see Engine.prefill_rows).
         A view of the graph's output: read it before the next replay."""
-        size = self._bucket(len(rows))
+        return self._prefill_graph(self._bucket(len(rows)), all_logits)(rows, self.engine.scratch, ids)
+
+    def _prefill_graph(self, size: int, all_logits: bool) -> _Graph:
         # A graph captured before the penalty counts existed does not update them: the key says so.
         key = ("prefill", size, all_logits, self.engine.sampling.has_counts)
         graph = self._graphs.get(key)
@@ -112,7 +118,15 @@ class StepGraphs:
             static = torch.zeros(size, engine.chunk, dtype=torch.long, device=engine.device)
             graph = self._graphs[key] = _Graph(
                 engine, size, lambda rows, ids: engine.prefill_rows(rows, ids, all_logits), [static], self.pool)
-        return graph(rows, self.engine.scratch, ids)
+        return graph
+
+    def capture_prefill(self, all_logits: bool = False) -> None:
+        """Capture the full-chunk graphs of every bucket a step can use (at most prefill_budget // chunk
+        chunks run in one step)."""
+        engine = self.engine
+        most = max(1, engine.prefill_budget // engine.chunk)
+        for size in reversed([b for b in self.sizes if b <= self._bucket(min(most, engine.rows))]):
+            self._prefill_graph(size, all_logits)
 
     def capture_decode(self, features) -> None:
         """Capture every decode bucket now (e.g. at server start), so no request waits for a capture.

@@ -144,7 +144,10 @@ class RowSampling:
 
     def features(self, rows: list[int]) -> SamplingFeatures:
         """What sampling these rows needs, from the host mirrors of their settings (no device read)."""
-        params = [self._host[self._check_row(r)] for r in rows]
+        return self.features_for([self._host[self._check_row(r)] for r in rows])
+
+    def features_for(self, params: list[SamplingParams]) -> SamplingFeatures:
+        """What a batch of rows with these settings needs."""
         drawing = [p for p in params if p.temperature > 0]
         top_p = any(p.top_p < 1.0 for p in drawing)
         ks = [p.top_k for p in drawing if 0 < p.top_k < self.vocab]
@@ -276,6 +279,13 @@ class RowSampling:
     def _all_features(self) -> SamplingFeatures:
         return SamplingFeatures(penalty=self.counts is not None, sampling=True, top_k=self.vocab, top_p=True)
 
+    def prepare_counts(self) -> None:
+        """Allocate the running penalty counts now (as the first penalised row would): a graph is
+        captured with or without them."""
+        if self.counts is None:
+            self._allocate_counts()
+
+    @torch.inference_mode(False)  # normal tensors even when first needed inside inference mode
     def _allocate_counts(self) -> None:
         counts = torch.zeros(self.num_rows, self.vocab, dtype=self._count_dtype, device=self.device)
         base = torch.arange(self.num_rows, device=self.device)[:, None] * self.vocab

@@ -47,3 +47,27 @@ def test_bucketed_decode_graphs_equal_eager_engine(tmp_path, kind):
     for layer in rt.config.kv_layers:
         torch.testing.assert_close(graphed.cache.keys[layer][rows], eager.cache.keys[layer][rows], rtol=1e-4, atol=1e-4)
     assert torch.equal(graphed.cache.lengths[rows], eager.cache.lengths[rows])
+
+
+def test_warm_up_captures_every_graph_the_steps_replay(tmp_path):
+    """After warm_up (what the server does at start), streams with those settings, joining in a burst
+    with full and partial prompt chunks, capture no graph; and the tokens equal the eager engine's."""
+    rt = streaming.load(make_tiny_checkpoint(tmp_path / "plain", "plain", with_tokenizer=False), device="cuda",
+                        dtype="float32")
+    settings = [SamplingParams(temperature=0.8, top_p=0.95, repetition_penalty=1.1, seed=3), SamplingParams()]
+
+    def burst(graphs: bool):
+        rt.cuda_graphs = graphs
+        engine = Engine(rt, 9, sinks=2, window=24, chunk=8, prefill_budget=32)
+        captured = engine.warm_up(settings)
+        gen = torch.Generator().manual_seed(1)
+        jobs = [engine.submit(engine.open_row(), torch.randint(3, rt.config.vocab_size, (3 + 5 * i,), generator=gen).tolist(),
+                              params=settings[i % 2], max_new_tokens=12 + i) for i in range(9)]
+        while engine.step():
+            pass
+        return captured, (len(engine.graphs) if graphs else 0), jobs
+
+    captured, after, jobs = burst(True)
+    assert captured >= 5 and after == captured
+    _, _, eager_jobs = burst(False)
+    assert [j.generated for j in jobs] == [j.generated for j in eager_jobs]
