@@ -45,6 +45,10 @@ async def round_trip(app, rt, prompt: str, cancel_after: float | None):
         await ws.send(json.dumps({"type": "message", "session": a, "text": "Tell me a story.",
                                   "sampling": {"max_new_tokens": 100_000, "temperature": 0.8, "seed": 1}}))
         last, gaps_before = None, []
+        while last is None:  # A's first token
+            event = json.loads(await ws.recv())
+            if event["type"] == "delta" and event["session"] == a:
+                last = time.perf_counter()
         t_start = time.perf_counter()
         while time.perf_counter() - t_start < 2.0:  # A alone for 2 s
             event = json.loads(await ws.recv())

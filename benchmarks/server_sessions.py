@@ -1,9 +1,11 @@
 """Many concurrent websocket sessions on one server: errors, time to first token (p50/p99), aggregate
-tok/s. The bundled model unless --model is given; clients run in the same process as the server.
+tok/s. The bundled model unless --model is given. The clients run in `--client-processes` separate
+processes (so their own JSON and websocket work does not share the server's interpreter).
 
     PYTHONPATH=. python benchmarks/server_sessions.py --sessions 1000 --connections 50 --new-tokens 64 --device cuda
 
-Every session sends one message at the same moment and reads its reply to the end.
+Every session sends one message at the same moment and reads its reply to the end. The aggregate is
+all completion tokens over the time from that moment to the last `done`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import statistics
 import time
 
@@ -22,8 +25,8 @@ from apps.protocol import Limits
 from apps.server.app import ServerConfig, running
 
 
-async def connection(url, sessions, new_tokens, start: asyncio.Event, results: list):
-    async with connect(url, max_size=None) as ws:
+async def connection(url, sessions, new_tokens, start, results: list, ready):
+    async with connect(url, max_size=None, ping_timeout=None) as ws:
         sids = []
         for _ in range(sessions):
             await ws.send(json.dumps({"type": "session.create"}))
@@ -32,7 +35,8 @@ async def connection(url, sessions, new_tokens, start: asyncio.Event, results: l
                 results.append(("error", event))
                 continue
             sids.append(event["session"])
-        await start.wait()
+        ready()
+        await asyncio.to_thread(start.wait)
         sent = {}
         for sid in sids:
             await ws.send(json.dumps({"type": "message", "session": sid, "text": "Tell me a story.",
@@ -46,39 +50,65 @@ async def connection(url, sessions, new_tokens, start: asyncio.Event, results: l
                 first[sid] = time.perf_counter() - sent[sid]
             elif event["type"] == "done":
                 pending.discard(sid)
-                results.append(("ok", first.get(sid), event["usage"]["completion_tokens"]))
+                results.append(("ok", first.get(sid), event["usage"]["completion_tokens"], time.time()))
             elif event["type"] == "error":
                 pending.discard(sid)
                 results.append(("error", event))
 
 
+def client_process(url, connections, per, new_tokens, start, ready_queue, result_queue):
+    """One client process: `connections` websocket connections of `per` sessions each."""
+    async def run():
+        results = []
+        tasks = [asyncio.create_task(connection(url, per, new_tokens, start, results, lambda: ready_queue.put(1)))
+                 for _ in range(connections)]
+        for task in asyncio.as_completed(tasks):
+            try:
+                await task
+            except Exception as error:  # a dropped connection counts as errors of its sessions
+                results.append(("error", f"{type(error).__name__}: {error}"))
+        return results
+    result_queue.put(asyncio.run(run()))
+
+
 async def main_async(args):
     rt = streaming.load(args.model, device=args.device)
     limits = Limits(max_sessions=args.sessions, max_new_tokens_cap=4096)
+    ctx = multiprocessing.get_context("spawn")
+    start, ready, done = ctx.Event(), ctx.Queue(), ctx.Queue()
     async with running(rt, ServerConfig(port=0, limits=limits, model_name="bench")) as app:
         url = f"ws://127.0.0.1:{app.port}/ws"
         per = args.sessions // args.connections
-        start, results = asyncio.Event(), []
-        clients = [asyncio.create_task(connection(url, per, args.new_tokens, start, results))
-                   for _ in range(args.connections)]
-        while len(app.sessions) < per * args.connections and not all(c.done() for c in clients):
-            await asyncio.sleep(0.05)
-        t0 = time.perf_counter()
+        shares = [args.connections // args.client_processes + (i < args.connections % args.client_processes)
+                  for i in range(args.client_processes)]
+        procs = [ctx.Process(target=client_process, args=(url, n, per, args.new_tokens, start, ready, done))
+                 for n in shares if n]
+        for proc in procs:
+            proc.start()
+        for _ in range(args.connections):  # every connection has created its sessions
+            await asyncio.to_thread(ready.get)
+        t0 = time.time()
         start.set()
-        await asyncio.gather(*clients)
-        elapsed = time.perf_counter() - t0
+        results = []
+        for _ in procs:
+            results += await asyncio.to_thread(done.get)
+        for proc in procs:
+            proc.join()
+        steps = app.loop.stats.as_dict()
     ok = [r for r in results if r[0] == "ok"]
     errors = [r for r in results if r[0] == "error"]
     ttft = sorted(r[1] for r in ok if r[1] is not None)
     tokens = sum(r[2] for r in ok)
+    elapsed = max(r[3] for r in ok) - t0 if ok else float("nan")
     p = lambda q: ttft[min(len(ttft) - 1, int(q * len(ttft)))] if ttft else float("nan")  # noqa: E731
     print(f"{rt.device}, {rt.dtype}, torch {torch.__version__}, {per * args.connections} sessions on "
-          f"{args.connections} connections, {args.new_tokens} tokens each")
+          f"{args.connections} connections in {len(procs)} client processes, {args.new_tokens} tokens each")
     print("| sessions | errors | p50 time to first token | p99 time to first token | aggregate tok/s |")
     print("|---|---|---|---|---|")
     print(f"| {len(ok) + len(errors)} | {len(errors)} | {p(0.5):.2f} s | {p(0.99):.2f} s | {tokens / elapsed:,.0f} |")
     if errors:
         print("first error:", errors[0][1])
+    print(f"(engine steps since start: {steps})")
     print(f"(mean TTFT {statistics.mean(ttft) if ttft else float('nan'):.2f} s, wall {elapsed:.1f} s)")
 
 
@@ -89,6 +119,7 @@ def main():
     parser.add_argument("--sessions", type=int, default=1000)
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--client-processes", type=int, default=4)
     asyncio.run(main_async(parser.parse_args()))
 
 

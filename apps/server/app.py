@@ -17,6 +17,7 @@ from apps.server.engine_loop import EngineLoop
 from apps.server.http import WS_PATH, Gate, make_process_request
 from apps.server.sessions import ChatState, ModelWorker, Registry
 from streaming import PoolFullError
+from streaming.sampling import SamplingParams
 
 log = logging.getLogger("sinkstream.server")
 
@@ -58,7 +59,11 @@ class ChatServer:
             chunk = min(SERVER_CHUNK_CPU if self.rt.device.type == "cpu" else SERVER_CHUNK_GPU, self.limits.window)
         self.pool = await self.worker.run(self.rt.pool, self.limits.max_sessions, sinks=self.limits.sinks,
                                           window=self.limits.window, chunk=chunk)
-        self.loop = EngineLoop(self.pool.engine)
+        if self.rt.device.type == "cuda":  # capture the step graphs now, not in the first requests
+            t0 = time.perf_counter()
+            graphs = await self.worker.run(self.pool.engine.warm_up, [self.rt.sampling_defaults, SamplingParams()])
+            log.info("captured %d step graphs in %.1f s", graphs, time.perf_counter() - t0)
+        self.loop = EngineLoop(self.pool.engine, asyncio.get_running_loop())
         self.loop.start()
         gate = Gate(self.cfg.host, self.cfg.allowed_origins, self.cfg.allowed_hosts, self.cfg.token)
         # The transport limit is a backstop (the connection closes with 1009 past it); frames
@@ -95,7 +100,8 @@ class ChatServer:
     def health(self) -> dict:
         return {"status": "ok", "model": self.cfg.model_name, "sessions": len(self.sessions),
                 "max_sessions": self.limits.max_sessions,
-                "uptime_s": round(time.time() - self.started, 1), "websocket": WS_PATH}
+                "uptime_s": round(time.time() - self.started, 1), "websocket": WS_PATH,
+                "engine": self.loop.stats.as_dict() if self.loop else None}
 
     # ---- one connection ----
 
@@ -214,11 +220,10 @@ class ChatServer:
         prompt_tokens = generated = 0
         t0 = time.perf_counter()
         t_first = None
-        loop = asyncio.get_running_loop()
         ready = st.ready = asyncio.Event()
         try:
             handle = await self.worker.run(self.pool.begin_chat, st.session, list(st.history), **kw,
-                                           notify=lambda: loop.call_soon_threadsafe(ready.set))
+                                           notify=self.loop.notifier(ready))
             st.job = handle.job
             if st.cancel:  # cancelled while the turn was being prepared
                 self.stop_reply(st)
@@ -258,6 +263,7 @@ class ChatServer:
                 # Records the turn in the session's chat state (a partial or empty reply included):
                 # the history below says the same, so the next message extends the conversation.
                 await self.worker.run(self.pool.end, handle)
+                self.loop.wake()  # news of other replies from steps the end ran (delivered by the loop)
                 st.history.append({"role": "assistant", "content": "".join(parts)})
             else:
                 st.history.pop()  # the session never saw the message: forget it

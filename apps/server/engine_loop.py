@@ -2,28 +2,52 @@
 
 Every step advances every live reply by one token and ingests a bounded budget of prompt chunks
 (`streaming.engine.Engine.step`), so one long prompt never stalls the other streams for more than a
-chunk. Replies learn about their new tokens through their job's `notify` callback, which wakes the
-asyncio side with `loop.call_soon_threadsafe`.
+chunk. A reply learns about its new tokens through its job's `notify` callback, which only records
+it (`news`); after each step the loop wakes every reply with news in one hop to the asyncio thread
+(one `call_soon_threadsafe` per step, not one per stream: a thousand streams would otherwise cost a
+thousand self-pipe writes and event-loop callbacks per step).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
+from collections import deque
+from dataclasses import dataclass
 
 log = logging.getLogger("sinkstream.server")
 
 
+@dataclass
+class StepStats:
+    """What the scheduler thread did since start: steps, seconds inside them, the longest one."""
+    steps: int = 0
+    busy_s: float = 0.0
+    longest_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        mean = self.busy_s / self.steps if self.steps else 0.0
+        return {"steps": self.steps, "mean_step_ms": round(mean * 1e3, 3), "longest_step_ms": round(self.longest_s * 1e3, 3)}
+
+
 class EngineLoop:
-    def __init__(self, engine) -> None:
+    def __init__(self, engine, loop: asyncio.AbstractEventLoop) -> None:
         self.engine = engine
+        self.stats = StepStats()
+        self._loop = loop
+        self._news: deque[asyncio.Event] = deque()  # events of replies with news (appended by any stepping thread)
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="sinkstream-engine", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+
+    def notifier(self, ready: asyncio.Event):
+        """A job's `notify`: records that `ready` is to be set after the step."""
+        return lambda: self._news.append(ready)
 
     def wake(self) -> None:
         """New work (a reply submitted, a cancel): step soon."""
@@ -34,19 +58,38 @@ class EngineLoop:
         self._wake.set()
         self._thread.join()
 
+    def _deliver(self) -> None:
+        batch = []
+        while self._news:
+            batch.append(self._news.popleft())
+        if batch:
+            self._loop.call_soon_threadsafe(_set_all, batch)
+
     def _run(self) -> None:
         while not self._stopping:
             self._wake.wait()
             self._wake.clear()
+            self._deliver()  # news from steps run by other threads (a reply's end waits by stepping)
             while not self._stopping:
+                t0 = time.perf_counter()
                 try:
                     more = self.engine.step()
                 except Exception:  # the jobs of that step were told (job.error); the loop goes on
                     log.exception("engine step failed")
                     more = True
+                took = time.perf_counter() - t0
+                self.stats.steps += 1
+                self.stats.busy_s += took
+                self.stats.longest_s = max(self.stats.longest_s, took)
+                self._deliver()
                 if not more:
                     break
                 # Locks are not fair: stepping back to back, this thread would re-take the engine's
                 # lock before a waiting API call (a new reply, a cancel's cleanup) ever got it.
                 while self.engine.has_waiters() and not self._stopping:
                     time.sleep(0.0001)
+
+
+def _set_all(events: list[asyncio.Event]) -> None:
+    for event in events:
+        event.set()
