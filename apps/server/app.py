@@ -26,6 +26,10 @@ log = logging.getLogger("sinkstream.server")
 # milliseconds and larger chunks batch better.
 SERVER_CHUNK_CPU = 64
 SERVER_CHUNK_GPU = 256
+# Prompt tokens one step may ingest, over all waiting prompts (one chunk each per step, round robin).
+# On a GPU a step's host work for every live stream dwarfs a few thousand prompt tokens, so a burst of
+# short prompts is admitted in few steps; one long prompt still gets one chunk per step.
+SERVER_PREFILL_BUDGET_GPU = 4096
 
 
 @dataclass
@@ -34,6 +38,7 @@ class ServerConfig:
     port: int = 8765
     limits: Limits = field(default_factory=Limits)
     chunk: int | None = None               # prompt tokens per engine step (None: 64 on CPU, 256 on GPU)
+    prefill_budget: int | None = None      # prompt tokens per step, all prompts (None: 1 chunk CPU, 4096 GPU)
     allowed_origins: tuple[str, ...] = ()  # besides same-origin and localhost; "*" = any
     allowed_hosts: tuple[str, ...] = ()    # Host names accepted besides loopback; "*" = any
     token: str | None = None               # required as ?token= or Authorization: Bearer
@@ -57,8 +62,12 @@ class ChatServer:
         chunk = self.cfg.chunk
         if chunk is None:  # a chunk is what other streams may wait for: small where steps are slow
             chunk = min(SERVER_CHUNK_CPU if self.rt.device.type == "cpu" else SERVER_CHUNK_GPU, self.limits.window)
+        budget = self.cfg.prefill_budget
+        if budget is None and self.rt.device.type == "cuda":
+            budget = SERVER_PREFILL_BUDGET_GPU
         self.pool = await self.worker.run(self.rt.pool, self.limits.max_sessions, sinks=self.limits.sinks,
-                                          window=self.limits.window, chunk=chunk)
+                                          window=self.limits.window, chunk=chunk,
+                                          prefill_budget=budget)
         if self.rt.device.type == "cuda":  # capture the step graphs now, not in the first requests
             t0 = time.perf_counter()
             graphs = await self.worker.run(self.pool.engine.warm_up, [self.rt.sampling_defaults, SamplingParams()])
