@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import sys
 import time
 
 import torch
@@ -25,6 +27,10 @@ from apps.server.app import ServerConfig, running
 
 STORY = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age "
          "of foolishness, it was the epoch of belief, it was the epoch of incredulity. ")
+
+
+def progress(what: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {what}", file=sys.stderr, flush=True)
 
 
 async def create(ws) -> str:
@@ -39,47 +45,63 @@ def long_prompt(rt, tokens: int) -> str:
     return text
 
 
+A_MESSAGE = {"type": "message", "text": "Tell me a story.",
+             "sampling": {"max_new_tokens": 100_000, "temperature": 0.8, "seed": 1}}
+
+
 async def round_trip(app, rt, prompt: str, cancel_after: float | None):
     async with connect(f"ws://127.0.0.1:{app.port}/ws", max_size=None) as ws:
         a, b = await create(ws), await create(ws)
-        await ws.send(json.dumps({"type": "message", "session": a, "text": "Tell me a story.",
-                                  "sampling": {"max_new_tokens": 100_000, "temperature": 0.8, "seed": 1}}))
-        last, gaps_before = None, []
-        while last is None:  # A's first token
-            event = json.loads(await ws.recv())
-            if event["type"] == "delta" and event["session"] == a:
-                last = time.perf_counter()
-        t_start = time.perf_counter()
+        await ws.send(json.dumps({**A_MESSAGE, "session": a}))
+        state = {"last": None}
+
+        async def next_event():
+            """The next event; A is kept streaming: when its reply ends (the model may end it), the
+            next message goes out at once and no gap is counted across the two replies."""
+            event = json.loads(await asyncio.wait_for(ws.recv(), 30))
+            if event.get("session") == a and event["type"] == "done":
+                state["last"] = None
+                await ws.send(json.dumps({**A_MESSAGE, "session": a}))
+            return event, time.perf_counter()
+
+        def a_gap(event, now):
+            """The gap since A's previous delta, if this is one of A's deltas within one reply."""
+            if event.get("session") != a or event["type"] != "delta":
+                return None
+            gap = None if state["last"] is None else now - state["last"]
+            state["last"] = now
+            return gap
+
+        while state["last"] is None:  # A's first token
+            a_gap(*await next_event())
+        progress("A's first token")
+        gaps_before, t_start = [], time.perf_counter()
         while time.perf_counter() - t_start < 2.0:  # A alone for 2 s
-            event = json.loads(await ws.recv())
-            now = time.perf_counter()
-            if event["type"] == "delta" and event["session"] == a:
-                if last is not None:
-                    gaps_before.append(now - last)
-                last = now
+            gap = a_gap(*await next_event())
+            if gap is not None:
+                gaps_before.append(gap)
         t_b = time.perf_counter()
         await ws.send(json.dumps({"type": "message", "session": b, "text": prompt,
                                   "sampling": {"max_new_tokens": 8}}))
+        progress("B's prompt sent")
         gaps, cancelled_at, b_first, b_done = [], None, None, None
         while b_done is None:
-            event = json.loads(await ws.recv())
-            now = time.perf_counter()
+            event, now = await next_event()
             if cancel_after is not None and cancelled_at is None and now - t_b >= cancel_after:
                 await ws.send(json.dumps({"type": "cancel", "session": b}))
                 cancelled_at = time.perf_counter()
-            if event.get("session") == a and event["type"] == "delta":
-                if b_first is None:
-                    gaps.append(now - last)
-                last = now
+            gap = a_gap(event, now)
+            if gap is not None and b_first is None:
+                gaps.append(gap)
             elif event.get("session") == b:
                 if event["type"] == "delta" and b_first is None:
                     b_first = now - t_b
                 if event["type"] == "done":
-                    b_done = (now - cancelled_at) if cancelled_at else None
-                    b_done = b_done if b_done is not None else 0.0
+                    b_done = (now - cancelled_at) if cancelled_at else 0.0
                     usage = event["usage"]
                 if event["type"] == "error":
                     raise RuntimeError(event)
+        progress("B done")
         await ws.send(json.dumps({"type": "cancel", "session": a}))
         return max(gaps_before), max(gaps) if gaps else 0.0, b_first, b_done if cancelled_at else None, usage
 
@@ -104,6 +126,7 @@ async def main_async(args):
 
 
 def main():
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=None)
     parser.add_argument("--device", default=None)
