@@ -5,7 +5,9 @@ processes (so their own JSON and websocket work does not share the server's inte
     PYTHONPATH=. python benchmarks/server_sessions.py --sessions 1000 --connections 50 --new-tokens 64 --device cuda
 
 Every session sends one message at the same moment and reads its reply to the end. The aggregate is
-all completion tokens over the time from that moment to the last `done`.
+all completion tokens over the time from that moment to the last `done`. `--long-prompt-after`
+seconds in, one more session sends a `--long-prompt-tokens` prompt; the worst gap between two deltas
+of any other session while that prompt is ingested (until its first token) is reported.
 """
 
 from __future__ import annotations
@@ -42,18 +44,44 @@ async def connection(url, sessions, new_tokens, start, results: list, ready):
             await ws.send(json.dumps({"type": "message", "session": sid, "text": "Tell me a story.",
                                       "sampling": {"max_new_tokens": new_tokens, "temperature": 0.8, "seed": 1}}))
             sent[sid] = time.perf_counter()
-        first, pending = {}, set(sids)
+        first, pending, arrivals = {}, set(sids), {sid: [] for sid in sids}
         while pending:
             event = json.loads(await ws.recv())
             sid = event.get("session")
-            if event["type"] == "delta" and sid not in first:
-                first[sid] = time.perf_counter() - sent[sid]
+            if event["type"] == "delta":
+                arrivals[sid].append(time.time())  # wall clock: compared with the long prompt's times
+                if sid not in first:
+                    first[sid] = time.perf_counter() - sent[sid]
             elif event["type"] == "done":
                 pending.discard(sid)
-                results.append(("ok", first.get(sid), event["usage"]["completion_tokens"], time.time()))
+                results.append(("ok", first.get(sid), event["usage"]["completion_tokens"], time.time(),
+                                arrivals[sid]))
             elif event["type"] == "error":
                 pending.discard(sid)
                 results.append(("error", event))
+
+
+async def long_prompt(url, text: str, after: float, start_time: float) -> tuple[float, float]:
+    """Send `text` as one session's message `after` seconds past the start; (sent, first delta) times."""
+    async with connect(url, max_size=None, ping_timeout=None) as ws:
+        await ws.send(json.dumps({"type": "session.create"}))
+        sid = json.loads(await ws.recv())["session"]
+        await asyncio.sleep(max(0.0, start_time + after - time.time()))
+        sent = time.time()
+        await ws.send(json.dumps({"type": "message", "session": sid, "text": text,
+                                  "sampling": {"max_new_tokens": 4}}))
+        while True:
+            event = json.loads(await ws.recv())
+            if event["type"] == "delta":
+                return sent, time.time()
+            if event["type"] in ("error", "done"):
+                raise RuntimeError(f"long prompt: {event}")
+
+
+def worst_gap(arrivals: list[float], lo: float, hi: float) -> float:
+    """The longest time between two consecutive deltas whose interval overlaps [lo, hi]."""
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:]) if b >= lo and a <= hi]
+    return max(gaps, default=0.0)
 
 
 def client_process(url, connections, per, new_tokens, start, ready_queue, result_queue):
@@ -73,7 +101,14 @@ def client_process(url, connections, per, new_tokens, start, ready_queue, result
 
 async def main_async(args):
     rt = streaming.load(args.model, device=args.device)
-    limits = Limits(max_sessions=args.sessions, max_new_tokens_cap=4096)
+    text = ""
+    if args.long_prompt_tokens:
+        from benchmarks.server_long_prompt import long_prompt as make_prompt
+
+        text = make_prompt(rt, args.long_prompt_tokens)
+    limits = Limits(max_sessions=args.sessions + 1, max_new_tokens_cap=4096,
+                    max_prompt_tokens=max(4096, 2 * args.long_prompt_tokens),
+                    max_message_bytes=max(65536, 8 * len(text)))
     ctx = multiprocessing.get_context("spawn")
     start, ready, done = ctx.Event(), ctx.Queue(), ctx.Queue()
     async with running(rt, ServerConfig(port=0, limits=limits, model_name="bench")) as app:
@@ -89,9 +124,11 @@ async def main_async(args):
             await asyncio.to_thread(ready.get)
         t0 = time.time()
         start.set()
+        long_task = asyncio.create_task(long_prompt(url, text, args.long_prompt_after, t0)) if text else None
         results = []
         for _ in procs:
             results += await asyncio.to_thread(done.get)
+        long_sent, long_first = await long_task if long_task else (None, None)
         for proc in procs:
             proc.join()
         steps = app.loop.stats.as_dict()
@@ -106,6 +143,13 @@ async def main_async(args):
     print("| sessions | errors | p50 time to first token | p99 time to first token | aggregate tok/s |")
     print("|---|---|---|---|---|")
     print(f"| {len(ok) + len(errors)} | {len(errors)} | {p(0.5):.2f} s | {p(0.99):.2f} s | {tokens / elapsed:,.0f} |")
+    if long_sent is not None:
+        during = max((worst_gap(r[4], long_sent, long_first) for r in ok), default=0.0)
+        overall = sorted(worst_gap(r[4], 0, float("inf")) for r in ok)
+        print(f"\nA {args.long_prompt_tokens}-token prompt sent {long_sent - t0:.2f} s after the start took "
+              f"{long_first - long_sent:.2f} s to its first token; while it was ingested, the worst gap "
+              f"between two deltas of any other session was {during * 1e3:.0f} ms (each session's worst gap "
+              f"over its whole reply: median {overall[len(overall) // 2] * 1e3:.0f} ms, max {overall[-1] * 1e3:.0f} ms)")
     if errors:
         print("first error:", errors[0][1])
     print(f"(engine steps since start: {steps})")
@@ -120,6 +164,10 @@ def main():
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--client-processes", type=int, default=4)
+    parser.add_argument("--long-prompt-tokens", type=int, default=4000,
+                        help="one more session sends a prompt this long during the run (0: none)")
+    parser.add_argument("--long-prompt-after", type=float, default=1.0,
+                        help="seconds after the start at which the long prompt is sent")
     asyncio.run(main_async(parser.parse_args()))
 
 
