@@ -1,6 +1,6 @@
 """Where an engine decode step spends its time: torch.profiler's top CUDA kernels for one batch.
 
-    PYTHONPATH=. python benchmarks/engine_profile.py --streams 256 --kind plain
+    PYTHONPATH=. python benchmarks/engine_profile.py --streams 256 --kind plain [--steady]
 
 TinyLlama-1.1B shape, random bf16 weights, 4 + 1020 slots; eager steps (no graph) so kernels are
 attributed; prints the kernels sorted by total CUDA time over `--steps` steps.
@@ -26,6 +26,8 @@ def main():
     parser.add_argument("--streams", type=int, default=256)
     parser.add_argument("--kind", default="plain")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steady", action="store_true",
+                        help="profile with every window full (streams put at 10^6 tokens seen after the prompt)")
     args = parser.parse_args()
     config = (plain_config(layers=22, **TINYLLAMA) if args.kind == "plain"
               else lckv_config(layers=22, m=7, b=2, **TINYLLAMA))
@@ -38,6 +40,10 @@ def main():
             for _ in range(args.streams)]
     while any(j.prefilling for j in jobs):
         engine.step()
+    if args.steady:  # as benchmarks/engine_decode.py's "windows full": each step reads all slots
+        for job in jobs:
+            engine.seen[job.row] = 10**6
+        engine.cache.lengths[[job.row for job in jobs]] = 10**6
     for _ in range(3):
         engine.step()
     torch.cuda.synchronize()
