@@ -2,6 +2,8 @@
 
 Every stream holds a row of one `SinkWindowCache` allocated once (rows from a free list) and the
 row's next-token logits. Each iteration of the loop (`Engine.step`):
+- the jobs submitted since the last iteration join (a submit never waits for a running step: it is
+  checked, queued, and admitted here);
 - every decoding row samples its next token from its stored logits (per-row settings, on the device:
   `RowSampling`), ingests it in one batched decode step whose rows are addressed in place, and stores
   the new logits; the host reads the sampled ids with one device->host copy and turns them into
@@ -13,9 +15,9 @@ row's next-token logits. Each iteration of the loop (`Engine.step`):
 A reply's tokens are in the cache when they are reported (as with a standalone session), so a
 finished reply needs no extra step and the stream can be continued. On CUDA the decode step is
 replayed from a CUDA graph captured per batch-size bucket on the shared cache (`StepGraphs`, full
-prompt chunks too);
-admitting a stream captures nothing. tests/test_engine.py shows batched streams equal streams run
-alone.
+prompt chunks too); admitting a stream captures nothing, and `warm_up` captures every graph a set of
+sampling settings needs up front (a server does it at start). tests/test_engine.py shows batched
+streams equal streams run alone.
 """
 
 from __future__ import annotations
