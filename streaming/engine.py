@@ -303,21 +303,20 @@ class Engine:
     def _admit(self) -> list[Job]:
         """Move the jobs submitted since the last step into the schedule (their rows' settings set)."""
         with self._registry:
-            jobs = list(self._inbox)
+            submitted = list(self._inbox)
             self._inbox.clear()
-        for job in jobs:
-            if job.finished:  # its row was closed before it started
-                continue
-            if job.cancelled:
+        for job in submitted:
+            if job.cancelled and not job.finished:
                 self._finish(job)
-                continue
-            if job.params is not None:
-                self.sampling.configure(job.row, job.params)
+        jobs = [job for job in submitted if not job.finished]  # (closing a row finishes its job too)
+        replies = [job for job in jobs if job.params is not None]
+        self.sampling.configure_many([job.row for job in replies], [job.params for job in replies])
+        for job in jobs:
             if job.prefilling:
                 self._prefilling.append(job)
             else:
                 self._start_decoding(job)
-        return jobs
+        return submitted
 
     # ---- the decode step ---------------------------------------------------------------------------
 

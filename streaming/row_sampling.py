@@ -113,17 +113,32 @@ class RowSampling:
 
         The penalty history is kept: a new reply on a chat continues it.
         """
-        self._check_row(row)
-        params.validate()
-        self.temperature[row] = float(params.temperature)
-        self.top_k[row] = int(params.top_k)
-        self.top_p[row] = float(params.top_p)
-        self.penalty[row] = float(params.repetition_penalty)
-        self._host[row] = SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                                         repetition_penalty=params.repetition_penalty)
-        if params.repetition_penalty != 1.0 and self.counts is None:
+        self.configure_many([row], [params])
+
+    def configure_many(self, rows: list[int], params: list[SamplingParams]) -> None:
+        """`configure` for many distinct rows in a few batched writes (a burst of replies joining)."""
+        for row, p in zip(rows, params, strict=True):
+            self._check_row(row)
+            p.validate()
+            check_seed(p.seed)
+        if not rows:
+            return
+        index = torch.tensor(rows, dtype=torch.long).to(self.device)
+
+        def put(target: torch.Tensor, values: list) -> None:
+            target.index_copy_(0, index, torch.tensor(values, dtype=target.dtype).to(self.device))
+
+        put(self.temperature, [float(p.temperature) for p in params])
+        put(self.top_k, [int(p.top_k) for p in params])
+        put(self.top_p, [float(p.top_p) for p in params])
+        put(self.penalty, [float(p.repetition_penalty) for p in params])
+        put(self.seeds, [seed_words(secrets.randbits(64) if p.seed is None else p.seed) for p in params])
+        self.counters.index_fill_(0, index, 0)
+        for row, p in zip(rows, params):
+            self._host[row] = SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                                             repetition_penalty=p.repetition_penalty)
+        if self.counts is None and any(p.repetition_penalty != 1.0 for p in params):
             self._allocate_counts()
-        self.reseed(row, params.seed)
 
     def reseed(self, row: int, seed: int | None) -> None:
         """Give a row a new seed (a fresh random one when None) and reset its draw counter."""

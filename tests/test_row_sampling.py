@@ -426,3 +426,30 @@ def test_cuda_graph_replays_equal_eager_calls():
     cpu._allocate_counts()
     assert torch.equal(cpu.counts, eager.counts.cpu())
     assert torch.equal(cpu.uniforms(rows.cpu()), eager.uniforms(rows).cpu())
+
+
+def test_configure_many_sets_exactly_those_rows():
+    """A burst of replies is admitted with one batched write per setting: each named row holds its own
+    settings and seed words, with its draw counter reset; the other rows keep theirs."""
+    sampler = RowSampling(6, 50, device="cpu", history=8)
+    sampler.configure(2, SamplingParams(temperature=0.3, top_k=4, seed=99))
+    sampler.counters.fill_(7)
+    before = (sampler.temperature[2].item(), sampler.top_k[2].item(), sampler.seeds[2].tolist())
+    settings = [SamplingParams(temperature=0.9, top_k=20, seed=5), SamplingParams(),
+                SamplingParams(temperature=0.7, top_p=0.8, repetition_penalty=1.3, seed=-3)]
+    rows = [5, 0, 3]
+    sampler.configure_many(rows, settings)
+    for row, p in zip(rows, settings):
+        assert sampler.temperature[row].item() == pytest.approx(p.temperature)
+        assert sampler.top_k[row].item() == p.top_k
+        assert sampler.top_p[row].item() == pytest.approx(p.top_p)
+        assert sampler.penalty[row].item() == pytest.approx(p.repetition_penalty)
+        assert sampler.counters[row].item() == 0
+        if p.seed is not None:
+            assert tuple(sampler.seeds[row].tolist()) == seed_words(p.seed)
+    assert (sampler.temperature[2].item(), sampler.top_k[2].item(), sampler.seeds[2].tolist()) == before
+    assert sampler.counters[2].item() == 7 and sampler.counters[1].item() == 7
+    assert sampler.has_counts  # a penalised row allocates the running counts
+    assert sampler.features([5, 0]) == sampler.features_for([settings[0], settings[1]])
+    with pytest.raises(InvalidInputError, match="seed"):
+        sampler.configure_many([1], [SamplingParams(seed=1.5)])
