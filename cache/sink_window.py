@@ -55,12 +55,21 @@ class SinkWindowCache(KVBuffers):
         window_pos = S + k - evicted
         sink_valid = self._sink_slots < total  # [B, S]
         sink_pos = self._sink_slots.expand_as(sink_valid)
+        slot_positions = torch.cat((sink_pos, window_pos), dim=1)
+        slot_valid = torch.cat((sink_valid, window_valid), dim=1)
+        if self.device.type == "cpu":
+            # Until a row's window wraps, its tokens fill slots 0..total-1 in order: a step need not
+            # read past the fullest row's last slot (a short stream then costs what it holds, not
+            # S+W slots of masked work). Only where reading the lengths is free: on CUDA the shape
+            # must not depend on them (graphs) and the decode kernel skips empty slots itself.
+            visible = min(S + W, int(total.max()))
+            slot_positions, slot_valid = slot_positions[:, :visible], slot_valid[:, :visible]
         return StepPlan(
             n=n,
             write_slots=write_slots,
             query_positions=query_positions,
-            slot_positions=torch.cat((sink_pos, window_pos), dim=1),
-            slot_valid=torch.cat((sink_valid, window_valid), dim=1),
+            slot_positions=slot_positions,
+            slot_valid=slot_valid,
             rows=rows,
         )
 

@@ -79,6 +79,29 @@ def test_step_larger_than_window_is_refused():
         cache.plan(9)
 
 
+def test_cpu_plan_reads_only_filled_slots_until_the_window_wraps():
+    """On CPU a step reads slots 0..max(total)-1 while no addressed row has wrapped, S+W after; the
+    trimmed plan is the full plan's prefix, and every slot it drops is empty (invalid)."""
+    S, W = 2, 8
+    cache = SinkWindowCache([0], 3, 1, 2, sinks=S, window=W, dtype=torch.float32, device="cpu")
+    cache.lengths.copy_(torch.tensor([0, 3, 12]))
+    for rows, n, visible in (([0], 1, 1), ([0, 1], 2, 5), ([1], 5, 8), ([1, 2], 1, S + W), ([0], W, W)):
+        plan = cache.plan(n, torch.tensor(rows))
+        assert plan.visible == visible
+        full = _untrimmed_plan(cache, n, torch.tensor(rows))
+        assert torch.equal(plan.slot_positions, full.slot_positions[:, :visible])
+        assert torch.equal(plan.slot_valid, full.slot_valid[:, :visible])
+        assert not full.slot_valid[:, visible:].any()
+
+
+def _untrimmed_plan(cache, n, rows):
+    """The plan as a CUDA step sees it (all S+W slots): the same method on a cache claiming a GPU."""
+    view = object.__new__(SinkWindowCache)
+    view.__dict__.update(cache.__dict__)
+    view.device = torch.device("meta")  # only the device *type* is consulted; tensors stay on CPU
+    return SinkWindowCache.plan(view, n, rows)
+
+
 # ---- models --------------------------------------------------------------------------------------
 
 MODELS = {
