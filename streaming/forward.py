@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from .attention import PreparedMask
 from .kernels import decode_attention as kernel
 from .model import CausalLM
 
@@ -40,6 +41,7 @@ class _Step:
         valid = self.plan.slot_valid[:, None, :]
         self.mask_with_diag = valid & (k_pos <= q_pos)  # [B, n, L]
         self.mask_no_diag = valid & (k_pos < q_pos)
+        self._prepared: dict[bool, PreparedMask] = {}
 
     def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.cache.write(layer, self.plan, keys, values)
@@ -64,14 +66,24 @@ class _Step:
             attn = _kernel_attention(self, index, q)
             return model.after_attention(layer, hidden, attn)
         keys, values = self.kv(model.config.kv_sources[index])
-        mask = self.mask_with_diag if model.config.sees_diagonal(index) else self.mask_no_diag
-        if attend_before_store and model.config.sees_diagonal(index):
+        diagonal = model.config.sees_diagonal(index)
+        if attend_before_store and diagonal:
             keys, values, mask = self._with_own_diagonal(keys, values, new_kv)
+        else:
+            mask = self.prepared_mask(diagonal, q)
         hidden = model.attention(layer, hidden, q, keys, values, mask)
         if new_kv is not None and attend_before_store:
             self.store(index, *new_kv)
         return hidden
 
+
+    def prepared_mask(self, diagonal: bool, q: torch.Tensor) -> PreparedMask:
+        """The step's mask with or without the diagonal, prepared once for every layer that uses it."""
+        if diagonal not in self._prepared:
+            group = q.shape[1] // self.cache.num_kv_heads
+            mask = self.mask_with_diag if diagonal else self.mask_no_diag
+            self._prepared[diagonal] = PreparedMask(mask, group, q.dtype)
+        return self._prepared[diagonal]
 
     def _with_own_diagonal(self, keys, values, new_kv):
         """Earlier tokens from the cache (previous pass), each token's own key from this pass.
