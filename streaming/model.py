@@ -23,6 +23,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # the same arithmetic in one fused op (a decode step has 17 norms)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in float32 like the reference implementation, then scale in the input dtype.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -119,3 +119,19 @@ def test_model_plain_and_sdpa_paths_agree(tmp_path):
     for a, b in zip(results["sdpa"], results["plain"]):
         assert torch.isfinite(a).all()
         assert (a - b).abs().max() / b.abs().max() < 1e-5
+
+
+def test_rmsnorm_fused_float32_equals_the_reference_formula():
+    """float32 inputs take F.rms_norm (one op); bf16 keeps the explicit float32 path of HF Llama. Both
+    equal x / sqrt(mean(x^2) + eps) * w computed in float64."""
+    from streaming.model import RMSNorm
+
+    gen = torch.Generator().manual_seed(0)
+    norm = RMSNorm(48, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48, generator=gen) * 2)
+    x = torch.randn(3, 5, 48, generator=gen) * 3
+    x64 = x.double()
+    want = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.double()
+    torch.testing.assert_close(norm(x).double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(norm.to(torch.bfloat16)(x.bfloat16()).double(), want, rtol=2e-2, atol=2e-2)
