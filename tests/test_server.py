@@ -99,6 +99,24 @@ def test_page_and_health_check(rt):
             # DNS-rebinding guard: a loopback server answers only to loopback host names.
             status, _, _ = await asyncio.to_thread(http_get, base + "/healthz", {"Host": "evil.example"})
             assert status == 403
+            # Names that only look like loopback addresses resolve wherever their owner says.
+            for host in ("127.evil.example", f"127.0.0.1.evil.example:{app.port}", "localhost.evil.example"):
+                status, _, _ = await asyncio.to_thread(http_get, base + "/healthz", {"Host": host})
+                assert status == 403, host
+            for host in (f"127.0.0.2:{app.port}", f"[::1]:{app.port}", f"LOCALHOST:{app.port}"):
+                status, _, _ = await asyncio.to_thread(http_get, base + "/healthz", {"Host": host})
+                assert status == 200, host
+            rebound = f"127.0.0.1.evil.example:{app.port}"  # a rebinding page: same origin as its Host
+            handshake = {"Host": rebound, "Origin": f"http://{rebound}", "Upgrade": "websocket",
+                         "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+                         "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+            status, _, _ = await asyncio.to_thread(http_get, base + "/ws", handshake)
+            assert status == 403
+            # Two Host headers: a clean refusal, not an internal error.
+            with pytest.raises(InvalidStatus) as refused:
+                async with connect(ws_url(app), additional_headers={"Host": "localhost"}):
+                    pass
+            assert refused.value.response.status_code == 400
     run(main())
 
 
@@ -299,10 +317,17 @@ def test_origin_and_token_checks(rt):
             async with connect(ws_url(app), additional_headers={"Authorization": "Bearer s3cret"}) as ws:
                 await create(ws)
                 outcomes["bearer"] = "ok"
+            base = f"http://127.0.0.1:{app.port}/healthz"
+            for name, url, headers in [("health, no token", base, None),
+                                       ("health, token", base + "?token=s3cret", None),
+                                       ("health, bearer", base, {"Authorization": "Bearer s3cret"})]:
+                status, _, _ = await asyncio.to_thread(http_get, url, headers)
+                outcomes[name] = "ok" if status == 200 else status
             return outcomes
 
     assert run(main()) == {"no token": 401, "wrong token": 401, "token": "ok", "same origin": "ok",
-                           "allowed origin": "ok", "foreign origin": 403, "bearer": "ok"}
+                           "allowed origin": "ok", "foreign origin": 403, "bearer": "ok",
+                           "health, no token": 401, "health, token": "ok", "health, bearer": "ok"}
 
 
 def test_concurrent_replies_share_batched_decode_steps(rt):

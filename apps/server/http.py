@@ -8,6 +8,7 @@ handshake go on (only for /ws, and only after the Host, Origin and token checks 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 from http import HTTPStatus
 from importlib import resources
@@ -19,6 +20,19 @@ from websockets.http11 import Response
 
 WS_PATH = "/ws"
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+
+def is_loopback(name: str | None) -> bool:
+    """'localhost' exactly, or an IP address in 127.0.0.0/8 or ::1. A name that only starts like
+    one ('127.evil.example', '127.0.0.1.evil.example') is not: it resolves wherever its owner says."""
+    if not name:
+        return False
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
           "/index.html": ("index.html", "text/html; charset=utf-8"),
           "/app.js": ("app.js", "text/javascript; charset=utf-8"),
@@ -66,7 +80,7 @@ class Gate:
         self.origins = {o.rstrip("/").lower() for o in allowed_origins}
         self.token = token
         # DNS-rebinding guard: a server bound to loopback answers only to loopback host names.
-        loopback = bind_host in LOOPBACK_NAMES or bind_host.startswith("127.")
+        loopback = is_loopback(bind_host)
         self.hosts = {h.lower() for h in allowed_hosts} | (LOOPBACK_NAMES if loopback else set())
         self.check_host = loopback or bool(allowed_hosts)
 
@@ -74,7 +88,7 @@ class Gate:
         if not self.check_host or "*" in self.hosts:
             return True
         name = hostname(host_header)
-        return name is not None and (name.lower() in self.hosts or name.startswith("127."))
+        return name is not None and (name.lower() in self.hosts or is_loopback(name))
 
     def origin_ok(self, origin: str | None, host_header: str | None) -> bool:
         if origin is None:
@@ -87,7 +101,7 @@ class Gate:
             return False
         if host_header and parts.netloc == host_header.lower():
             return True  # same origin as the page this server served
-        return (parts.hostname or "") in LOOPBACK_NAMES
+        return is_loopback(parts.hostname)
 
     def token_ok(self, query: str, headers: Headers) -> bool:
         if not self.token:
@@ -104,7 +118,10 @@ def make_process_request(gate: Gate, health: Callable[[], dict]):
 
     def process_request(connection, request):
         path, _, query = request.path.partition("?")
-        host = request.headers.get("Host")
+        hosts = request.headers.get_all("Host")
+        if len(hosts) > 1:
+            return text(400, "more than one Host header")
+        host = hosts[0] if hosts else None
         if not gate.host_ok(host):
             return text(403, f"host {host!r} is not allowed (start the server with --allow-host)")
         if path == WS_PATH:
@@ -114,6 +131,8 @@ def make_process_request(gate: Gate, health: Callable[[], dict]):
                 return text(401, "missing or wrong token (?token=... or Authorization: Bearer)")
             return None  # go on with the websocket handshake
         if path == "/healthz":
+            if not gate.token_ok(query, request.headers):  # it tells sessions and load: not public
+                return text(401, "missing or wrong token (?token=... or Authorization: Bearer)")
             return response(200, json.dumps(health()).encode(), "application/json")
         if path in STATIC:
             name, ctype = STATIC[path]
