@@ -21,6 +21,7 @@ UNKNOWN_SESSION = "unknown_session"      # no such session (closed, expired or n
 TOO_MANY_SESSIONS = "too_many_sessions"  # limits.max_sessions reached
 PROMPT_TOO_LONG = "prompt_too_long"      # the message is over limits.max_prompt_tokens
 BUSY = "busy"                            # a reply is already running in this session
+NO_REPLY = "no_reply"                    # a cancel when no reply runs in the session
 IDLE_TIMEOUT = "idle_timeout"            # the session was closed after limits.idle_timeout_s
 INTERNAL = "internal"                    # a bug or model failure; the session may continue
 
@@ -62,6 +63,7 @@ FIELDS = {
 }
 REQUIRED = {"message": {"session", "text"}, "cancel": {"session"}, "session.close": {"session"}}
 MAX_ID_LEN = 128
+MAX_NESTING = 16  # arrays/objects inside each other; a frame needs 3 (message > sampling > stop)
 MAX_STOP_STRINGS, MAX_STOP_LEN = 8, 128
 
 
@@ -73,6 +75,9 @@ def parse_frame(frame, limits: Limits) -> dict:
     if size > limits.max_message_bytes:
         raise ProtocolError(FRAME_TOO_LARGE, f"frame of {size} bytes is over the limit of "
                                              f"{limits.max_message_bytes} bytes")
+    depth = _nesting(frame)
+    if depth > MAX_NESTING:  # before parsing: the parser recurses once per level
+        raise ProtocolError(BAD_JSON, f"frame nests arrays/objects {depth} deep; at most {MAX_NESTING} allowed")
     try:
         msg = json.loads(frame)
     except ValueError as e:
@@ -81,8 +86,8 @@ def parse_frame(frame, limits: Limits) -> dict:
         raise ProtocolError(BAD_REQUEST, "frame must be a JSON object with a 'type' field")
     rid = msg.get("id")
     if rid is not None and not (isinstance(rid, (str, int)) and not isinstance(rid, bool)
-                                and len(str(rid)) <= MAX_ID_LEN):
-        raise ProtocolError(BAD_REQUEST, f"'id' must be a string or integer of at most "
+                                and len(str(rid)) <= MAX_ID_LEN and _unicode_ok(str(rid))):
+        raise ProtocolError(BAD_REQUEST, f"'id' must be a string (valid Unicode) or integer of at most "
                                          f"{MAX_ID_LEN} characters")
     kind = msg.get("type")
     if not isinstance(kind, str):
@@ -90,7 +95,8 @@ def parse_frame(frame, limits: Limits) -> dict:
     if kind not in FIELDS:
         raise ProtocolError(UNKNOWN_TYPE, f"unknown event type {kind[:64]!r}; expected one of "
                                           f"{sorted(FIELDS)}", request_id=rid)
-    sid = msg.get("session") if isinstance(msg.get("session"), str) else None
+    # Echoed in errors only when it can be sent back (a lone surrogate cannot be encoded).
+    sid = msg.get("session") if isinstance(msg.get("session"), str) and _unicode_ok(msg["session"]) else None
 
     def bad(text: str) -> ProtocolError:
         return ProtocolError(BAD_REQUEST, f"{kind}: {text}", session=sid, request_id=rid)
@@ -102,7 +108,8 @@ def parse_frame(frame, limits: Limits) -> dict:
     if missing:
         raise bad(f"missing field(s) {sorted(missing)}")
     for name in ("session", "resume"):
-        if name in msg and not (isinstance(msg[name], str) and 0 < len(msg[name]) <= MAX_ID_LEN):
+        if name in msg and not (isinstance(msg[name], str) and 0 < len(msg[name]) <= MAX_ID_LEN
+                                and _unicode_ok(msg[name])):
             raise bad(f"'{name}' must be a non-empty session id string")
     for name in ("text", "system"):
         if name in msg and not (isinstance(msg[name], str) and _unicode_ok(msg[name])):
@@ -112,6 +119,28 @@ def parse_frame(frame, limits: Limits) -> dict:
     if "sampling" in msg:
         msg["sampling"] = parse_sampling(msg["sampling"], limits, bad)
     return msg
+
+
+def _nesting(frame: str) -> int:
+    """The deepest nesting of arrays/objects in a JSON text (brackets inside strings not counted)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in frame:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
 
 
 def _unicode_ok(text: str) -> bool:
@@ -136,7 +165,7 @@ def parse_sampling(s, limits: Limits, bad) -> dict:
     if not isinstance(s, dict):
         raise bad("'sampling' must be an object")
     ranges = {
-        "temperature": (0.0, 10.0, False), "top_p": (0.0, 1.0, False),
+        "temperature": (0.0, 10.0, False), "top_p": (0.0, 1.0, False),  # top_p > 0: checked below
         "top_k": (0, 1 << 20, True), "repetition_penalty": (0.01, 10.0, False),
         "max_new_tokens": (1, limits.max_new_tokens_cap, True), "seed": (0, 2**63 - 1, True),
     }
@@ -154,6 +183,8 @@ def parse_sampling(s, limits: Limits, bad) -> dict:
             if not _number(value, lo, hi, integer=integer):
                 kind = "an integer" if integer else "a number"
                 raise bad(f"sampling.{key} must be {kind} in [{lo}, {hi}], got {value!r}"[:300])
+            if key == "top_p" and value == 0:
+                raise bad("sampling.top_p must be a number in (0, 1] (1 = off), got 0")
             out[key] = int(value) if integer else float(value)
         else:
             raise bad(f"unknown sampling setting {key[:64]!r}; allowed: "

@@ -226,10 +226,10 @@ def test_bad_frames_get_errors_and_other_sessions_keep_streaming(rt):
     async def main():
         async with serve(rt) as app:
             async with connect(ws_url(app)) as ws:
-                good = await create(ws)
+                good, idle = await create(ws), await create(ws)
                 await send(ws, type="message", session=good, text="Talk.", sampling=LONG)
                 await until(ws, lambda e: e["type"] == "delta")
-                errors = {}
+                errors, events = {}, {}
                 bad = {
                     "bad_json": "{not json",
                     "unknown_type": json.dumps({"type": "launch.rockets"}),
@@ -242,11 +242,20 @@ def test_bad_frames_get_errors_and_other_sessions_keep_streaming(rt):
                     "bad_frame": b"\x00\x01",
                     "not_object": "[1, 2, 3]",
                     "surrogate": '{"type": "message", "session": "%s", "text": "\\ud800"}' % good,
+                    # Lone surrogates where the server used to echo them back (the encoding failed
+                    # and the connection was aborted without an event).
+                    "surrogate_id": '{"type": "cancel", "session": "x", "id": "\\ud800"}',
+                    "surrogate_session": '{"type": "cancel", "session": "\\udfff", "id": 3}',
+                    "surrogate_resume": '{"type": "session.create", "resume": "a\\ud800b"}',
+                    "deep": "[" * 1500 + "]" * 1500,  # was a RecursionError (internal) per frame
+                    "top_p_zero": json.dumps({"type": "message", "session": idle, "text": "x",
+                                              "sampling": {"top_p": 0}}),
+                    "no_reply": json.dumps({"type": "cancel", "session": idle, "id": "c1"}),
                 }
                 for name, frame in bad.items():
                     await ws.send(frame)
                     ev = await until(ws, lambda e: e["type"] == "error")
-                    errors[name] = ev[-1]["code"]
+                    errors[name], events[name] = ev[-1]["code"], ev[-1]
                 # The streaming session was not disturbed: cancel it and get its `done`.
                 await send(ws, type="cancel", session=good)
                 done = (await until(ws, done_of(good)))[-1]
@@ -258,13 +267,19 @@ def test_bad_frames_get_errors_and_other_sessions_keep_streaming(rt):
                     await recv(big)
                 await send(other, type="message", session=sid, text="Still there?")
                 ok = (await until(other, done_of(sid)))[-1]
-            return errors, done, closed.value, ok
+            return errors, events, done, closed.value, ok
 
-    errors, done, closed, ok = run(main())
+    errors, events, done, closed, ok = run(main())
     assert errors == {"bad_json": "bad_json", "unknown_type": "unknown_type", "bad_request": "bad_request",
                       "unknown_session": "unknown_session", "busy": "busy",
                       "frame_too_large": "frame_too_large", "bad_frame": "bad_frame",
-                      "not_object": "bad_request", "surrogate": "bad_request"}
+                      "not_object": "bad_request", "surrogate": "bad_request", "surrogate_id": "bad_request",
+                      "surrogate_session": "bad_request", "surrogate_resume": "bad_request", "deep": "bad_json",
+                      "top_p_zero": "bad_request", "no_reply": "no_reply"}
+    assert "id" not in events["surrogate_id"] and events["surrogate_session"]["id"] == 3
+    assert "session" not in events["surrogate_session"] and "at most 16" in events["deep"]["message"]
+    assert "(0, 1]" in events["top_p_zero"]["message"]
+    assert events["no_reply"]["id"] == "c1" and events["no_reply"]["session"]
     assert done["finish_reason"] == "cancelled"
     assert closed.rcvd is not None and closed.rcvd.code == 1009
     assert ok["finish_reason"] in ("length", "eos", "stop")

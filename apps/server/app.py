@@ -149,6 +149,9 @@ class ChatServer:
         if kind == "message":
             await self.start_reply(st, msg)
         elif kind == "cancel":
+            if not st.busy:  # nothing to stop (it may have just finished): say so, the id answered
+                raise ProtocolError(protocol.NO_REPLY, "no reply is running in this session",
+                                    session=st.id, request_id=rid)
             self.stop_reply(st)  # the reply ends with a `done` event, finish_reason "cancelled"
         elif kind == "session.close":
             await self.drop(st)
