@@ -49,23 +49,36 @@ def capture(cache: KVBuffers, row: int = 0) -> tuple[dict[str, torch.Tensor], di
     return tensors, layout(cache)
 
 
-def restore(cache: KVBuffers, tensors: dict[str, torch.Tensor], meta: dict, row: int = 0) -> None:
-    """Write a captured state into row `row` of `cache` (in place, no reallocation of a ring)."""
-    expected = layout(cache)
-    for key, value in expected.items():
+def check(cache: KVBuffers, tensors: dict[str, torch.Tensor], meta: dict) -> int:
+    """Raise CacheStateError unless the state fits `cache` completely (layout, length, every tensor's
+    presence, shape and dtype); returns the saved length. Nothing is written."""
+    for key, value in layout(cache).items():
         if meta.get(key) != value:
             raise CacheStateError(f"saved cache field '{key}' is {meta.get(key)!r}, this cache has {value!r}")
-    length = int(tensors["length"][0])
+    length_tensor = tensors.get("length")
+    if length_tensor is None or length_tensor.shape != (1,) or length_tensor.dtype != torch.long or int(length_tensor[0]) < 0:
+        raise CacheStateError("saved tensor 'length' is missing or malformed")
+    length = int(length_tensor[0])
+    used = min(length, cache.slots) if isinstance(cache, SinkWindowCache) else length
+    want = (cache.num_kv_heads, used, cache.head_dim)
+    for layer in cache.kv_layers:
+        for prefix in ("k", "v"):
+            saved = tensors.get(f"{prefix}.{layer}")
+            if saved is None or tuple(saved.shape) != want or saved.dtype != cache.dtype:
+                raise CacheStateError(f"saved tensor '{prefix}.{layer}' is missing or has the wrong shape or dtype")
+    return length
+
+
+def restore(cache: KVBuffers, tensors: dict[str, torch.Tensor], meta: dict, row: int = 0) -> None:
+    """Write a captured state into row `row` of `cache` (in place, no reallocation of a ring). Every
+    check runs before the first write: a bad state leaves the row as it was."""
+    length = check(cache, tensors, meta)
     used = min(length, cache.slots) if isinstance(cache, SinkWindowCache) else length
     if isinstance(cache, FullCache) and length > cache.slots:
         cache._grow(length)
     for layer in cache.kv_layers:
-        for prefix, table in (("k", cache.keys), ("v", cache.values)):
-            saved = tensors.get(f"{prefix}.{layer}")
-            target = table[layer][row, :, :used]
-            if saved is None or saved.shape != target.shape:
-                raise CacheStateError(f"saved tensor '{prefix}.{layer}' is missing or has the wrong shape")
-            target.copy_(saved)
+        cache.keys[layer][row, :, :used].copy_(tensors[f"k.{layer}"])
+        cache.values[layer][row, :, :used].copy_(tensors[f"v.{layer}"])
     cache.lengths[row] = length
 
 

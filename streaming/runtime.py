@@ -103,8 +103,21 @@ class Runtime:
         self.bos_id = self.config.bos_token_id
         if self.bos_id is None and tokenizer is not None:
             self.bos_id = tokenizer.bos_id
-        digest = hashlib.sha256(repr((str(path.resolve()), self.config)).encode()).hexdigest()
-        self.fingerprint = digest[:16]
+        self._fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """What a saved session must match: sha256 (16 hex digits) of the model config and every
+        weight as loaded (names, dtypes, shapes, bytes). It does not depend on where the checkpoint
+        lies. Computed on first use (a session save or restore), then kept."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256(repr(self.config).encode())
+            for name, tensor in sorted(self.model.state_dict().items()):
+                data = tensor.detach().contiguous().cpu()
+                digest.update(f"{name}:{data.dtype}:{tuple(data.shape)};".encode())
+                digest.update(data.view(torch.uint8).numpy())  # raw bytes (bf16 has no numpy dtype)
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
 
     def session(self, sinks: int = 4, window: int = 1020, chunk: int | None = None, prefill: str = "iterative",
                 seed: int | None = None, *, unbounded_cache: bool = False) -> Session:

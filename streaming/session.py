@@ -361,18 +361,32 @@ class Session:
         """Load a state produced by `save` (used by `Runtime.restore_session`)."""
         if extra.get("model") != self.runtime.fingerprint:
             raise cache_state.CacheStateError("the saved session was produced by a different model")
+        engine = self.engine
+        # Everything is checked before anything is written: a bad state leaves the session as it was.
+        cache_state.check(engine.cache, tensors, meta)
+        logits = tensors.get("next_logits")
+        if logits is not None and tuple(logits.shape) != (self.runtime.config.vocab_size,):
+            raise cache_state.CacheStateError("saved tensor 'next_logits' has the wrong shape")
+        recent = tensors.get("recent_ids")
+        if recent is None or recent.dim() != 1 or recent.dtype != torch.long or (
+                len(recent) and not 0 <= int(recent.min()) <= int(recent.max()) < self.runtime.config.vocab_size):
+            raise cache_state.CacheStateError("saved tensor 'recent_ids' is missing or malformed")
+        try:
+            chat = ChatProgress.from_extra(extra)
+        except (TypeError, ValueError) as exc:
+            raise cache_state.CacheStateError(f"saved chat state is malformed ({exc})") from None
         with self._exclusive():
-            engine, row = self.engine, self.row
+            row = self.row
             engine.reset_row(row)
             cache_state.restore(engine.cache, tensors, meta, row)
             engine.seen[row] = int(tensors["length"][0])
             logits = tensors.get("next_logits")
             if logits is not None:
                 engine.next_logits[row].copy_(logits)
-            recent = tensors["recent_ids"].to(engine.device)
+            recent = recent.to(engine.device)
             if len(recent):
                 engine.sampling.observe(torch.tensor([row], device=engine.device), recent[None])
-            self._chat = ChatProgress.from_extra(extra)
+            self._chat = chat
 
 
 def _check_stop(stop) -> list[str]:

@@ -146,3 +146,50 @@ def test_session_save_and_restore(tmp_path):
     other = write_checkpoint(tmp_path / "other", config, random_weights(config, seed=1))
     with pytest.raises(CacheStateError):
         streaming.load(other, device="cpu", dtype="float32").restore_session(tmp_path / "session.safetensors")
+
+
+def test_a_bad_state_never_half_loads(lckv):
+    """Every check runs before the first write: a state missing its last layer's values leaves a live
+    row exactly as it was (it used to overwrite the earlier layers first)."""
+    source, live = sink_cache(lckv, 3, 10), sink_cache(lckv, 3, 10)
+    _feed(lckv, source, _ids(20, 11), 1)
+    _feed(lckv, live, _ids(14, 12), 1)
+    values_before = {layer: live.values[layer].clone() for layer in live.kv_layers}
+    keys_before = {layer: live.keys[layer].clone() for layer in live.kv_layers}
+    tensors, meta = state.capture(source, 0)
+    del tensors[f"v.{lckv.config.kv_layers[-1]}"]
+    with pytest.raises(CacheStateError, match="v."):
+        state.restore(live, tensors, meta, 0)
+    assert int(live.lengths[0]) == 14
+    for layer in live.kv_layers:
+        assert torch.equal(live.keys[layer], keys_before[layer])
+        assert torch.equal(live.values[layer], values_before[layer])
+
+
+def test_session_fingerprint_follows_the_weights_not_the_path(tmp_path):
+    """The same weights in another folder restore a saved session; other weights in the same folder
+    are refused; a session whose saved state is broken keeps its own state."""
+    import shutil
+
+    config = lckv_config(4, m=1, b=1)
+    first = write_checkpoint(tmp_path / "a", config, random_weights(config))
+    rt = streaming.load(first, device="cpu", dtype="float32")
+    s = rt.session(sinks=2, window=12, chunk=5)
+    s.feed(_ids(30, 13)[0].tolist())
+    s.save(tmp_path / "s.safetensors")
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(first, moved)  # a reinstall into another folder
+    again = streaming.load(moved, device="cpu", dtype="float32").restore_session(tmp_path / "s.safetensors")
+    assert again.stats() == s.stats()
+    write_checkpoint(first, config, random_weights(config, seed=5))  # other weights, same folder
+    with pytest.raises(CacheStateError, match="different model"):
+        streaming.load(first, device="cpu", dtype="float32").restore_session(tmp_path / "s.safetensors")
+
+    tensors, meta, extra = state.load(tmp_path / "s.safetensors")
+    victim = rt.session(sinks=2, window=12, chunk=5)
+    victim.feed(_ids(9, 14)[0].tolist())
+    logits, stats = victim.next_logits.clone(), victim.stats()
+    del tensors["recent_ids"]
+    with pytest.raises(CacheStateError, match="recent_ids"):
+        victim.restore(tensors, meta, extra)
+    assert victim.stats() == stats and torch.equal(victim.next_logits, logits)
