@@ -298,7 +298,9 @@ def test_limits_sessions_prompt_length_idle_timeout(rt):
                 full = await recv(ws)
                 await send(ws, type="message", session=a, text="word " * 200)
                 long = await recv(ws)
-                expired = await until(ws, lambda e: e.get("code") == "idle_timeout", timeout=5)
+                # Wait for `a`'s own expiry: the other session (touched earlier) may expire first.
+                expired = await until(ws, lambda e: e.get("code") == "idle_timeout" and e.get("session") == a,
+                                      timeout=5)
                 await send(ws, type="message", session=a, text="hello")
                 gone = (await until(ws, lambda e: e.get("code") != "idle_timeout"))[-1]
             return full, long, expired[-1], gone, len(app.sessions)
