@@ -36,7 +36,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "to loopback answers only to loopback names (DNS-rebinding guard)")
     g = p.add_argument_group("limits")
     g.add_argument("--max-sessions", type=int, default=D.max_sessions,
-                   help=f"open sessions at most (default {D.max_sessions})")
+                   help=f"active sessions at most: each holds a cache row (default {D.max_sessions}). "
+                        "A disconnected session gives its row back and waits in host memory until "
+                        "resumed or expired")
+    g.add_argument("--max-parked-sessions", type=int, default=D.max_parked_sessions,
+                   help="disconnected sessions kept (in host memory) for resuming; past it the least "
+                        f"recently active is dropped (default {D.max_parked_sessions})")
     g.add_argument("--max-message-bytes", type=int, default=D.max_message_bytes,
                    help=f"largest websocket message accepted (default {D.max_message_bytes})")
     g.add_argument("--max-prompt-tokens", type=int, default=D.max_prompt_tokens,
@@ -58,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from apps.server import ChatServer, ServerConfig
 
     for name in ("max_sessions", "max_message_bytes", "max_prompt_tokens", "max_new_tokens",
-                 "max_new_tokens_cap"):
+                 "max_new_tokens_cap", "max_parked_sessions"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1")
     if args.idle_timeout <= 0:
@@ -69,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
                     max_prompt_tokens=args.max_prompt_tokens,
                     max_new_tokens=min(args.max_new_tokens, args.max_new_tokens_cap),
                     max_new_tokens_cap=args.max_new_tokens_cap, max_sessions=args.max_sessions,
+                    max_parked_sessions=args.max_parked_sessions,
                     idle_timeout_s=args.idle_timeout, sinks=args.sinks, window=args.window)
     rt = load_runtime(args)
     if rt.tokenizer is None:

@@ -33,7 +33,8 @@ class Limits:
     max_prompt_tokens: int = 4096
     max_new_tokens: int = 512           # default per reply
     max_new_tokens_cap: int = 4096      # the most a client may ask for
-    max_sessions: int = 32
+    max_sessions: int = 32              # sessions holding a cache row (replying or attached)
+    max_parked_sessions: int = 256      # detached sessions kept in host memory, without a row
     idle_timeout_s: float = 900.0
     sinks: int = 4
     window: int = 1020

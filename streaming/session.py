@@ -348,6 +348,11 @@ class Session:
 
     def save(self, path) -> None:
         """Write this session's cache and conversation state to `path` (one safetensors file)."""
+        cache_state.save(path, *self.snapshot())
+
+    def snapshot(self) -> tuple[dict, dict, dict]:
+        """This session's cache and conversation state in host memory: (tensors, cache meta, extra), what
+        `save` writes and `restore` takes (e.g. to give the row back while a user is away)."""
         with self._exclusive():
             tensors, meta = cache_state.capture(self.engine.cache, self.row)
             if self.next_logits is not None:
@@ -355,7 +360,7 @@ class Session:
             tensors["recent_ids"] = torch.tensor(self.recent_ids(), dtype=torch.long)
             extra = {**self._chat.as_extra(), "chunk": self.chunk, "sequential": self.sequential,
                      "model": self.runtime.fingerprint}
-            cache_state.save(path, tensors, meta, extra)
+            return tensors, meta, extra
 
     def restore(self, tensors: dict, meta: dict, extra: dict) -> None:
         """Load a state produced by `save` (used by `Runtime.restore_session`)."""

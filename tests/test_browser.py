@@ -96,12 +96,21 @@ class WebDriver:
 
 @pytest.fixture
 def server(tmp_path):
+    yield from _serve(tmp_path)
+
+
+@pytest.fixture
+def one_session_server(tmp_path):
+    yield from _serve(tmp_path, "--max-sessions", "1")
+
+
+def _serve(tmp_path, *flags):
     from tests.tiny_checkpoint import make_tiny_checkpoint
 
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "lckv")
     p = subprocess.Popen(SINKSTREAM + ["serve", "--model", str(ckpt), "--device", "cpu", "--port", "0",
                                        "--window", "60", "--chunk", "16", "--max-new-tokens-cap",
-                                       "100000"], stderr=subprocess.PIPE, text=True, env=ENV)
+                                       "100000", *flags], stderr=subprocess.PIPE, text=True, env=ENV)
     try:
         url = None
         for line in p.stderr:  # "sinkstream serving on http://127.0.0.1:PORT/ ..."
@@ -181,3 +190,32 @@ def test_browser_chat_streams_and_stops(server, driver, tmp_path):
     driver.screenshot(shot)
     assert shot.stat().st_size > 1000
     print(f"screenshot: {shot}")
+
+
+def test_browser_says_server_full_and_connects_when_a_slot_frees(one_session_server, driver):
+    """With the only session slot taken, the page says the server is full (status and one notice)
+    instead of a raw error, keeps retrying, and connects once the slot is free."""
+    import asyncio
+
+    from websockets.asyncio.client import connect
+
+    ws_url = one_session_server.replace("http://", "ws://").rstrip("/") + "/ws"
+
+    async def hold_then_free(page_sees_full):
+        async with connect(ws_url) as ws:
+            await ws.send(json.dumps({"type": "session.create"}))
+            sid = json.loads(await ws.recv())["session"]
+            await asyncio.to_thread(page_sees_full)
+            await ws.send(json.dumps({"type": "session.close", "session": sid}))
+            await ws.recv()
+
+    def page_sees_full():
+        driver.get(one_session_server)
+        driver.wait("return document.getElementById('status').dataset.state === 'full'")
+        assert "full" in driver.run("return document.getElementById('status').textContent")
+        notice = driver.wait("const n = document.querySelector('.notice'); return n && n.textContent")
+        assert "server is full" in notice and "too_many_sessions" not in notice
+
+    asyncio.run(hold_then_free(page_sees_full))
+    driver.wait("return document.getElementById('status').dataset.state === 'online'", timeout=30)
+    assert len(driver.run("return [...document.querySelectorAll('.notice')].map(n => n.textContent)")) == 1

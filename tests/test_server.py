@@ -203,9 +203,12 @@ def test_disconnect_stops_generation_and_session_resumes(rt):
             while st.busy and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
             stopped = not st.busy
-            seen = st.session.stats().tokens_seen
+            while st.parked is None and time.monotonic() < deadline:  # detached: parked, row given back
+                await asyncio.sleep(0.01)
+            assert st.session is None and app.sessions.active == 0 and app.pool.engine.free_rows == LIMITS.max_sessions
+            seen = int(st.parked[0]["length"][0])
             await asyncio.sleep(0.3)
-            assert st.session.stats().tokens_seen == seen  # nothing generated after the stop
+            assert int(st.parked[0]["length"][0]) == seen  # nothing generated after the stop
             async with connect(ws_url(app)) as ws:
                 await send(ws, type="session.create", resume=sid)
                 created = await recv(ws)

@@ -108,6 +108,7 @@ class ChatServer:
 
     def health(self) -> dict:
         return {"status": "ok", "model": self.cfg.model_name, "sessions": len(self.sessions),
+                "active_sessions": self.sessions.active, "parked_sessions": len(self.sessions.parked()),
                 "max_sessions": self.limits.max_sessions,
                 "uptime_s": round(time.time() - self.started, 1), "websocket": WS_PATH,
                 "engine": self.loop.stats.as_dict() if self.loop else None}
@@ -130,13 +131,16 @@ class ChatServer:
         except ConnectionClosed:
             pass
         finally:
-            # A disconnect stops the replies it was receiving; the sessions stay resumable.
+            # A disconnect stops the replies it was receiving; the sessions stay resumable, parked
+            # without a cache row (a reply that is still ending parks its session when it ends).
             for sid in owned:
                 st = self.sessions.by_id.get(sid)
                 if st is not None and st.conn is ws:
                     st.conn = None
                     self.stop_reply(st)
                     st.touch()
+                    if not st.busy:
+                        asyncio.create_task(self.park(st))
 
     async def dispatch(self, ws, msg: dict, owned: set[str]) -> None:
         kind, rid = msg["type"], msg.get("id")
@@ -186,6 +190,7 @@ class ChatServer:
             raise ProtocolError(protocol.BAD_REQUEST, "session.create: 'system' cannot be "
                                 "changed when resuming", request_id=rid)
         st = self.sessions.get(msg["resume"], rid)
+        await self.unpark(st, rid)
         old, st.conn = st.conn, ws
         if old is not None and old is not ws:
             await self.send(old, protocol.closed(st.id, "resumed on another connection"))
@@ -195,6 +200,45 @@ class ChatServer:
         await self.send(ws, protocol.created(st.id, self.limits, resumed=True, request_id=rid,
                                              model=self.cfg.model_name, history=len(st.history)))
         return st
+
+    # ---- detached sessions leave their rows ----
+
+    async def park(self, st: ChatState) -> None:
+        """Move a detached, idle session's cache state to host memory and give its row back, so
+        disconnected users never lock others out; `unpark` brings it back on resume."""
+        async with st.lock:
+            if st.session is None or st.closed or st.busy or st.conn is not None:
+                return
+            st.parked = await self.worker.run(st.session.snapshot)
+            await self.worker.run(self.pool.release, st.session)
+            st.session = None
+        log.info("session %s parked (%d active, %d parked)", st.id[:8], self.sessions.active,
+                 len(self.sessions.parked()))
+        over = len(self.sessions.parked()) - self.limits.max_parked_sessions
+        for old in sorted(self.sessions.parked(), key=lambda x: x.last_active)[:max(0, over)]:
+            self.sessions.remove(old)  # the least recently active first: as if it had expired
+            log.info("session %s dropped: over %d parked sessions", old.id[:8], self.limits.max_parked_sessions)
+
+    async def unpark(self, st: ChatState, rid) -> None:
+        """Give a parked session a row again with its saved state (too_many_sessions if none is free)."""
+        async with st.lock:
+            if st.parked is None:
+                return
+            self.sessions.reserve(rid)
+            session = None
+            try:
+                session = await self.worker.run(self.pool.session)
+                await self.worker.run(session.restore, *st.parked)
+            except PoolFullError:  # a closed session's reply is still finishing: its row is not back yet
+                raise ProtocolError(protocol.TOO_MANY_SESSIONS, "all session slots are in use; try again "
+                                    "in a moment", request_id=rid) from None
+            except BaseException:
+                if session is not None:
+                    await self.worker.run(self.pool.release, session)
+                raise
+            finally:
+                self.sessions.reserved -= 1
+            st.session, st.parked = session, None
 
     async def check_length(self, text: str, sid: str | None, rid) -> int:
         tok = self.rt.tokenizer
@@ -298,6 +342,8 @@ class ChatServer:
             "evictions": stats.evictions,
         }
         await self.send_to(st, protocol.done(st.id, st.seq, finish, usage))
+        if st.conn is None and not st.closed:  # the user left during the reply
+            asyncio.create_task(self.park(st))
 
     def stop_reply(self, st: ChatState) -> None:
         """Cancel the session's running reply: the engine drops it before its next step (between
@@ -318,9 +364,12 @@ class ChatServer:
             await self.release(st)
 
     async def release(self, st: ChatState) -> None:
-        if not st.released:
-            st.released = True
-            await self.worker.run(self.pool.release, st.session)
+        async with st.lock:
+            if not st.released:
+                st.released = True
+                st.parked = None
+                if st.session is not None:
+                    await self.worker.run(self.pool.release, st.session)
 
     # ---- sending ----
 

@@ -50,6 +50,8 @@ class ChatState:
     job: Any = None                      # the running reply's engine job
     ready: asyncio.Event | None = None   # set when the running reply has news
     seq: int = 0                         # last delta sequence number sent (per session)
+    parked: tuple | None = None          # (tensors, meta, extra) in host memory while detached: no row held
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # park / unpark / release, one at a time
     last_active: float = field(default_factory=time.monotonic)
 
     def touch(self) -> None:
@@ -61,20 +63,30 @@ class ChatState:
 
 
 class Registry:
-    """All live sessions, by id. Ids are 128-bit random: knowing one is the right to resume it."""
+    """All live sessions, by id. Ids are 128-bit random: knowing one is the right to resume it.
+
+    `max_sessions` bounds the *active* sessions (those holding a cache row); a detached session is
+    parked in host memory without a row (see ChatServer.park) and does not count."""
 
     def __init__(self, max_sessions: int) -> None:
         self.max_sessions = max_sessions
         self.by_id: dict[str, ChatState] = {}
-        self.reserved = 0  # sessions being created right now (counted against the limit)
+        self.reserved = 0  # rows being taken right now, for a new or a resumed session (counted)
 
     def __len__(self) -> int:
         return len(self.by_id)
 
+    @property
+    def active(self) -> int:
+        return sum(1 for st in self.by_id.values() if st.session is not None)
+
+    def parked(self) -> list[ChatState]:
+        return [st for st in self.by_id.values() if st.parked is not None]
+
     def reserve(self, request_id=None) -> None:
-        if len(self.by_id) + self.reserved >= self.max_sessions:
+        if self.active + self.reserved >= self.max_sessions:
             raise ProtocolError(protocol.TOO_MANY_SESSIONS,
-                                f"the server holds its maximum of {self.max_sessions} sessions; "
+                                f"the server is full: {self.max_sessions} active sessions; "
                                 "close one (session.close) or try again later",
                                 request_id=request_id)
         self.reserved += 1

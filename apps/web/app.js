@@ -84,6 +84,7 @@ function handle(ev) {
   switch (ev.type) {
     case "session.created":
       state.session = ev.session;
+      state.fullNoticeShown = false;
       state.limits = ev.limits;
       sessionStorage.setItem(KEY, ev.session);
       setStatus(`connected · ${ev.model} · ${ev.resumed ? "resumed" : "new"} session`, "online");
@@ -118,6 +119,22 @@ function handle(ev) {
 }
 
 function onError(ev) {
+  if (ev.code === "too_many_sessions" && !state.session) {
+    // Every session slot is in use: say so plainly and try again (resuming ours if we had one).
+    setStatus("server full · retrying…", "full");
+    if (!state.fullNoticeShown) {
+      notice("The server is full: all of its sessions are in use. This page keeps trying and connects as soon as one is free.");
+      state.fullNoticeShown = true;
+    }
+    const ws = state.ws;
+    setTimeout(() => {
+      if (state.ws !== ws || state.session) return;
+      const saved = sessionStorage.getItem(KEY);
+      if (saved) send({ type: "session.create", resume: saved });
+      else createSession();
+    }, 3000);
+    return;
+  }
   if (ev.code === "unknown_session" || ev.code === "idle_timeout") {
     // The server no longer has our session (restart or expiry): start a new one.
     sessionStorage.removeItem(KEY);
