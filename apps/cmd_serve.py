@@ -53,6 +53,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         f"(default {D.max_new_tokens_cap})")
     g.add_argument("--idle-timeout", type=float, default=D.idle_timeout_s, metavar="SECONDS",
                    help=f"close sessions idle this long (default {D.idle_timeout_s:g})")
+    p.add_argument("--state-dir", metavar="DIR", default=None,
+                   help="keep every session on disk in DIR (written atomically after each reply); a "
+                        "restarted server resumes them from their last finished reply")
     p.add_argument("--verbose", "-v", action="store_true", help="log sessions to stderr")
     add_model_args(p)
     p.set_defaults(func=run)
@@ -82,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = ServerConfig(host=args.host, port=args.port, limits=limits, chunk=args.chunk,
                        allowed_origins=tuple(args.allow_origin),
                        allowed_hosts=tuple(args.allow_host), token=args.token,
-                       model_name=os.path.basename(os.path.normpath(args.model or "bundled")))
+                       model_name=os.path.basename(os.path.normpath(args.model or "bundled")),
+                       state_dir=args.state_dir)
     return asyncio.run(serve_until_signal(ChatServer(rt, cfg), args.token))
 
 

@@ -364,22 +364,10 @@ class Session:
 
     def restore(self, tensors: dict, meta: dict, extra: dict) -> None:
         """Load a state produced by `save` (used by `Runtime.restore_session`)."""
-        if extra.get("model") != self.runtime.fingerprint:
-            raise cache_state.CacheStateError("the saved session was produced by a different model")
         engine = self.engine
         # Everything is checked before anything is written: a bad state leaves the session as it was.
-        cache_state.check(engine.cache, tensors, meta)
-        logits = tensors.get("next_logits")
-        if logits is not None and tuple(logits.shape) != (self.runtime.config.vocab_size,):
-            raise cache_state.CacheStateError("saved tensor 'next_logits' has the wrong shape")
-        recent = tensors.get("recent_ids")
-        if recent is None or recent.dim() != 1 or recent.dtype != torch.long or (
-                len(recent) and not 0 <= int(recent.min()) <= int(recent.max()) < self.runtime.config.vocab_size):
-            raise cache_state.CacheStateError("saved tensor 'recent_ids' is missing or malformed")
-        try:
-            chat = ChatProgress.from_extra(extra)
-        except (TypeError, ValueError) as exc:
-            raise cache_state.CacheStateError(f"saved chat state is malformed ({exc})") from None
+        chat = check_state(self.runtime, engine.cache, tensors, meta, extra)
+        logits, recent = tensors.get("next_logits"), tensors["recent_ids"]
         with self._exclusive():
             row = self.row
             engine.reset_row(row)
@@ -392,6 +380,26 @@ class Session:
             if len(recent):
                 engine.sampling.observe(torch.tensor([row], device=engine.device), recent[None])
             self._chat = chat
+
+
+def check_state(runtime, cache, tensors: dict, meta: dict, extra: dict) -> ChatProgress:
+    """Raise CacheStateError unless a saved session state (`Session.snapshot`) fits this runtime's
+    model and a row of `cache` completely; returns its chat progress. Nothing is written."""
+    if extra.get("model") != runtime.fingerprint:
+        raise cache_state.CacheStateError("the saved session was produced by a different model")
+    cache_state.check(cache, tensors, meta)
+    vocab = runtime.config.vocab_size
+    logits = tensors.get("next_logits")
+    if logits is not None and tuple(logits.shape) != (vocab,):
+        raise cache_state.CacheStateError("saved tensor 'next_logits' has the wrong shape")
+    recent = tensors.get("recent_ids")
+    if recent is None or recent.dim() != 1 or recent.dtype != torch.long or (
+            len(recent) and not 0 <= int(recent.min()) <= int(recent.max()) < vocab):
+        raise cache_state.CacheStateError("saved tensor 'recent_ids' is missing or malformed")
+    try:
+        return ChatProgress.from_extra(extra)
+    except (TypeError, ValueError) as exc:
+        raise cache_state.CacheStateError(f"saved chat state is malformed ({exc})") from None
 
 
 def _check_stop(stop) -> list[str]:

@@ -15,9 +15,11 @@ from apps import protocol
 from apps.protocol import Limits, ProtocolError
 from apps.server.engine_loop import EngineLoop
 from apps.server.http import WS_PATH, Gate, make_process_request
-from apps.server.sessions import ChatState, ModelWorker, Registry
+from apps.server.sessions import ON_DISK, ChatState, ModelWorker, Registry
+from apps.server.state_dir import StateDir, conversation_of
 from streaming import PoolFullError
 from streaming.sampling import SamplingParams
+from streaming.session import check_state
 
 log = logging.getLogger("sinkstream.server")
 
@@ -43,6 +45,7 @@ class ServerConfig:
     allowed_hosts: tuple[str, ...] = ()    # Host names accepted besides loopback; "*" = any
     token: str | None = None               # required as ?token= or Authorization: Bearer
     model_name: str = "model"
+    state_dir: str | None = None           # keep every session on disk here (survives restarts)
 
 
 class ChatServer:
@@ -55,6 +58,7 @@ class ChatServer:
         self._reaper: asyncio.Task | None = None
         self.pool = None  # one cache row per session, allocated at start: memory known up front
         self.loop: EngineLoop | None = None  # the thread that steps the engine
+        self.store = StateDir(cfg.state_dir) if cfg.state_dir else None
 
     # ---- lifecycle ----
 
@@ -72,6 +76,8 @@ class ChatServer:
             t0 = time.perf_counter()
             graphs = await self.worker.run(self.pool.engine.warm_up, [self.rt.sampling_defaults, SamplingParams()])
             log.info("captured %d step graphs in %.1f s", graphs, time.perf_counter() - t0)
+        if self.store is not None:
+            await self._load_saved_sessions()
         self.loop = EngineLoop(self.pool.engine, asyncio.get_running_loop())
         self.loop.start()
         gate = Gate(self.cfg.host, self.cfg.allowed_origins, self.cfg.allowed_hosts, self.cfg.token)
@@ -179,6 +185,7 @@ class ChatServer:
             raise
         history = [{"role": "system", "content": system}] if system else []
         st = self.sessions.add(session, history, msg.get("sampling", {}), ws)
+        await self.persist(st)
         await self.send(ws, protocol.created(st.id, self.limits, resumed=False, request_id=rid,
                                              model=self.cfg.model_name, history=len(history)))
         log.info("session %s created (%d live)", st.id[:8], len(self.sessions))
@@ -201,6 +208,25 @@ class ChatServer:
                                              model=self.cfg.model_name, history=len(st.history)))
         return st
 
+    # ---- sessions on disk (--state-dir) ----
+
+    async def _load_saved_sessions(self) -> None:
+        """Register every valid saved session as parked on disk (its cache is read on resume)."""
+        cache = self.pool.engine.cache
+        saved = await self.worker.run(self.store.scan,
+                                      lambda tensors, meta, extra: check_state(self.rt, cache, tensors, meta, extra))
+        for conv in saved:
+            self.sessions.adopt(ChatState(conv.session_id, None, conv.history, conv.sampling, None,
+                                          seq=conv.seq, parked=ON_DISK))
+        log.info("resumable from %s: %d saved sessions", self.store.path, len(saved))
+
+    async def persist(self, st: ChatState) -> None:
+        """Write the session's state and transcript to --state-dir (atomically), when there is one."""
+        if self.store is None or st.session is None or st.closed or st.released:
+            return
+        snapshot = await self.worker.run(st.session.snapshot)
+        await self.worker.run(self.store.write, st.id, snapshot, conversation_of(st.history, st.sampling, st.seq))
+
     # ---- detached sessions leave their rows ----
 
     async def park(self, st: ChatState) -> None:
@@ -209,13 +235,18 @@ class ChatServer:
         async with st.lock:
             if st.session is None or st.closed or st.busy or st.conn is not None:
                 return
-            st.parked = await self.worker.run(st.session.snapshot)
+            if self.store is not None:  # the file is the parked state: nothing kept in memory
+                await self.persist(st)
+                st.parked = ON_DISK
+            else:
+                st.parked = await self.worker.run(st.session.snapshot)
             await self.worker.run(self.pool.release, st.session)
             st.session = None
         log.info("session %s parked (%d active, %d parked)", st.id[:8], self.sessions.active,
                  len(self.sessions.parked()))
-        over = len(self.sessions.parked()) - self.limits.max_parked_sessions
-        for old in sorted(self.sessions.parked(), key=lambda x: x.last_active)[:max(0, over)]:
+        in_memory = [x for x in self.sessions.parked() if x.parked is not ON_DISK]  # disk ones cost no memory
+        over = len(in_memory) - self.limits.max_parked_sessions
+        for old in sorted(in_memory, key=lambda x: x.last_active)[:max(0, over)]:
             self.sessions.remove(old)  # the least recently active first: as if it had expired
             log.info("session %s dropped: over %d parked sessions", old.id[:8], self.limits.max_parked_sessions)
 
@@ -228,7 +259,8 @@ class ChatServer:
             session = None
             try:
                 session = await self.worker.run(self.pool.session)
-                await self.worker.run(session.restore, *st.parked)
+                saved = await self.worker.run(self.store.read, st.id) if st.parked is ON_DISK else st.parked
+                await self.worker.run(session.restore, *saved)
             except PoolFullError:  # a closed session's reply is still finishing: its row is not back yet
                 raise ProtocolError(protocol.TOO_MANY_SESSIONS, "all session slots are in use; try again "
                                     "in a moment", request_id=rid) from None
@@ -330,6 +362,7 @@ class ChatServer:
                 await self.release(st)
         if err is not None:
             await self.send_to(st, err)
+        await self.persist(st)  # durable before the client sees `done`
         stats = await self.worker.run(st.session.stats)
         t1 = time.perf_counter()
         gen_time = t1 - t_first if t_first else 0.0
@@ -370,6 +403,8 @@ class ChatServer:
                 st.parked = None
                 if st.session is not None:
                     await self.worker.run(self.pool.release, st.session)
+                if self.store is not None:  # closed or expired: the conversation is over
+                    await self.worker.run(self.store.delete, st.id)
 
     # ---- sending ----
 

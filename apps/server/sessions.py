@@ -34,6 +34,9 @@ class ModelWorker:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+ON_DISK = "on disk"  # ChatState.parked of a session whose state is only in the server's --state-dir
+
+
 @dataclass(eq=False)
 class ChatState:
     """One chat: the runtime session, its transcript and the connection it reports to."""
@@ -50,7 +53,7 @@ class ChatState:
     job: Any = None                      # the running reply's engine job
     ready: asyncio.Event | None = None   # set when the running reply has news
     seq: int = 0                         # last delta sequence number sent (per session)
-    parked: tuple | None = None          # (tensors, meta, extra) in host memory while detached: no row held
+    parked: tuple | str | None = None    # detached, no row held: (tensors, meta, extra) in memory, or ON_DISK
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # park / unpark / release, one at a time
     last_active: float = field(default_factory=time.monotonic)
 
@@ -82,6 +85,10 @@ class Registry:
 
     def parked(self) -> list[ChatState]:
         return [st for st in self.by_id.values() if st.parked is not None]
+
+    def adopt(self, st: ChatState) -> None:
+        """Register a session read back from disk (its id kept)."""
+        self.by_id[st.id] = st
 
     def reserve(self, request_id=None) -> None:
         if self.active + self.reserved >= self.max_sessions:

@@ -1,0 +1,110 @@
+"""Sessions on disk (`sinkstream serve --state-dir DIR`): one safetensors file per session, rewritten
+atomically after every reply, so a restarted server (even after `kill -9`) resumes every conversation
+from its last finished reply without reprocessing its history.
+
+A file holds the session's cache row state (`Session.snapshot`: cache, logits, penalty history,
+chat progress, model fingerprint) and, in its header, the server's transcript of the conversation
+(messages, sampling settings, delta sequence number). It is written to a temporary file in the same
+directory, flushed to disk, then renamed over the old one: a crash leaves either the old or the new
+file, never a mix. At start every file is checked completely (format, fingerprint, layout, shapes);
+a corrupt, truncated or foreign file is reported and skipped, never half-loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cache import state as cache_state
+
+log = logging.getLogger("sinkstream.server")
+
+SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")  # what secrets.token_urlsafe makes
+SUFFIX = ".session.safetensors"
+
+
+@dataclass
+class SavedConversation:
+    """What the server keeps in memory for a session that is on disk: its transcript, not its cache."""
+    session_id: str
+    history: list[dict]
+    sampling: dict
+    seq: int
+
+
+class StateDir:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def file(self, session_id: str) -> Path:
+        if not SESSION_ID.match(session_id):
+            raise ValueError(f"not a session id: {session_id[:64]!r}")
+        return self.path / (session_id + SUFFIX)
+
+    def write(self, session_id: str, snapshot: tuple[dict, dict, dict], conversation: dict) -> None:
+        """Atomically replace the session's file with this state (temp file, fsync, rename, fsync dir)."""
+        tensors, meta, extra = snapshot
+        target = self.file(session_id)
+        temp = target.with_name(target.name + ".tmp")
+        cache_state.save(temp, tensors, meta, {**extra, "server": conversation})
+        with open(temp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, target)
+        _fsync_dir(self.path)
+
+    def read(self, session_id: str) -> tuple[dict, dict, dict]:
+        """(tensors, cache meta, extra) of a saved session (CacheStateError when unreadable)."""
+        return cache_state.load(self.file(session_id))
+
+    def delete(self, session_id: str) -> None:
+        try:
+            self.file(session_id).unlink()
+        except FileNotFoundError:
+            pass
+
+    def scan(self, check) -> list[SavedConversation]:
+        """Every readable session file whose state passes `check(tensors, meta, extra)` (which raises
+        on a mismatch); the others are logged and skipped. Leftover temp files are removed."""
+        found = []
+        for leftover in self.path.glob("*" + SUFFIX + ".tmp"):  # a write that a crash interrupted
+            leftover.unlink(missing_ok=True)
+        for path in sorted(self.path.glob("*" + SUFFIX)):
+            session_id = path.name[: -len(SUFFIX)]
+            try:
+                if not SESSION_ID.match(session_id):
+                    raise ValueError("the file name is not a session id")
+                tensors, meta, extra = cache_state.load(path)
+                check(tensors, meta, extra)
+                conversation = extra.get("server")
+                if not isinstance(conversation, dict):
+                    raise ValueError("no server transcript in the file")
+                history, sampling, seq = conversation["history"], conversation["sampling"], conversation["seq"]
+                if not (isinstance(history, list) and all(isinstance(m, dict) for m in history)
+                        and isinstance(sampling, dict) and isinstance(seq, int)):
+                    raise ValueError("malformed server transcript")
+            except Exception as exc:  # corrupt, truncated, foreign, another model: skip, keep the file
+                log.warning("skipping saved session %s: %s", path, exc)
+                continue
+            found.append(SavedConversation(session_id, history, sampling, seq))
+        return found
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def conversation_of(history: list[dict], sampling: dict, seq: int) -> dict:
+    """The JSON-able transcript stored next to a session's cache state."""
+    return json.loads(json.dumps({"history": history, "sampling": sampling, "seq": seq}))
