@@ -42,6 +42,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--max-parked-sessions", type=int, default=D.max_parked_sessions,
                    help="disconnected sessions kept (in host memory) for resuming; past it the least "
                         f"recently active is dropped (default {D.max_parked_sessions})")
+    g.add_argument("--max-sessions-per-connection", type=int, default=D.max_sessions_per_connection,
+                   help=f"sessions one websocket connection may hold (default {D.max_sessions_per_connection})")
+    g.add_argument("--max-requests-per-minute", type=int, default=D.max_requests_per_minute,
+                   help="session creations and messages a minute per client address "
+                        f"(default {D.max_requests_per_minute})")
     g.add_argument("--max-message-bytes", type=int, default=D.max_message_bytes,
                    help=f"largest websocket message accepted (default {D.max_message_bytes})")
     g.add_argument("--max-prompt-tokens", type=int, default=D.max_prompt_tokens,
@@ -66,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     from apps.server import ChatServer, ServerConfig
 
     for name in ("max_sessions", "max_message_bytes", "max_prompt_tokens", "max_new_tokens",
-                 "max_new_tokens_cap", "max_parked_sessions"):
+                 "max_new_tokens_cap", "max_parked_sessions", "max_sessions_per_connection",
+                 "max_requests_per_minute"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1")
     if args.idle_timeout <= 0:
@@ -78,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
                     max_new_tokens=min(args.max_new_tokens, args.max_new_tokens_cap),
                     max_new_tokens_cap=args.max_new_tokens_cap, max_sessions=args.max_sessions,
                     max_parked_sessions=args.max_parked_sessions,
+                    max_sessions_per_connection=args.max_sessions_per_connection,
+                    max_requests_per_minute=args.max_requests_per_minute,
                     idle_timeout_s=args.idle_timeout, sinks=args.sinks, window=args.window)
     rt = load_runtime(args)
     if rt.tokenizer is None:

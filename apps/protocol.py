@@ -22,6 +22,7 @@ TOO_MANY_SESSIONS = "too_many_sessions"  # limits.max_sessions reached
 PROMPT_TOO_LONG = "prompt_too_long"      # the message is over limits.max_prompt_tokens
 BUSY = "busy"                            # a reply is already running in this session
 NO_REPLY = "no_reply"                    # a cancel when no reply runs in the session
+RATE_LIMITED = "rate_limited"            # this client sent too many requests; wait and retry
 IDLE_TIMEOUT = "idle_timeout"            # the session was closed after limits.idle_timeout_s
 INTERNAL = "internal"                    # a bug or model failure; the session may continue
 
@@ -35,6 +36,8 @@ class Limits:
     max_new_tokens_cap: int = 4096      # the most a client may ask for
     max_sessions: int = 32              # sessions holding a cache row (replying or attached)
     max_parked_sessions: int = 256      # detached sessions kept in host memory, without a row
+    max_sessions_per_connection: int = 64
+    max_requests_per_minute: int = 1200  # session.create + message, per client address
     idle_timeout_s: float = 900.0
     sinks: int = 4
     window: int = 1020

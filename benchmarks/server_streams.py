@@ -54,7 +54,8 @@ async def measure(app, streams, new_tokens, concurrent):
 
 async def main_async(args):
     rt = streaming.load(args.model, device=args.device)
-    limits = Limits(max_sessions=max(args.streams) * 2, max_new_tokens_cap=4096)
+    limits = Limits(max_sessions=max(args.streams) * 2, max_new_tokens_cap=4096,
+                    max_sessions_per_connection=max(args.streams) * 2, max_requests_per_minute=10**9)
     rows = []
     async with running(rt, ServerConfig(port=0, limits=limits, model_name="bench")) as app:
         for streams in args.streams:

@@ -376,3 +376,31 @@ def test_concurrent_replies_share_batched_decode_steps(rt):
             assert max(calls) >= 2, calls  # some steps served several replies at once
             assert sum(calls) == 3 * 12  # one row-step per generated token, nothing else
     run(main())
+
+
+def test_per_connection_cap_and_per_client_rate_limit(rt):
+    """One client cannot take every session or flood the model: a connection holds at most
+    max_sessions_per_connection sessions, and a client address gets max_requests_per_minute
+    session creations and messages; refusals are errors, the connection goes on."""
+    limits = Limits(**{**LIMITS.as_dict(), "max_sessions_per_connection": 2, "max_requests_per_minute": 5})
+
+    async def main():
+        async with serve(rt, limits=limits) as app:
+            async with connect(ws_url(app)) as ws, connect(ws_url(app)) as other:
+                a = await create(ws)  # request 1
+                await create(ws)  # 2
+                await send(ws, type="session.create", id="third")  # 3: over the per-connection cap
+                capped = await recv(ws)
+                await create(other)  # 4: another connection may still open one
+                await send(ws, type="message", session=a, text="Hi.", sampling={"max_new_tokens": 2})  # 5
+                await until(ws, done_of(a))
+                await send(ws, type="message", session=a, text="Again.", id="m6")  # 6: over the rate
+                limited = await recv(ws)
+                await send(ws, type="cancel", session=a, id="c")  # not rate limited: answered
+                answered = await recv(ws)
+            return capped, limited, answered
+
+    capped, limited, answered = run(main())
+    assert capped["code"] == "too_many_sessions" and capped["id"] == "third" and "connection" in capped["message"]
+    assert limited["code"] == "rate_limited" and limited["id"] == "m6"
+    assert answered["code"] == "no_reply" and answered["id"] == "c"

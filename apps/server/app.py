@@ -16,6 +16,7 @@ from apps.protocol import Limits, ProtocolError
 from apps.server.engine_loop import EngineLoop
 from apps.server.http import WS_PATH, Gate, make_process_request
 from apps.server.sessions import ON_DISK, ChatState, ModelWorker, Registry
+from apps.server.rate_limit import RateLimiter
 from apps.server.state_dir import StateDir, conversation_of
 from streaming import PoolFullError
 from streaming.sampling import SamplingParams
@@ -59,6 +60,7 @@ class ChatServer:
         self.pool = None  # one cache row per session, allocated at start: memory known up front
         self.loop: EngineLoop | None = None  # the thread that steps the engine
         self.store = StateDir(cfg.state_dir) if cfg.state_dir else None
+        self.rate = RateLimiter(cfg.limits.max_requests_per_minute)
 
     # ---- lifecycle ----
 
@@ -150,7 +152,15 @@ class ChatServer:
 
     async def dispatch(self, ws, msg: dict, owned: set[str]) -> None:
         kind, rid = msg["type"], msg.get("id")
+        if kind in ("session.create", "message") and not self.rate.allow(_client(ws)):
+            raise ProtocolError(protocol.RATE_LIMITED, f"more than {self.limits.max_requests_per_minute} "
+                                "sessions and messages a minute from this client; wait a moment",
+                                session=msg.get("session"), request_id=rid)
         if kind == "session.create":
+            attached = sum(1 for sid in owned if getattr(self.sessions.by_id.get(sid), "conn", None) is ws)
+            if attached >= self.limits.max_sessions_per_connection:
+                raise ProtocolError(protocol.TOO_MANY_SESSIONS, f"this connection already has {attached} "
+                                    "sessions (limits.max_sessions_per_connection)", request_id=rid)
             st = await (self.resume(ws, msg) if "resume" in msg else self.create(ws, msg))
             owned.add(st.id)
             return
@@ -433,6 +443,12 @@ class ChatServer:
                         protocol.IDLE_TIMEOUT, f"session closed after {timeout:g}s without "
                         "activity", session=st.id))
                 log.info("session %s expired (%d live)", st.id[:8], len(self.sessions))
+
+
+def _client(ws) -> str:
+    """The client's address (what the rate limit counts by)."""
+    address = getattr(ws, "remote_address", None)
+    return str(address[0]) if address else "?"
 
 
 @contextlib.asynccontextmanager
