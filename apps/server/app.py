@@ -234,8 +234,12 @@ class ChatServer:
         """Write the session's state and transcript to --state-dir (atomically), when there is one."""
         if self.store is None or st.session is None or st.closed or st.released:
             return
-        snapshot = await self.worker.run(st.session.snapshot)
-        await self.worker.run(self.store.write, st.id, snapshot, conversation_of(st.history, st.sampling, st.seq))
+        try:
+            snapshot = await self.worker.run(st.session.snapshot)
+            await self.worker.run(self.store.write, st.id, snapshot,
+                                  conversation_of(st.history, st.sampling, st.seq))
+        except OSError as exc:  # a full or read-only disk must not break the chat: the last good file stays
+            log.error("could not save session %s to %s: %s", st.id[:8], self.store.path, exc)
 
     # ---- detached sessions leave their rows ----
 
