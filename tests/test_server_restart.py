@@ -132,3 +132,34 @@ def test_conversations_survive_kill_9_and_restart(checkpoint, tmp_path):
     assert created["resumed"] and created["messages"] == 3  # system, user, assistant: the killed turn is gone
     assert reply == ref_first and resumed_reply == ref_second
     assert saved["history"] == ref_history  # the transcript, as JSON, is the uninterrupted one
+
+
+def test_a_failed_state_write_never_breaks_the_chat(checkpoint, tmp_path, monkeypatch, caplog):
+    """A full or read-only disk: the reply still ends with `done`, the error is logged, and the last
+    good file stays in place."""
+    import streaming
+    from apps.server.state_dir import StateDir
+
+    rt = streaming.load(str(checkpoint), device="cpu", dtype="float32")
+    real_write = StateDir.write
+
+    async def main():
+        async with running(rt, ServerConfig(port=0, limits=Limits(window=60), chunk=16,
+                                            state_dir=str(tmp_path / "state"))) as app:
+            async with connect(f"ws://127.0.0.1:{app.port}/ws") as ws:
+                sid = (await _create(ws))["session"]
+                before = (tmp_path / "state" / f"{sid}.session.safetensors").read_bytes()
+
+                def full_disk(self, *args):
+                    raise OSError(28, "No space left on device")
+
+                monkeypatch.setattr(StateDir, "write", full_disk)
+                text = await _say(ws, sid, "Name a river.")
+                monkeypatch.setattr(StateDir, "write", real_write)
+                return sid, before, text
+
+    with caplog.at_level("ERROR", logger="sinkstream.server"):
+        sid, before, text = asyncio.run(main())
+    assert text  # the reply arrived and ended with `done`
+    assert "could not save session" in caplog.text and "No space left" in caplog.text
+    assert (tmp_path / "state" / f"{sid}.session.safetensors").read_bytes() == before
