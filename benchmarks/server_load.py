@@ -142,6 +142,8 @@ def main():
           f"{pct(stats.ttft, 0.5):.2f} / {pct(stats.ttft, 0.99):.2f} s | "
           f"{pct(stats.gaps, 0.5) * 1e3:.0f} / {pct(stats.gaps, 0.99) * 1e3:.0f} ms | {stats.resumes} | "
           f"{stats.recreated} | {rss[0]:.0f} / {max(rss):.0f} / {after:.0f} MiB |")
+    per_minute = [f"{max(rss[i:i + 30]):.0f}" for i in range(0, len(rss), 30)]  # samples every 2 s
+    print(f"server RSS, peak of each minute (MiB): {' '.join(per_minute)}; after: {after:.0f}")
     if stats.errors:
         print("first errors:", stats.errors[:3])
     if stats.ttft:
