@@ -119,6 +119,7 @@ function handle(ev) {
 }
 
 function onError(ev) {
+  if (ev.code === "no_reply") return;  // Stop raced the reply's end: nothing to say
   if (ev.code === "too_many_sessions" && !state.session) {
     // Every session slot is in use: say so plainly and try again (resuming ours if we had one).
     setStatus("server full · retrying…", "full");
