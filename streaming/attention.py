@@ -20,7 +20,7 @@ class PreparedMask:
         B, n, L = mask.shape
         if group > 1:
             mask = mask[:, None].expand(B, group, n, L).reshape(B, group * n, L)
-        self.mask, self.group = mask, group  # bool [B, rows, L]
+        self.mask = mask  # bool [B, rows, L]
         self.sees_any = mask.any(dim=-1, keepdim=True)  # [B, rows, 1]
         opened = mask | ~self.sees_any
         self.additive = torch.zeros(opened.shape, dtype=dtype, device=mask.device).masked_fill_(
@@ -48,7 +48,7 @@ def attend(q, keys, values, mask, *, impl: str = "sdpa") -> torch.Tensor:
     elif impl == "sdpa":
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.additive)
         if mask.zero_rows is not None:
-            out = out * mask.zero_rows.to(out.dtype)
+            out = out * mask.zero_rows
     else:
         raise ValueError(f"unknown attention implementation {impl!r}")
     return out.reshape(B, heads, n, D)

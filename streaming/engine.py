@@ -37,7 +37,7 @@ from .engine_graphs import StepGraphs
 from .errors import InvalidInputError, PoolFullError
 from .forward import forward_step, forward_tokens, runs_as_one_step
 from .generate import Reply, Response
-from .row_sampling import RowSampling, check_seed
+from .row_sampling import RowSampling
 from .sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -236,8 +236,7 @@ class Engine:
         ids = list(ids)
         reply = None
         if params is not None:
-            params.validate()
-            check_seed(params.seed)
+            params.validate()  # (the seed's type included)
         with self._registry:
             self._check_idle(row)
             if params is not None:

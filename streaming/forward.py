@@ -76,7 +76,6 @@ class _Step:
             self.store(index, *new_kv)
         return hidden
 
-
     def prepared_mask(self, diagonal: bool, q: torch.Tensor) -> PreparedMask:
         """The step's mask with or without the diagonal, prepared once for every layer that uses it."""
         if diagonal not in self._prepared:

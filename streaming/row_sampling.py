@@ -59,12 +59,6 @@ class SamplingFeatures:
     top_p: bool
 
 
-def check_seed(seed) -> None:
-    """A sampling seed is an int or None (InvalidInputError otherwise)."""
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise InvalidInputError(f"seed must be an int or None, got {seed!r}")
-
-
 class RowSampling:
     """Sampling settings and state of `rows` rows, as tensors on `device`.
 
@@ -120,7 +114,6 @@ class RowSampling:
         for row, p in zip(rows, params, strict=True):
             self._check_row(row)
             p.validate()
-            check_seed(p.seed)
         if not rows:
             return
         index = torch.tensor(rows, dtype=torch.long).to(self.device)
@@ -143,7 +136,8 @@ class RowSampling:
     def reseed(self, row: int, seed: int | None) -> None:
         """Give a row a new seed (a fresh random one when None) and reset its draw counter."""
         self._check_row(row)
-        check_seed(seed)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise InvalidInputError(f"seed must be an int or None, got {seed!r}")
         lo, hi = seed_words(secrets.randbits(64) if seed is None else seed)
         self.seeds[row, 0] = lo
         self.seeds[row, 1] = hi

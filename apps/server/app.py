@@ -183,16 +183,7 @@ class ChatServer:
         rid, system = msg.get("id"), msg.get("system")
         if system:
             await self.check_length(system, None, rid)
-        self.sessions.reserve(rid)
-        try:
-            session = await self.worker.run(self.pool.session)
-        except PoolFullError:  # a closed session's reply is still finishing: its row is not back yet
-            self.sessions.reserved -= 1
-            raise ProtocolError(protocol.TOO_MANY_SESSIONS, "all session slots are in use; try again in a "
-                                "moment", request_id=rid) from None
-        except BaseException:
-            self.sessions.reserved -= 1
-            raise
+        session = await self.take_row(rid)
         history = [{"role": "system", "content": system}] if system else []
         st = self.sessions.add(session, history, msg.get("sampling", {}), ws)
         await self.persist(st)
@@ -269,22 +260,29 @@ class ChatServer:
         async with st.lock:
             if st.parked is None:
                 return
-            self.sessions.reserve(rid)
-            session = None
-            try:
-                session = await self.worker.run(self.pool.session)
-                saved = await self.worker.run(self.store.read, st.id) if st.parked is ON_DISK else st.parked
-                await self.worker.run(session.restore, *saved)
-            except PoolFullError:  # a closed session's reply is still finishing: its row is not back yet
-                raise ProtocolError(protocol.TOO_MANY_SESSIONS, "all session slots are in use; try again "
-                                    "in a moment", request_id=rid) from None
-            except BaseException:
-                if session is not None:
-                    await self.worker.run(self.pool.release, session)
-                raise
-            finally:
-                self.sessions.reserved -= 1
-            st.session, st.parked = session, None
+            saved = st.parked if st.parked is not ON_DISK else None
+            st.session = await self.take_row(rid, lambda: saved or self.store.read(st.id))
+            st.parked = None
+
+    async def take_row(self, rid, saved=None):
+        """A pool session for a new chat, or for a parked one restored from `saved()` (its state);
+        the row counts against max_sessions from the start. too_many_sessions when none is free."""
+        self.sessions.reserve(rid)
+        session = None
+        try:
+            session = await self.worker.run(self.pool.session)
+            if saved is not None:
+                await self.worker.run(lambda: session.restore(*saved()))
+            return session
+        except PoolFullError:  # a closed session's reply is still finishing: its row is not back yet
+            raise ProtocolError(protocol.TOO_MANY_SESSIONS, "all session slots are in use; try again in a "
+                                "moment", request_id=rid) from None
+        except BaseException:
+            if session is not None:
+                await self.worker.run(self.pool.release, session)
+            raise
+        finally:
+            self.sessions.reserved -= 1  # counted as active (or given back) from here on
 
     async def check_length(self, text: str, sid: str | None, rid) -> int:
         tok = self.rt.tokenizer

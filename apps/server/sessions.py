@@ -99,7 +99,6 @@ class Registry:
         self.reserved += 1
 
     def add(self, session, history: list[dict], sampling: dict, conn) -> ChatState:
-        self.reserved -= 1
         sid = secrets.token_urlsafe(16)
         st = ChatState(sid, session, history, sampling, conn)
         self.by_id[sid] = st
