@@ -8,6 +8,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# On CUDA, SDPA may pick cuDNN, which builds a plan per new input shape: about 40 ms on an H200 the
+# first time each (rows, chunk length) appears. An engine's prompt chunks come in ever new shapes, so
+# every burst of replies paid it inside a step (measured with benchmarks/engine_burst.py). The
+# memory-efficient kernel takes the additive mask with no per-shape setup.
+_CUDA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 
 class PreparedMask:
@@ -46,7 +53,11 @@ def attend(q, keys, values, mask, *, impl: str = "sdpa") -> torch.Tensor:
     if impl == "plain":
         out = _plain(q, keys, values, mask.mask, mask.sees_any)
     elif impl == "sdpa":
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.additive)
+        if q.is_cuda:
+            with sdpa_kernel(_CUDA_BACKENDS):
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.additive)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.additive)
         if mask.zero_rows is not None:
             out = out * mask.zero_rows
     else:
