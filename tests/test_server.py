@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
 import urllib.error
@@ -141,8 +142,10 @@ def test_two_sessions_stream_independently(rt):
                 c = await create(ws2)
                 await send(ws2, type="message", session=c, text="Tell me about rivers.", sampling=greedy)
                 solo = await until(ws2, done_of(c))
+            gc.collect()  # one collection at least, whatever the thresholds did meanwhile
             _, _, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{app.port}/healthz")
             engine = json.loads(body)["engine"]
+            assert engine["gc_collections"] >= 1 and engine["longest_gc_ms"] > 0
             # Both replies advanced in shared steps: at least one step per token of the longer reply.
             generated = max(e["usage"]["completion_tokens"] for e in events if e["type"] == "done")
             assert engine["steps"] >= generated and 0 < engine["mean_step_ms"] <= engine["longest_step_ms"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -80,6 +81,11 @@ class ChatServer:
             log.info("captured %d step graphs in %.1f s", graphs, time.perf_counter() - t0)
         if self.store is not None:
             await self._load_saved_sessions()
+        # The model, tokenizer, graphs and imported modules live as long as the server: out of the
+        # collector's generations, a full collection no longer walks them (with 1,000 replies in
+        # flight those pauses took 170 ms of one engine step; benchmarks/engine_burst.py). Undone at stop.
+        gc.collect()
+        gc.freeze()
         self.loop = EngineLoop(self.pool.engine, asyncio.get_running_loop())
         self.loop.start()
         gate = Gate(self.cfg.host, self.cfg.allowed_origins, self.cfg.allowed_hosts, self.cfg.token)
@@ -113,6 +119,7 @@ class ChatServer:
             self.server.close()
             await self.server.wait_closed()
         self.worker.shutdown()
+        gc.unfreeze()  # (start froze what existed then; an embedding process goes on collecting it)
 
     def health(self) -> dict:
         return {"status": "ok", "model": self.cfg.model_name, "sessions": len(self.sessions),

@@ -11,6 +11,7 @@ thousand self-pipe writes and event-loop callbacks per step).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 import time
@@ -22,14 +23,27 @@ log = logging.getLogger("sinkstream.server")
 
 @dataclass
 class StepStats:
-    """What the scheduler thread did since start: steps, seconds inside them, the longest one."""
+    """What the scheduler thread did since start: steps, seconds inside them, the longest one; and the
+    pauses of Python's cyclic garbage collector (they stop every thread, the stepping one included)."""
     steps: int = 0
     busy_s: float = 0.0
     longest_s: float = 0.0
+    collections: int = 0
+    longest_collection_s: float = 0.0
+    _collecting_since: float = 0.0
+
+    def on_gc(self, phase: str, info: dict) -> None:
+        """A `gc.callbacks` entry."""
+        if phase == "start":
+            self._collecting_since = time.perf_counter()
+        else:
+            self.collections += 1
+            self.longest_collection_s = max(self.longest_collection_s, time.perf_counter() - self._collecting_since)
 
     def as_dict(self) -> dict:
         mean = self.busy_s / self.steps if self.steps else 0.0
-        return {"steps": self.steps, "mean_step_ms": round(mean * 1e3, 3), "longest_step_ms": round(self.longest_s * 1e3, 3)}
+        return {"steps": self.steps, "mean_step_ms": round(mean * 1e3, 3), "longest_step_ms": round(self.longest_s * 1e3, 3),
+                "gc_collections": self.collections, "longest_gc_ms": round(self.longest_collection_s * 1e3, 3)}
 
 
 class EngineLoop:
@@ -43,6 +57,7 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="sinkstream-engine", daemon=True)
 
     def start(self) -> None:
+        gc.callbacks.append(self.stats.on_gc)
         self._thread.start()
 
     def notifier(self, ready: asyncio.Event):
@@ -57,6 +72,8 @@ class EngineLoop:
         self._stopping = True
         self._wake.set()
         self._thread.join()
+        if self.stats.on_gc in gc.callbacks:
+            gc.callbacks.remove(self.stats.on_gc)
 
     def _deliver(self) -> None:
         batch = []
