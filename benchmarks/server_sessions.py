@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import multiprocessing
 import statistics
+import sys
 import time
 
 import torch
@@ -169,7 +171,17 @@ def main():
                         help="one more session sends a prompt this long during the run (0: none)")
     parser.add_argument("--long-prompt-after", type=float, default=1.0,
                         help="seconds after the start at which the long prompt is sent")
-    asyncio.run(main_async(parser.parse_args()))
+    parser.add_argument("--switch-interval", type=float, default=None,
+                        help="the server process's GIL switch interval in seconds (sys.setswitchinterval; "
+                             "Python's default is 0.005)")
+    parser.add_argument("--log-slow-steps", action="store_true",
+                        help="show the server's INFO log: every engine step over 100 ms, with its CPU time")
+    args = parser.parse_args()
+    if args.log_slow_steps:
+        logging.basicConfig(level=logging.INFO, format="%(relativeCreated)8.0f ms %(message)s")
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
+    asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

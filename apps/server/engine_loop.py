@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 
 log = logging.getLogger("sinkstream.server")
+SLOW_STEP_S = 0.1  # steps longer than this are logged (INFO)
 
 
 @dataclass
@@ -88,13 +89,16 @@ class EngineLoop:
             self._wake.clear()
             self._deliver()  # news from steps run by other threads (a reply's end waits by stepping)
             while not self._stopping:
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), time.thread_time()
                 try:
                     more = self.engine.step()
                 except Exception:  # the jobs of that step were told (job.error); the loop goes on
                     log.exception("engine step failed")
                     more = True
                 took = time.perf_counter() - t0
+                if took > SLOW_STEP_S:  # this thread's CPU time tells its own work from waiting (GIL, device)
+                    log.info("slow engine step: %.0f ms, %.0f ms of it on the stepping thread's CPU",
+                             took * 1e3, (time.thread_time() - cpu0) * 1e3)
                 self.stats.steps += 1
                 self.stats.busy_s += took
                 self.stats.longest_s = max(self.stats.longest_s, took)
