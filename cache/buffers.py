@@ -84,12 +84,17 @@ class KVBuffers:
             return keys, values
         return keys.index_select(0, plan.rows), values.index_select(0, plan.rows)
 
-    def advance(self, plan: StepPlan) -> None:
-        """Commit a step: every addressed row has seen `plan.n` more tokens."""
+    def advance(self, plan: StepPlan, real: torch.Tensor | None = None) -> None:
+        """Commit a step: every addressed row has seen `plan.n` more tokens, or `real` ([1] long on
+        the device) when only the first `real` of them are tokens and the rest padding: the padding's
+        slots lie past the row's new length, so they are invisible and the next tokens overwrite them."""
+        by = plan.n if real is None else real
         if plan.rows is None:
-            self.lengths += plan.n
-        else:
+            self.lengths += by
+        elif real is None:
             self.lengths.index_add_(0, plan.rows, torch.full_like(plan.rows, plan.n))
+        else:
+            self.lengths.index_add_(0, plan.rows, real.expand(plan.rows.shape[0]))
 
     def reset(self, row: int | None = None) -> None:
         """Forget the tokens of one row (or all rows); the memory stays allocated."""

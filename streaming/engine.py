@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import heapq
 import threading
+import time
 from contextlib import contextmanager
 from collections import deque
 from dataclasses import dataclass, field
@@ -46,6 +47,24 @@ if TYPE_CHECKING:
 # Repetition penalty looks at this many most recent tokens (at most the cache's capacity).
 PENALTY_HISTORY = 4096
 DEFAULT_CHUNK = 256
+
+
+@dataclass
+class StepTimes:
+    """Where one `Engine.step` spent its time (host seconds). `decode_s` includes waiting for the
+    device to finish the step (the sampled ids are read back); prompt chunks are queued and finish
+    on the device during the next step's wait."""
+    lock_wait_s: float = 0.0
+    admit_s: float = 0.0
+    decode_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_rows: int = 0
+    prompt_jobs: int = 0
+
+    def __str__(self) -> str:
+        return (f"lock wait {self.lock_wait_s * 1e3:.0f} ms, admission {self.admit_s * 1e3:.0f} ms, decode of "
+                f"{self.decode_rows} rows {self.decode_s * 1e3:.0f} ms, prompts of {self.prompt_jobs} jobs "
+                f"{self.prefill_s * 1e3:.0f} ms")
 
 
 @dataclass(eq=False)
@@ -126,6 +145,7 @@ class Engine:
         self._decoding: dict[Job, None] = {}  # an ordered set
         self._prefilling: deque[Job] = deque()
         self._lock = threading.RLock()
+        self.last_step = StepTimes()
         self._waiting = 0  # threads queued for the lock through _locked() (see `has_waiters`)
         use_graphs = runtime.cuda_graphs and device.type == "cuda" and self.capacity is not None
         self.graphs = StepGraphs(self) if use_graphs else None
@@ -276,18 +296,27 @@ class Engine:
 
     def step(self) -> bool:
         """One iteration: a decode step of every decoding row, then a budget of prompt chunks.
-        Returns whether work is left."""
+        Returns whether work is left. Where its time went: `last_step`."""
+        t0 = time.perf_counter()
         with self._lock:
+            times = StepTimes(lock_wait_s=time.perf_counter() - t0)
+            self.last_step = times
+            t = time.perf_counter()
             admitted = self._admit()
             cancelled = [j for j in (*self._decoding, *self._prefilling) if j.cancelled]
             for job in cancelled:
                 self._finish(job, cancelled=True)
             stepping = list(self._decoding) + list(self._prefilling)
+            times.admit_s, times.decode_rows, times.prompt_jobs = time.perf_counter() - t, len(self._decoding), len(self._prefilling)
             try:
                 if self._decoding:
+                    t = time.perf_counter()
                     self._decode_step()
+                    times.decode_s = time.perf_counter() - t
                 if self._prefilling:
+                    t = time.perf_counter()
                     self._prefill_step()
+                    times.prefill_s = time.perf_counter() - t
             except BaseException as exc:  # every job that took part sees the failure
                 for job in stepping:
                     job.error = exc
@@ -354,7 +383,7 @@ class Engine:
         budget, served = self.prefill_budget, []
         while self._prefilling and (not served or budget > 0):
             job = self._prefilling[0]
-            n = min(self.chunk, len(job.ids) - job.ingested)
+            n = self._piece(job)
             if served and n > budget:
                 break
             self._prefilling.popleft()
@@ -380,8 +409,12 @@ class Engine:
         ids = torch.tensor([job.ids[job.ingested : job.ingested + n] for job in jobs], dtype=torch.long,
                            device=self.device)  # [k, n]
         one_step = runs_as_one_step(self.model.config, n, sequential=self.sequential)
+        length = self._padded_length(rows, n, all_logits)
         if self.graphs is not None and n == self.chunk and one_step:
             logits = self.graphs.prefill(rows, ids, all_logits)
+        elif length is not None:
+            logits = self.graphs.prefill_padded(rows, ids, length)  # [k, 1, V]
+            self.sampling.observe(torch.tensor(rows, device=self.device), ids)  # (the real ids only)
         else:
             logits = self.prefill_rows(torch.tensor(rows, device=self.device), ids, all_logits)  # [k, n or 1, V]
         for i, job in enumerate(jobs):
@@ -389,6 +422,39 @@ class Engine:
             self.seen[job.row] += n
             if job.on_logits is not None:
                 job.on_logits(logits[i])
+
+    def _piece(self, job: Job) -> int:
+        """How many prompt tokens a job's next chunk takes: a chunk, or what is left. With graphs, a
+        short rest that cannot be padded (the row's window has wrapped, as after a long prompt's full
+        chunks) is cut to the longest captured length it holds, so it replays as one or more graphs
+        (160 = 128 + 32) instead of running eagerly."""
+        n = min(self.chunk, len(job.ids) - job.ingested)
+        if self.graphs is None or n >= self.chunk or job.on_logits is not None or self.sequential:
+            return n
+        if self._padded_length([job.row], n, False) is not None:
+            return n
+        return max((length for length in self.graphs.padded_lengths if length <= n), default=n)
+
+    def _padded_length(self, rows: list[int], n: int, all_logits: bool) -> int | None:
+        """The captured length to which a short chunk of n tokens is padded, or None: run it as it is.
+        Only where the padding evicts nothing (every row's stream + padded length within the window)
+        and the chunk runs as one step either way (not in sequential mode)."""
+        if self.graphs is None or all_logits or self.sequential or n >= self.chunk:
+            return None
+        length = self.graphs.padded_length(n)
+        if length is None or (length > n and any(self.seen[row] + length > self.capacity for row in rows)):
+            return None  # (a chunk of exactly a captured length needs no padding: it may evict)
+        return length
+
+    def prefill_rows_padded(self, rows: torch.Tensor, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Device work of a short chunk padded to a captured length: ids [k, L] of which the first
+        `real` ([1] long) are the prompt's, the rest padding. Ingests, stores the last real token's
+        logits and returns them [k, 1, V]. The repetition penalty's record of the real ids is the
+        caller's (its ring would take the padding too). (Captured by StepGraphs.)"""
+        logits = forward_step(self.model, self.cache, ids, passes=self.model.config.prefill_passes,
+                              all_logits=False, rows=rows, real=real)
+        self.next_logits.index_copy_(0, rows, logits[:, 0])
+        return logits
 
     def prefill_rows(self, rows: torch.Tensor, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
         """Device work of one prompt chunk ids [k, n] for rows [k]: ingest, record the ids for the

@@ -7,6 +7,11 @@ scratch row, whose contents nobody reads. So admitting a stream captures nothing
   batch skips the sort); sampling, the step and the logits store replay as one graph.
 - Full prompt chunks (n = the engine's chunk; for LCKV all m+b passes): one graph per bucket and
   per "every position's logits" flag.
+- Short prompt chunks (a chat turn, a prompt's last piece): padded to the next of a few lengths
+  (16, 32, 64, 128, ... below the chunk, and the chunk) and replayed with the real token count as an input
+  (`forward_step`'s `real`), where the padding evicts nothing. Eagerly, each short chunk of a new
+  length was hundreds of kernel launches, each one giving up the GIL: in a server whose asyncio
+  thread is busy with a thousand websockets, winning it back each time made such steps 4x longer.
 tests/test_engine_cuda.py shows the replays equal the eager steps.
 """
 
@@ -15,6 +20,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 import torch
+
+from .forward import runs_as_one_step
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -27,6 +34,23 @@ def buckets(rows: int) -> list[int]:
         sizes.append(b)
         b *= 2
     return sizes + [rows]
+
+
+def padded_lengths(engine: "Engine") -> list[int]:
+    """The lengths short chunks are padded to: 16, 32, ... below the chunk, then the chunk itself
+    (a long prompt's tail), each long enough to run as one step (an LCKV chunk within the m+b
+    prefill passes would run token by token)."""
+    lengths, length = [], SHORTEST_PADDED
+    while length < engine.chunk:
+        lengths.append(length)
+        length *= 2
+    if engine.chunk >= SHORTEST_PADDED:
+        lengths.append(engine.chunk)
+    return [n for n in lengths if runs_as_one_step(engine.model.config, n, sequential=False)]
+
+
+SHORTEST_PADDED = 16  # the first padded length; each next one is twice as long, all below the chunk
+MOST_PADDED_ROWS = 256  # a larger group of short chunks replays in pieces of this many rows
 
 
 class _Graph:
@@ -87,6 +111,7 @@ class StepGraphs:
     def __init__(self, engine: "Engine"):
         self.engine = engine
         self.sizes = buckets(engine.rows)
+        self.padded_lengths = padded_lengths(engine)
         self._graphs: dict[tuple, _Graph] = {}
         # One memory pool for every graph's temporaries: safe because replays never overlap and a
         # replay's output is read (or copied) before the next one. Separate pools would each hold
@@ -122,11 +147,48 @@ class StepGraphs:
 
     def capture_prefill(self, all_logits: bool = False) -> None:
         """Capture the full-chunk graphs of every bucket a step can use (at most prefill_budget // chunk
-        chunks run in one step)."""
+        chunks run in one step), and the padded short-chunk graphs."""
         engine = self.engine
         most = max(1, engine.prefill_budget // engine.chunk)
         for size in reversed([b for b in self.sizes if b <= self._bucket(min(most, engine.rows))]):
             self._prefill_graph(size, all_logits)
+        if all_logits:
+            return
+        for length in self.padded_lengths:
+            shorter = [n for n in self.padded_lengths if n < length]
+            shortest = shorter[-1] + 1 if shorter else 1  # the shortest chunk padded to `length`
+            most = min(engine.prefill_budget // shortest, MOST_PADDED_ROWS, engine.rows)
+            for size in reversed([b for b in self.sizes if b <= self._bucket(max(1, most))]):
+                self._padded_graph(size, length)
+
+    def padded_length(self, n: int) -> int | None:
+        """The shortest padded length that holds n tokens (None: none does)."""
+        return next((length for length in self.padded_lengths if length >= n), None)
+
+    def prefill_padded(self, rows: list[int], ids: torch.Tensor, length: int) -> torch.Tensor:
+        """Logits [k, 1, V] of the last token of a short chunk ids [k, n], n <= length, of `rows`,
+        replayed padded to `length` (see Engine.prefill_rows_padded), in pieces of at most
+        MOST_PADDED_ROWS rows. A fresh tensor (not a view of the graph's output)."""
+        k, n = ids.shape
+        padded = torch.zeros(k, length, dtype=torch.long, device=ids.device)  # padding: token 0
+        padded[:, :n] = ids
+        real = torch.tensor([n], dtype=torch.long)
+        pieces = []
+        for lo in range(0, k, MOST_PADDED_ROWS):
+            part = rows[lo : lo + MOST_PADDED_ROWS]
+            graph = self._padded_graph(self._bucket(len(part)), length)
+            pieces.append(graph(part, self.engine.scratch, padded[lo : lo + len(part)], real).clone())
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+    def _padded_graph(self, size: int, length: int) -> _Graph:
+        key = ("padded", size, length)
+        graph = self._graphs.get(key)
+        if graph is None:
+            engine = self.engine
+            ids = torch.zeros(size, length, dtype=torch.long, device=engine.device)
+            real = torch.full((1,), length, dtype=torch.long, device=engine.device)
+            graph = self._graphs[key] = _Graph(engine, size, engine.prefill_rows_padded, [ids, real], self.pool)
+        return graph
 
     def capture_decode(self, features) -> None:
         """Capture every decode bucket now (e.g. at server start), so no request waits for a capture.

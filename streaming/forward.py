@@ -119,10 +119,15 @@ def _kernel_attention(step: _Step, index: int, q: torch.Tensor) -> torch.Tensor:
 
 
 def forward_step(model: CausalLM, cache, ids: torch.Tensor, *, passes: int, all_logits: bool,
-                 rows: torch.Tensor | None = None) -> torch.Tensor:
+                 rows: torch.Tensor | None = None, real: torch.Tensor | None = None) -> torch.Tensor:
     """Write ids [B, n] into the cache in one step; return float32 logits [B, n or 1, vocab].
 
     `rows` ([B] long, on the device) picks the cache rows the step runs on, in place; None = all rows.
+    `real` ([1] long, on the device): only the first `real` tokens of every row are real, the rest
+    padding (so that prompts of many lengths replay one captured shape). The cache advances by
+    `real`, and the logits returned [B, 1, vocab] are those of the last real token. Exact because
+    attention is causal: no real token sees the padding. The caller guarantees the padding evicts
+    nothing (every row's length + n within a sink-window cache's capacity).
     """
     step = _Step(model, cache, ids, rows)
     hidden = model.model.embed_tokens(ids)  # [B, n, hidden]
@@ -134,8 +139,12 @@ def forward_step(model: CausalLM, cache, ids: torch.Tensor, *, passes: int, all_
                 hidden = step.run_layer(index, hidden)
         else:
             hidden = _iterate_block(step, lo, hi, hidden, passes)
-    cache.advance(step.plan)
-    if not all_logits:
+    cache.advance(step.plan, real)
+    if real is not None:
+        if all_logits:
+            raise ValueError("padded steps return the last real token's logits only")
+        hidden = hidden.index_select(1, real - 1)
+    elif not all_logits:
         hidden = hidden[:, -1:]
     return model.logits(hidden)
 

@@ -71,3 +71,41 @@ def test_warm_up_captures_every_graph_the_steps_replay(tmp_path):
     assert captured >= 5 and after == captured
     _, _, eager_jobs = burst(False)
     assert [j.generated for j in jobs] == [j.generated for j in eager_jobs]
+
+
+@pytest.mark.parametrize("kind", ["plain", "lckv"])
+def test_short_chunks_replay_padded_graphs_equal_eager_engine(tmp_path, kind):
+    """Short prompt chunks (shorter than the chunk: a chat turn, a prompt's tail) replay padded
+    graphs captured at warm-up; tokens equal the eager engine's. A second turn on a row whose window
+    has no room for the padding runs eagerly (nothing may be evicted by padding)."""
+    rt = streaming.load(make_tiny_checkpoint(tmp_path / kind, kind, with_tokenizer=False), device="cuda",
+                        dtype="float32")
+    settings = [SamplingParams(temperature=0.9, top_k=20, seed=5), SamplingParams()]
+
+    def burst(graphs: bool):
+        rt.cuda_graphs = graphs
+        engine = Engine(rt, 9, sinks=2, window=58, chunk=32, prefill_budget=96)
+        captured = engine.warm_up(settings)
+        replays = []
+        if graphs:
+            replay = engine.graphs.prefill_padded
+            engine.graphs.prefill_padded = lambda *args: replays.append(args[1].shape) or replay(*args)
+        gen = torch.Generator().manual_seed(2)
+        rows = [engine.open_row() for _ in range(9)]
+        jobs = [engine.submit(row, torch.randint(3, rt.config.vocab_size, (2 + 4 * i,), generator=gen).tolist(),
+                              params=settings[i % 2], max_new_tokens=9 + 2 * i) for i, row in enumerate(rows)]
+        while engine.step():
+            pass
+        # Second turns: short prompts on rows holding 11..57 tokens (60 slots: some have no room for 16).
+        again = [engine.submit(row, torch.randint(3, rt.config.vocab_size, (5,), generator=gen).tolist(),
+                               params=settings[0], max_new_tokens=4) for row in rows]
+        while engine.step():
+            pass
+        return captured, engine, jobs + again, replays
+
+    captured, engine, jobs, replays = burst(True)
+    assert len(engine.graphs) == captured  # nothing captured after warm-up
+    assert replays and any(shape[1] == 5 for shape in replays)  # first and second turns were padded
+    _, eager, eager_jobs, _ = burst(False)
+    assert [j.generated for j in jobs] == [j.generated for j in eager_jobs]
+    assert torch.equal(engine.cache.lengths[:9], eager.cache.lengths[:9])  # (row 9: the graphs' scratch row)
