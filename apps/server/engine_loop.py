@@ -97,8 +97,8 @@ class EngineLoop:
                     more = True
                 took = time.perf_counter() - t0
                 if took > SLOW_STEP_S:  # this thread's CPU time tells its own work from waiting (GIL, device)
-                    log.info("slow engine step: %.0f ms, %.0f ms of it on the stepping thread's CPU",
-                             took * 1e3, (time.thread_time() - cpu0) * 1e3)
+                    log.info("slow engine step: %.0f ms, %.0f ms of it on the stepping thread's CPU (%s)",
+                             took * 1e3, (time.thread_time() - cpu0) * 1e3, self.engine.last_step)
                 self.stats.steps += 1
                 self.stats.busy_s += took
                 self.stats.longest_s = max(self.stats.longest_s, took)
