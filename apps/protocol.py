@@ -63,12 +63,13 @@ FIELDS = {
     "session.create": {"id", "system", "sampling", "resume"},
     "message": {"id", "session", "text", "sampling"},
     "cancel": {"id", "session"},
-    "session.close": {"id", "session"},
+    "session.close": {"id", "session", "after_s"},
 }
 REQUIRED = {"message": {"session", "text"}, "cancel": {"session"}, "session.close": {"session"}}
 MAX_ID_LEN = 128
 MAX_NESTING = 16  # arrays/objects inside each other; a frame needs 3 (message > sampling > stop)
 MAX_STOP_STRINGS, MAX_STOP_LEN = 8, 128
+MAX_CLOSE_AFTER_S = 3600  # session.close's after_s: the longest a closing session may wait for a resume
 
 
 def parse_frame(frame, limits: Limits) -> dict:
@@ -122,6 +123,8 @@ def parse_frame(frame, limits: Limits) -> dict:
         raise bad("'text' is empty")
     if "sampling" in msg:
         msg["sampling"] = parse_sampling(msg["sampling"], limits, bad)
+    if "after_s" in msg and not (_number(msg["after_s"], 0, MAX_CLOSE_AFTER_S) and msg["after_s"] > 0):
+        raise bad(f"'after_s' must be a number of seconds, > 0 and at most {MAX_CLOSE_AFTER_S}")
     return msg
 
 
@@ -227,6 +230,11 @@ def done(session: str, seq: int, finish_reason: str, usage: dict) -> dict:
 
 def closed(session: str, reason: str, request_id=None) -> dict:
     return _with({"type": "session.closed", "reason": reason}, session, request_id)
+
+
+def closing(session: str, after_s: float, request_id=None) -> dict:
+    """Answer to a session.close with after_s: closed then, unless resumed or used before."""
+    return _with({"type": "session.closing", "after_s": after_s}, session, request_id)
 
 
 def dumps(ev: dict) -> str:

@@ -219,3 +219,28 @@ def test_browser_says_server_full_and_connects_when_a_slot_frees(one_session_ser
     asyncio.run(hold_then_free(page_sees_full))
     driver.wait("return document.getElementById('status').dataset.state === 'online'", timeout=30)
     assert len(driver.run("return [...document.querySelectorAll('.notice')].map(n => n.textContent)")) == 1
+
+
+def test_browser_reload_keeps_the_session_and_closing_the_tab_closes_it(server, driver):
+    """A leaving page asks for a delayed close (it cannot tell a reload from a closed tab): the
+    reloaded page resumes its session in time and keeps it; after leaving the page, the session is
+    closed once the delay has passed."""
+    def sessions() -> int:
+        with urllib.request.urlopen(server.rstrip("/") + "/healthz", timeout=10) as r:
+            return json.loads(r.read())["sessions"]
+
+    session_id = "return sessionStorage.getItem('sinkstream.session')"
+    driver.get(server)
+    driver.wait("return document.getElementById('status').dataset.state === 'online'")
+    first = driver.run(session_id)
+    driver.run("location.reload()")
+    driver.wait("const s = document.getElementById('status'); "
+                "return s.dataset.state === 'online' && s.textContent.includes('resumed')")
+    assert driver.run(session_id) == first
+    time.sleep(11.5)  # past the page's delay (10 s): the resume called the close off
+    assert sessions() == 1
+    driver.get("about:blank")  # the tab leaves the page
+    deadline = time.monotonic() + 20
+    while sessions() != 0:
+        assert time.monotonic() < deadline, "the left page's session was not closed"
+        time.sleep(0.25)

@@ -5,6 +5,7 @@ used to fill a 4-session server for the 15-minute idle timeout)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 from websockets.asyncio.client import connect
@@ -97,3 +98,63 @@ def test_resume_when_every_row_is_taken_says_the_server_is_full(rt):
     full, still_parked = run(main())
     assert full["code"] == "too_many_sessions" and full["id"] == 5 and "full" in full["message"]
     assert still_parked  # nothing lost: it can be resumed later
+
+
+def test_delayed_close_is_called_off_by_a_resume_and_happens_without_one(rt):
+    """What the page sends when its tab goes away (reload or close): session.close with after_s.
+    A reload resumes in time and keeps the conversation; a closed tab's session is closed."""
+    async def main():
+        async with serve(rt) as app:
+            async with connect(ws_url(app)) as ws:  # "reloaded": resumed within the delay
+                kept = await create(ws)
+                await _say(ws, kept, "Remember the river.")
+                await send(ws, type="session.close", session=kept, after_s=0.5, id=7)
+                closing = await recv(ws)
+            async with connect(ws_url(app)) as ws:
+                await send(ws, type="session.create", resume=kept)
+                resumed = await recv(ws)
+            async with connect(ws_url(app)) as ws:  # "closed tab": nobody comes back
+                gone = await create(ws)
+                await send(ws, type="session.close", session=gone, after_s=0.3)
+                await recv(ws)
+            async with connect(ws_url(app)) as ws:  # still attached and unused: closed too, and told
+                idle = await create(ws)
+                await send(ws, type="session.close", session=idle, after_s=0.3)
+                await recv(ws)
+                told = await asyncio.wait_for(recv(ws), timeout=5)
+            await asyncio.sleep(1.6)  # past every delay and a reaper tick
+            alive = set(app.sessions.by_id)
+            async with connect(ws_url(app)) as ws:
+                await send(ws, type="session.create", resume=gone)
+                refused = await recv(ws)
+                await send(ws, type="session.create", resume=kept)
+                await recv(ws)
+                again = await _say(ws, kept, "Go on.")
+            return closing, resumed, told, alive, refused, again, kept, gone, idle
+
+    closing, resumed, told, alive, refused, again, kept, gone, idle = run(main())
+    assert closing == {"type": "session.closing", "session": kept, "after_s": 0.5, "id": 7}
+    assert resumed["type"] == "session.created" and resumed["resumed"] and resumed["messages"] == 2
+    assert told["type"] == "session.closed" and told["session"] == idle and "delayed" in told["reason"]
+    assert kept in alive and gone not in alive and idle not in alive
+    assert refused["type"] == "error" and refused["code"] == "unknown_session"
+    assert again
+
+
+def test_delayed_close_checks_its_delay(rt):
+    async def main():
+        async with serve(rt) as app:
+            async with connect(ws_url(app)) as ws:
+                sid = await create(ws)
+                answers = []
+                for bad in (0, -1, "10", True, 3601, float("nan")):
+                    frame = '{"type":"session.close","session":"%s","after_s":%s}' % (
+                        sid, "NaN" if bad != bad else json.dumps(bad))
+                    await ws.send(frame)
+                    answers.append(await recv(ws))
+                return sid, answers, sid in app.sessions.by_id
+
+    sid, answers, still_there = run(main())
+    assert [a["code"] for a in answers] == ["bad_request"] * 6
+    assert all("after_s" in a["message"] for a in answers)
+    assert still_there

@@ -173,6 +173,7 @@ class ChatServer:
             return
         st = self.sessions.attached(msg["session"], ws, rid)
         st.touch()
+        st.close_at = None  # used again: a deferred close is off (a new one below sets it again)
         if kind == "message":
             await self.start_reply(st, msg)
         elif kind == "cancel":
@@ -180,6 +181,11 @@ class ChatServer:
                 raise ProtocolError(protocol.NO_REPLY, "no reply is running in this session",
                                     session=st.id, request_id=rid)
             self.stop_reply(st)  # the reply ends with a `done` event, finish_reason "cancelled"
+        elif kind == "session.close" and "after_s" in msg:
+            # A page that is going away (reload or tab closed: it cannot tell which) asks for this:
+            # a reload resumes within the delay and keeps the conversation, a closed tab's is closed.
+            st.close_at = time.monotonic() + msg["after_s"]
+            await self.send(ws, protocol.closing(st.id, msg["after_s"], rid))
         elif kind == "session.close":
             await self.drop(st)
             owned.discard(st.id)
@@ -206,6 +212,7 @@ class ChatServer:
                                 "changed when resuming", request_id=rid)
         st = self.sessions.get(msg["resume"], rid)
         await self.unpark(st, rid)
+        st.close_at = None
         old, st.conn = st.conn, ws
         if old is not None and old is not ws:
             await self.send(old, protocol.closed(st.id, "resumed on another connection"))
@@ -444,7 +451,13 @@ class ChatServer:
     async def _reap_idle(self) -> None:
         timeout = self.limits.idle_timeout_s
         while True:
-            await asyncio.sleep(max(0.05, min(timeout / 4, 5.0)))
+            await asyncio.sleep(max(0.05, min(timeout / 4, 1.0)))
+            now = time.monotonic()
+            for st in [x for x in self.sessions.by_id.values() if x.close_at is not None and x.close_at <= now]:
+                await self.drop(st)
+                if st.conn is not None:
+                    await self.send(st.conn, protocol.closed(st.id, "closed by client (delayed close)"))
+                log.info("session %s closed after its delay (%d live)", st.id[:8], len(self.sessions))
             for st in self.sessions.idle(timeout):
                 await self.drop(st)
                 if st.conn is not None:

@@ -56,6 +56,7 @@ class ChatState:
     parked: tuple | str | None = None    # detached, no row held: (tensors, meta, extra) in memory, or ON_DISK
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # park / unpark / release, one at a time
     last_active: float = field(default_factory=time.monotonic)
+    close_at: float | None = None        # session.close with after_s: closed then unless resumed or used
 
     def touch(self) -> None:
         self.last_active = time.monotonic()

@@ -4,6 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 const KEY = "sinkstream.session";
+const CLOSE_AFTER_S = 10;  // a leaving page's session closes unless resumed within this (a reload does)
 
 const state = {
   ws: null,
@@ -278,5 +279,14 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("stop").addEventListener("click", () => { stop(); $("input").focus(); });
   $("new-chat").addEventListener("click", newChat);
+  // Closed tab or reload (indistinguishable here): the server closes the session unless this page,
+  // reloaded, resumes it (from sessionStorage) within the delay.
+  window.addEventListener("pagehide", () => {
+    if (state.session) send({ type: "session.close", session: state.session, after_s: CLOSE_AFTER_S });
+  });
+  // Back from the back/forward cache with the socket still open: call the delayed close off.
+  window.addEventListener("pageshow", (e) => {
+    if (e.persisted && state.session) send({ type: "session.create", resume: state.session });
+  });
   connect();
 });
