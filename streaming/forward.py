@@ -32,6 +32,11 @@ class _Step:
         dtype = model.model.embed_tokens.weight.dtype
         self.q_rope = model.rope(self.plan.query_positions, dtype)  # cos/sin [B,1,n,D]
         self._rotated: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Where every layer runs once (decode; a model without a cyclic block), a source's rotated
+        # copy goes as soon as its last reader is done: on CPU, 200 rows x 1,024 slots make each copy
+        # 105 MB, and holding every source's for the whole step set the server's memory peak.
+        once = ids.shape[1] == 1 or not model.config.is_condensed
+        self._last_reader = {source: i for i, source in enumerate(model.config.kv_sources)} if once else {}
         self.kernel = _decode_kernel_inputs(model, cache, self.plan, ids)
         if self.kernel is not None:  # the kernel derives slot positions and masks itself
             return
@@ -74,6 +79,9 @@ class _Step:
         hidden = model.attention(layer, hidden, q, keys, values, mask)
         if new_kv is not None and attend_before_store:
             self.store(index, *new_kv)
+        source = model.config.kv_sources[index]
+        if self._last_reader.get(source) == index:
+            self._rotated.pop(source, None)
         return hidden
 
     def prepared_mask(self, diagonal: bool, q: torch.Tensor) -> PreparedMask:
