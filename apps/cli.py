@@ -7,7 +7,8 @@ import sys
 
 from apps import cmd_chat, cmd_generate, cmd_serve, cmd_stream
 from apps.common import check_model_args, check_sampling_args, stdout_gone
-from apps.threads import configure_threads
+from apps.cpu_dtype import configure_dtype
+from apps.threads import configure_threads, model_dir
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     check_sampling_args(args)
     try:
         args.threads_note = configure_threads(args)
+        args.threads_note += f"; dtype: {configure_dtype(args, model_dir(args.model))}"
         code = args.func(args) or 0
         sys.stdout.flush()  # inside the try: a reader that left shows up here at the latest
         return code

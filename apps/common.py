@@ -19,7 +19,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="checkpoint directory (Hugging Face layout); default: the bundled model")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="weight/activation dtype (default: the runtime's choice for the device)")
+                   help="weight/activation dtype (default: bfloat16 on GPU; on CPU float32, or bfloat16 "
+                        "for a checkpoint saved in it when the CPU has native bfloat16, as the bundled "
+                        "model on AVX-512-BF16 / AMX CPUs)")
     g.add_argument("--sinks", type=int, default=4, help="attention-sink slots kept forever (default 4)")
     g.add_argument("--window", type=int, default=1020, help="rolling-window slots (default 1020)")
     g.add_argument("--chunk", type=int, default=None,

@@ -62,7 +62,7 @@ def test_cli_thread_count_from_flag_env_or_rule(ckpt):
 
     auto = loaded_line(ckpt, env=no_omp)
     assert re.search(r"; 1 thread\(s\) \(automatic: 0\.\dM parameters, "
-                     rf"{available_cpus()} CPUs\)\]", auto), auto
+                     rf"{available_cpus()} CPUs\); dtype: automatic\]", auto), auto
     assert "2 thread(s) (--threads)" in loaded_line(ckpt, "--threads", 2, env=no_omp)
     # An explicit --threads wins over $OMP_NUM_THREADS, which wins over the rule.
     assert "2 thread(s) ($OMP_NUM_THREADS)" in loaded_line(ckpt, env=dict(no_omp, OMP_NUM_THREADS="2"))
