@@ -114,11 +114,16 @@ def main():
     parser.add_argument("--churn", type=float, default=0.1, help="chance per reply to leave / to close")
     parser.add_argument("--state-dir", default=None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--window", type=int, default=None,
+                        help="the server's --window (default: its own); a small one fills every stream's "
+                             "window within a few replies, the steady state of long conversations")
     args = parser.parse_args()
     command = [sys.executable, "-m", "apps", "serve", "--port", "0", "--device", args.device,
                "--max-sessions", str(args.sessions), "--max-requests-per-minute", "1000000"]
     if args.state_dir:
         command += ["--state-dir", args.state_dir]
+    if args.window is not None:
+        command += ["--window", str(args.window)]
     server = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
         url = None
