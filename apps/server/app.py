@@ -15,6 +15,7 @@ from websockets.exceptions import ConnectionClosed
 from apps import protocol
 from apps.protocol import Limits, ProtocolError
 from apps.server.engine_loop import EngineLoop
+from apps.server import native_heap
 from apps.server.http import WS_PATH, Gate, make_process_request
 from apps.server.sessions import ON_DISK, ChatState, ModelWorker, Registry
 from apps.server.rate_limit import RateLimiter
@@ -48,6 +49,10 @@ class ServerConfig:
     token: str | None = None               # required as ?token= or Authorization: Bearer
     model_name: str = "model"
     state_dir: str | None = None           # keep every session on disk here (survives restarts)
+    # On CPU, allocations of at least this many bytes come from mmap (glibc), so the steps' large
+    # temporaries of ever-changing sizes do not fragment the heap (apps/server/native_heap.py).
+    # Process-wide; None leaves glibc's default.
+    cpu_mmap_threshold: int | None = 128 * 1024
 
 
 class ChatServer:
@@ -66,6 +71,8 @@ class ChatServer:
     # ---- lifecycle ----
 
     async def start(self):
+        if self.rt.device.type == "cpu" and self.cfg.cpu_mmap_threshold is not None:
+            native_heap.map_large_blocks(self.cfg.cpu_mmap_threshold)
         chunk = self.cfg.chunk
         if chunk is None:  # a chunk is what other streams may wait for: small where steps are slow
             chunk = min(SERVER_CHUNK_CPU if self.rt.device.type == "cpu" else SERVER_CHUNK_GPU, self.limits.window)
