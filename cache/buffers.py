@@ -88,13 +88,11 @@ class KVBuffers:
         """Commit a step: every addressed row has seen `plan.n` more tokens, or `real` ([1] long on
         the device) when only the first `real` of them are tokens and the rest padding: the padding's
         slots lie past the row's new length, so they are invisible and the next tokens overwrite them."""
-        by = plan.n if real is None else real
         if plan.rows is None:
-            self.lengths += by
-        elif real is None:
-            self.lengths.index_add_(0, plan.rows, torch.full_like(plan.rows, plan.n))
+            self.lengths += plan.n if real is None else real
         else:
-            self.lengths.index_add_(0, plan.rows, real.expand(plan.rows.shape[0]))
+            by = torch.full_like(plan.rows, plan.n) if real is None else real.expand(plan.rows.shape[0])
+            self.lengths.index_add_(0, plan.rows, by)
 
     def reset(self, row: int | None = None) -> None:
         """Forget the tokens of one row (or all rows); the memory stays allocated."""

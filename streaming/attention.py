@@ -6,6 +6,8 @@ kernel. tests/test_attention.py shows they agree.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -53,10 +55,7 @@ def attend(q, keys, values, mask, *, impl: str = "sdpa") -> torch.Tensor:
     if impl == "plain":
         out = _plain(q, keys, values, mask.mask, mask.sees_any)
     elif impl == "sdpa":
-        if q.is_cuda:
-            with sdpa_kernel(_CUDA_BACKENDS):
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.additive)
-        else:
+        with sdpa_kernel(_CUDA_BACKENDS) if q.is_cuda else nullcontext():
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.additive)
         if mask.zero_rows is not None:
             out = out * mask.zero_rows

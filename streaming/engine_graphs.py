@@ -36,6 +36,10 @@ def buckets(rows: int) -> list[int]:
     return sizes + [rows]
 
 
+SHORTEST_PADDED = 16  # the first padded length; each next one is twice as long, all below the chunk
+MOST_PADDED_ROWS = 256  # a larger group of short chunks replays in pieces of this many rows
+
+
 def padded_lengths(engine: "Engine") -> list[int]:
     """The lengths short chunks are padded to: 16, 32, ... below the chunk, then the chunk itself
     (a long prompt's tail), each long enough to run as one step (an LCKV chunk within the m+b
@@ -48,9 +52,6 @@ def padded_lengths(engine: "Engine") -> list[int]:
         lengths.append(engine.chunk)
     return [n for n in lengths if runs_as_one_step(engine.model.config, n, sequential=False)]
 
-
-SHORTEST_PADDED = 16  # the first padded length; each next one is twice as long, all below the chunk
-MOST_PADDED_ROWS = 256  # a larger group of short chunks replays in pieces of this many rows
 
 
 class _Graph:

@@ -70,7 +70,8 @@ class _Step:
         if self.kernel is not None:
             attn = _kernel_attention(self, index, q)
             return model.after_attention(layer, hidden, attn)
-        keys, values = self.kv(model.config.kv_sources[index])
+        source = model.config.kv_sources[index]
+        keys, values = self.kv(source)
         diagonal = model.config.sees_diagonal(index)
         if attend_before_store and diagonal:
             keys, values, mask = self._with_own_diagonal(keys, values, new_kv)
@@ -79,7 +80,6 @@ class _Step:
         hidden = model.attention(layer, hidden, q, keys, values, mask)
         if new_kv is not None and attend_before_store:
             self.store(index, *new_kv)
-        source = model.config.kv_sources[index]
         if self._last_reader.get(source) == index:
             self._rotated.pop(source, None)
         return hidden
