@@ -23,6 +23,9 @@ class StepPlan:
     # written and advanced in place (no copy out and back); a step's B rows may repeat only a
     # scratch row whose contents nobody reads.
     rows: torch.Tensor | None = None
+    # [1, n] bool, in padded steps only: the token is padding, and its write leaves its slot as it
+    # was, so padding never evicts (a short chunk may replay a longer captured shape on any row).
+    padding: torch.Tensor | None = None
 
     @property
     def visible(self) -> int:
@@ -64,15 +67,27 @@ class KVBuffers:
 
     def write(self, layer: int, plan: StepPlan, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store keys/values [B, Hkv, n, D] of the new tokens at `plan.write_slots`, in place."""
+        keys, values = keys.to(self.dtype), values.to(self.dtype)
         if plan.rows is None:
             index = plan.write_slots[:, None, :, None].expand_as(keys)
-            self.keys[layer].scatter_(2, index, keys.to(self.dtype))
-            self.values[layer].scatter_(2, index, values.to(self.dtype))
+            if plan.padding is not None:  # a padding token writes back what its slot holds
+                keys, values = self._unless_padding(plan, keys, values,
+                                                    lambda t: t.gather(2, index), layer)
+            self.keys[layer].scatter_(2, index, keys)
+            self.values[layer].scatter_(2, index, values)
             return
         # [B, 1, 1] x [1, Hkv, 1] x [B, 1, n] select [B, Hkv, n, D] of the addressed rows.
         index = (plan.rows[:, None, None], self._heads, plan.write_slots[:, None, :])
-        self.keys[layer].index_put_(index, keys.to(self.dtype))
-        self.values[layer].index_put_(index, values.to(self.dtype))
+        if plan.padding is not None:
+            keys, values = self._unless_padding(plan, keys, values, lambda t: t[index], layer)
+        self.keys[layer].index_put_(index, keys)
+        self.values[layer].index_put_(index, values)
+
+    def _unless_padding(self, plan: StepPlan, keys, values, held, layer: int):
+        """The new keys/values [B, Hkv, n, D], with the slots' current contents (`held(buffer)`) at
+        padding tokens. A step's n <= window slots are distinct, so nothing real is overwritten."""
+        pad = plan.padding[:, None, :, None]  # [1, 1, n, 1]
+        return (torch.where(pad, held(self.keys[layer]), keys), torch.where(pad, held(self.values[layer]), values))
 
     def read(self, layer: int, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """Unrotated keys and values [B, Hkv, L, D] of the slots a step reads.
@@ -86,8 +101,8 @@ class KVBuffers:
 
     def advance(self, plan: StepPlan, real: torch.Tensor | None = None) -> None:
         """Commit a step: every addressed row has seen `plan.n` more tokens, or `real` ([1] long on
-        the device) when only the first `real` of them are tokens and the rest padding: the padding's
-        slots lie past the row's new length, so they are invisible and the next tokens overwrite them."""
+        the device) when only the first `real` of them are tokens and the rest padding (planned with
+        the same `real`: the padding wrote nothing)."""
         if plan.rows is None:
             self.lengths += plan.n if real is None else real
         else:

@@ -13,9 +13,10 @@ class FullCache(KVBuffers):
     def __init__(self, kv_layers, batch, num_kv_heads, head_dim, *, dtype, device, initial_slots=256):
         super().__init__(kv_layers, batch, initial_slots, num_kv_heads, head_dim, dtype=dtype, device=device)
 
-    def plan(self, n: int, rows: torch.Tensor | None = None) -> StepPlan:
+    def plan(self, n: int, rows: torch.Tensor | None = None, real: torch.Tensor | None = None) -> StepPlan:
         """Plan a step of n tokens for every row, or for `rows` ([B] long) only (reads the lengths
-        on the host to grow when needed: this cache is for finite contexts and tests, not graphs)."""
+        on the host to grow when needed: this cache is for finite contexts and tests, not graphs).
+        With `real` (padded steps) the padding lies past the new length: written, never seen."""
         if n < 1:
             raise ValueError(f"a step must write at least one token, got {n}")
         lengths = self.lengths if rows is None else self.lengths.index_select(0, rows)
@@ -30,7 +31,7 @@ class FullCache(KVBuffers):
             write_slots=token,
             query_positions=token,
             slot_positions=slots.expand(start.shape[0], -1),
-            slot_valid=slots < start + n,
+            slot_valid=slots < start + (n if real is None else real),
             rows=rows,
         )
 

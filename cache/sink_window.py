@@ -32,8 +32,13 @@ class SinkWindowCache(KVBuffers):
     def capacity(self) -> int:
         return self.sinks + self.window
 
-    def plan(self, n: int, rows: torch.Tensor | None = None) -> StepPlan:
-        """Plan a step of n new tokens for every row, or for `rows` ([B] long on the device) only."""
+    def plan(self, n: int, rows: torch.Tensor | None = None, real: torch.Tensor | None = None) -> StepPlan:
+        """Plan a step of n new tokens for every row, or for `rows` ([B] long on the device) only.
+
+        `real` ([1] long on the device): only the first `real` tokens are tokens, the rest padding
+        (a short chunk replaying a longer captured shape). The plan is then that of `real` tokens:
+        the same slots, positions and evictions; the padding's writes keep their slots unchanged
+        (`StepPlan.padding`) and its queries' results are discarded."""
         if not 1 <= n <= self.window:
             raise CacheConfigError(f"a step of {n} tokens does not fit a window of {self.window}")
         S, W = self.sinks, self.window
@@ -44,7 +49,7 @@ class SinkWindowCache(KVBuffers):
         start = lengths[:, None]  # [B, 1] tokens seen before the step
         token = start + offsets  # [B, n] stream index of each new token
         write_slots = torch.where(token < S, token, S + torch.remainder(token - S, W))
-        total = start + n  # [B, 1] tokens seen after the step
+        total = start + (n if real is None else real)  # [B, 1] tokens seen after the step
         evicted = (total - S - W).clamp(min=0)  # [B, 1] tokens dropped from the window so far
         query_positions = token - evicted
 
@@ -71,6 +76,7 @@ class SinkWindowCache(KVBuffers):
             slot_positions=slot_positions,
             slot_valid=slot_valid,
             rows=rows,
+            padding=None if real is None else (offsets >= real)[None],
         )
 
     def row(self, index: int) -> "SinkWindowCache":

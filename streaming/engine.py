@@ -383,7 +383,7 @@ class Engine:
         budget, served = self.prefill_budget, []
         while self._prefilling and (not served or budget > 0):
             job = self._prefilling[0]
-            n = self._piece(job)
+            n = min(self.chunk, len(job.ids) - job.ingested)
             if served and n > budget:
                 break
             self._prefilling.popleft()
@@ -409,12 +409,18 @@ class Engine:
         ids = torch.tensor([job.ids[job.ingested : job.ingested + n] for job in jobs], dtype=torch.long,
                            device=self.device)  # [k, n]
         one_step = runs_as_one_step(self.model.config, n, sequential=self.sequential)
-        length = self._padded_length(rows, n, all_logits)
+        length = self._padded_length(n, all_logits)
         if self.graphs is not None and n == self.chunk and one_step:
             logits = self.graphs.prefill(rows, ids, all_logits)
-        elif length is not None:
+        elif length is not None and (one_step or not self._evicts(rows, n)):
             logits = self.graphs.prefill_padded(rows, ids, length)  # [k, 1, V]
             self.sampling.observe(torch.tensor(rows, device=self.device), ids)  # (the real ids only)
+        elif length is not None:
+            # An LCKV chunk within the prefill passes runs token by token (forward_tokens); where it
+            # evicts, one padded step would not equal that (its first tokens would miss the evicted
+            # ones), so: a replay of the one-token graph per token, the same steps as the eager path.
+            logits = self.graphs.prefill_tokens(rows, ids)
+            self.sampling.observe(torch.tensor(rows, device=self.device), ids)
         else:
             logits = self.prefill_rows(torch.tensor(rows, device=self.device), ids, all_logits)  # [k, n or 1, V]
         for i, job in enumerate(jobs):
@@ -423,36 +429,25 @@ class Engine:
             if job.on_logits is not None:
                 job.on_logits(logits[i])
 
-    def _piece(self, job: Job) -> int:
-        """How many prompt tokens a job's next chunk takes: a chunk, or what is left. With graphs, a
-        short rest that cannot be padded (the row's window has wrapped, as after a long prompt's full
-        chunks) is cut to the longest captured length it holds, so it replays as one or more graphs
-        (160 = 128 + 32) instead of running eagerly."""
-        n = min(self.chunk, len(job.ids) - job.ingested)
-        if self.graphs is None or n >= self.chunk or job.on_logits is not None or self.sequential:
-            return n
-        if self._padded_length([job.row], n, False) is not None:
-            return n
-        return max((length for length in self.graphs.padded_lengths if length <= n), default=n)
+    def _evicts(self, rows: list[int], n: int) -> bool:
+        """Whether n more tokens push any of `rows` past its window's capacity."""
+        return self.capacity is not None and any(self.seen[row] + n > self.capacity for row in rows)
 
-    def _padded_length(self, rows: list[int], n: int, all_logits: bool) -> int | None:
+    def _padded_length(self, n: int, all_logits: bool) -> int | None:
         """The captured length to which a short chunk of n tokens is padded, or None: run it as it is.
-        Only where the padding evicts nothing (every row's stream + padded length within the window)
-        and the chunk runs as one step either way (not in sequential mode)."""
+        On any row (the padding writes nothing: a wrapped window loses no token to it); not where
+        every position's logits are wanted, nor in sequential mode."""
         if self.graphs is None or all_logits or self.sequential or n >= self.chunk:
             return None
-        length = self.graphs.padded_length(n)
-        if length is None or (length > n and any(self.seen[row] + length > self.capacity for row in rows)):
-            return None  # (a chunk of exactly a captured length needs no padding: it may evict)
-        return length
+        return self.graphs.padded_length(n)
 
     def prefill_rows_padded(self, rows: torch.Tensor, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """Device work of a short chunk padded to a captured length: ids [k, L] of which the first
         `real` ([1] long) are the prompt's, the rest padding. Ingests, stores the last real token's
         logits and returns them [k, 1, V]. The repetition penalty's record of the real ids is the
         caller's (its ring would take the padding too). (Captured by StepGraphs.)"""
-        logits = forward_step(self.model, self.cache, ids, passes=self.model.config.prefill_passes,
-                              all_logits=False, rows=rows, real=real)
+        passes = 1 if ids.shape[1] == 1 else self.model.config.prefill_passes  # (one token: one pass)
+        logits = forward_step(self.model, self.cache, ids, passes=passes, all_logits=False, rows=rows, real=real)
         self.next_logits.index_copy_(0, rows, logits[:, 0])
         return logits
 

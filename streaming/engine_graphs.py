@@ -9,9 +9,11 @@ scratch row, whose contents nobody reads. So admitting a stream captures nothing
   per "every position's logits" flag.
 - Short prompt chunks (a chat turn, a prompt's last piece): padded to the next of a few lengths
   (16, 32, 64, 128, ... below the chunk, and the chunk) and replayed with the real token count as an input
-  (`forward_step`'s `real`), where the padding evicts nothing. Eagerly, each short chunk of a new
-  length was hundreds of kernel launches, each one giving up the GIL: in a server whose asyncio
-  thread is busy with a thousand websockets, winning it back each time made such steps 4x longer.
+  (`forward_step`'s `real`; the padding writes nothing, so this holds on a wrapped window too).
+  Eagerly, each short chunk of a new length was hundreds of kernel launches, each one giving up the
+  GIL: in a server whose asyncio thread is busy with a thousand websockets, winning it back each
+  time made such steps 4x longer. (An LCKV chunk within the m+b passes that evicts runs token by
+  token, as the eager path does: one replay of a one-token graph per token.)
 tests/test_engine_cuda.py shows the replays equal the eager steps.
 """
 
@@ -161,6 +163,10 @@ class StepGraphs:
             most = min(engine.prefill_budget // shortest, MOST_PADDED_ROWS, engine.rows)
             for size in reversed([b for b in self.sizes if b <= self._bucket(max(1, most))]):
                 self._padded_graph(size, length)
+        if engine.model.config.is_condensed:  # (prefill_tokens)
+            most = min(engine.prefill_budget, MOST_PADDED_ROWS, engine.rows)
+            for size in reversed([b for b in self.sizes if b <= self._bucket(max(1, most))]):
+                self._padded_graph(size, 1)
 
     def padded_length(self, n: int) -> int | None:
         """The shortest padded length that holds n tokens (None: none does)."""
@@ -180,6 +186,14 @@ class StepGraphs:
             graph = self._padded_graph(self._bucket(len(part)), length)
             pieces.append(graph(part, self.engine.scratch, padded[lo : lo + len(part)], real).clone())
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+    def prefill_tokens(self, rows: list[int], ids: torch.Tensor) -> torch.Tensor:
+        """Logits [k, 1, V] of the last token of a short chunk ids [k, n] of `rows`, ingested token by
+        token, one replay of the one-token graph each (Engine._ingest_chunk says when). A fresh tensor."""
+        logits = None
+        for i in range(ids.shape[1]):
+            logits = self.prefill_padded(rows, ids[:, i : i + 1], 1)
+        return logits
 
     def _padded_graph(self, size: int, length: int) -> _Graph:
         key = ("padded", size, length)

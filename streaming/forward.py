@@ -26,9 +26,10 @@ from .model import CausalLM
 class _Step:
     """The state of one cache step: positions, masks, rotated keys per KV layer."""
 
-    def __init__(self, model: CausalLM, cache, ids: torch.Tensor, rows: torch.Tensor | None = None):
+    def __init__(self, model: CausalLM, cache, ids: torch.Tensor, rows: torch.Tensor | None = None,
+                 real: torch.Tensor | None = None):
         self.model, self.cache = model, cache
-        self.plan = cache.plan(ids.shape[1], rows)
+        self.plan = cache.plan(ids.shape[1], rows) if real is None else cache.plan(ids.shape[1], rows, real)
         dtype = model.model.embed_tokens.weight.dtype
         self.q_rope = model.rope(self.plan.query_positions, dtype)  # cos/sin [B,1,n,D]
         self._rotated: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -134,10 +135,10 @@ def forward_step(model: CausalLM, cache, ids: torch.Tensor, *, passes: int, all_
     `real` ([1] long, on the device): only the first `real` tokens of every row are real, the rest
     padding (so that prompts of many lengths replay one captured shape). The cache advances by
     `real`, and the logits returned [B, 1, vocab] are those of the last real token. Exact because
-    attention is causal: no real token sees the padding. The caller guarantees the padding evicts
-    nothing (every row's length + n within a sink-window cache's capacity).
+    attention is causal (no real token sees the padding) and the padding writes nothing (the cache
+    plans the step as one of `real` tokens), on any row, a wrapped window's included.
     """
-    step = _Step(model, cache, ids, rows)
+    step = _Step(model, cache, ids, rows, real)
     hidden = model.model.embed_tokens(ids)  # [B, n, hidden]
     for lo, hi in model.segments:
         if lo == hi:

@@ -76,27 +76,30 @@ def test_warm_up_captures_every_graph_the_steps_replay(tmp_path):
 @pytest.mark.parametrize("kind", ["plain", "lckv"])
 def test_short_chunks_replay_padded_graphs_equal_eager_engine(tmp_path, kind):
     """Short prompt chunks (shorter than the chunk: a chat turn, a prompt's tail) replay padded
-    graphs captured at warm-up; tokens equal the eager engine's. A second turn on a row whose window
-    has no room for the padding runs eagerly (nothing may be evicted by padding)."""
+    graphs captured at warm-up, on any row (the padding writes nothing): on rows with room, on rows
+    the chunk makes wrap, and the tail of a prompt longer than the window. An evicting LCKV chunk
+    within the m+b passes replays the one-token graph per token. Tokens equal the eager engine's."""
     rt = streaming.load(make_tiny_checkpoint(tmp_path / kind, kind, with_tokenizer=False), device="cuda",
                         dtype="float32")
     settings = [SamplingParams(temperature=0.9, top_k=20, seed=5), SamplingParams()]
 
     def burst(graphs: bool):
         rt.cuda_graphs = graphs
-        engine = Engine(rt, 9, sinks=2, window=58, chunk=32, prefill_budget=96)
+        engine = Engine(rt, 10, sinks=2, window=58, chunk=32, prefill_budget=96)
         captured = engine.warm_up(settings)
         replays = []
         if graphs:
             replay = engine.graphs.prefill_padded
             engine.graphs.prefill_padded = lambda *args: replays.append(args[1].shape) or replay(*args)
         gen = torch.Generator().manual_seed(2)
-        rows = [engine.open_row() for _ in range(9)]
-        jobs = [engine.submit(row, torch.randint(3, rt.config.vocab_size, (2 + 4 * i,), generator=gen).tolist(),
+        rows = [engine.open_row() for _ in range(10)]
+        # Rows 0-8: short prompts; row 9: 117 tokens, past the 60 slots (3 chunks and a rest of 21).
+        lengths = [2 + 4 * i for i in range(9)] + [117]
+        jobs = [engine.submit(row, torch.randint(3, rt.config.vocab_size, (lengths[i],), generator=gen).tolist(),
                               params=settings[i % 2], max_new_tokens=9 + 2 * i) for i, row in enumerate(rows)]
         while engine.step():
             pass
-        # Second turns: short prompts on rows holding 11..57 tokens (60 slots: some have no room for 16).
+        # Second turns: short prompts on rows holding 11..59 tokens of 60 (some wrap) and on row 9.
         again = [engine.submit(row, torch.randint(3, rt.config.vocab_size, (5,), generator=gen).tolist(),
                                params=settings[0], max_new_tokens=4) for row in rows]
         while engine.step():
@@ -105,7 +108,9 @@ def test_short_chunks_replay_padded_graphs_equal_eager_engine(tmp_path, kind):
 
     captured, engine, jobs, replays = burst(True)
     assert len(engine.graphs) == captured  # nothing captured after warm-up
-    assert replays and any(shape[1] == 5 for shape in replays)  # first and second turns were padded
+    lengths = {shape[1] for shape in replays}
+    assert 5 in lengths and 21 in lengths  # second turns and the long prompt's rest on its wrapped row
+    assert (1 in lengths) == (kind == "lckv")  # evicting LCKV chunks of 5: token by token
     _, eager, eager_jobs, _ = burst(False)
     assert [j.generated for j in jobs] == [j.generated for j in eager_jobs]
-    assert torch.equal(engine.cache.lengths[:9], eager.cache.lengths[:9])  # (row 9: the graphs' scratch row)
+    assert torch.equal(engine.cache.lengths[:10], eager.cache.lengths[:10])  # (row 10: the graphs' scratch row)

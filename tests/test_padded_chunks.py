@@ -33,8 +33,13 @@ def _ids(n, seed):
 
 
 # (35, 16), (60, 16): a chunk of exactly the captured length on a row whose window wraps (no padding).
-@pytest.mark.parametrize("history, n", [(0, 1), (0, 4), (0, 11), (7, 3), (7, 16), (24, 9), (35, 16), (60, 16)])
+# (30, 5), (35, 9), (41, 3), (60, 1), (60, 12), (97, 7): the padding's slots hold tokens that must stay
+# (the window is full, or the padding would wrap it): padded writes leave them as they were.
+@pytest.mark.parametrize("history, n", [(0, 1), (0, 4), (0, 11), (7, 3), (7, 16), (24, 9), (35, 16), (60, 16),
+                                        (30, 5), (35, 9), (41, 3), (60, 1), (60, 12), (97, 7)])
 def test_padded_chunk_equals_unpadded(runtime, history, n):
+    if runtime.config.is_condensed and 1 < n <= runtime.config.prefill_passes and history + n > SINKS + WINDOW:
+        pytest.skip("an evicting LCKV chunk within the passes goes token by token (test below)")
     engine = Engine(runtime, 2, sinks=SINKS, window=WINDOW, chunk=32)
     reference, padded = torch.tensor([0]), torch.tensor([1])
     with torch.inference_mode():
@@ -52,11 +57,13 @@ def test_padded_chunk_equals_unpadded(runtime, history, n):
         # (float32; the padded step's matmuls have other shapes than the reference's, so other rounding)
         torch.testing.assert_close(engine.next_logits[1], engine.next_logits[0], rtol=1e-4, atol=1e-4)
         assert engine.cache.lengths[:2].tolist() == [history + n] * 2
-        held = min(history + n, SINKS + WINDOW)
+        held = min(history + n, SINKS + WINDOW)  # (a wrapped row: every slot, the padding's too)
         for layer in runtime.config.kv_layers:
             for buffers in (engine.cache.keys, engine.cache.values):
                 torch.testing.assert_close(buffers[layer][1, :, :held], buffers[layer][0, :, :held],
                                            rtol=1e-4, atol=1e-4)
+                if history + n >= SINKS + WINDOW:  # every slot holds a token the window keeps
+                    assert not torch.equal(buffers[layer][0], torch.zeros_like(buffers[layer][0]))
         # Both rows go on together, greedy, past the slots the padding wrote: the same tokens.
         rows = torch.tensor([0, 1])
         features = engine.sampling.features([0, 1])
@@ -75,8 +82,9 @@ def test_padded_step_refuses_every_position_logits(runtime):
                      all_logits=True, real=torch.tensor([3]))
 
 
-def test_engine_pads_only_where_nothing_is_evicted(runtime):
-    """Which short chunks may be padded is decided from the host's lengths: never past the window."""
+def test_engine_pads_any_short_chunk_on_any_row(runtime):
+    """Which short chunks are padded depends on their length only, not on the row's fill (the
+    padding writes nothing, so a wrapped window loses no token to it)."""
 
     class FakeGraphs:  # the lengths a CUDA engine would have captured
         padded_lengths = [16]
@@ -86,30 +94,51 @@ def test_engine_pads_only_where_nothing_is_evicted(runtime):
 
     engine = Engine(runtime, 2, sinks=SINKS, window=WINDOW, chunk=32)
     engine.graphs = FakeGraphs()
-    engine.seen[0], engine.seen[1] = SINKS + WINDOW - 16, SINKS + WINDOW - 15
-    assert engine._padded_length([0], 5, False) == 16
-    assert engine._padded_length([0, 1], 5, False) is None  # row 1's padding would wrap the window
-    assert engine._padded_length([0], 5, True) is None  # every position's logits: not padded
-    assert engine._padded_length([0], 20, False) is None  # no captured length holds 20
-    assert engine._padded_length([0, 1], 16, False) == 16  # exactly a captured length: no padding, may evict
+    assert engine._padded_length(5, False) == 16
+    assert engine._padded_length(16, False) == 16
+    assert engine._padded_length(5, True) is None  # every position's logits: not padded
+    assert engine._padded_length(20, False) is None  # no captured length holds 20
+    assert engine._padded_length(32, False) is None  # a whole chunk: its own graph
 
 
-def test_a_short_rest_on_a_wrapped_row_is_cut_to_captured_lengths(runtime):
-    """A prompt's rest that cannot be padded (the window has wrapped) is taken in captured lengths:
-    of 20 tokens, 16 now (the last 4 eagerly, later); on a row with room the 20 go padded to 32; a
-    whole chunk is never cut."""
+@pytest.mark.parametrize("history, n", [(0, 5), (30, 5), (35, 9), (41, 3), (60, 1), (60, 7), (60, 12), (97, 20)])
+def test_engine_short_chunks_through_graph_routes_equal_the_eager_engine(runtime, history, n):
+    """The engine's routing of a short chunk when graphs exist (padded replay; token by token for an
+    evicting LCKV chunk within the passes), each graph's device work run eagerly here, against the
+    engine without graphs: the same logits and cache."""
     from streaming.engine import Job
+    from streaming.engine_graphs import StepGraphs
 
-    class FakeGraphs:
+    replays = []
+
+    class EagerGraphs:  # StepGraphs' routing, with each replay's device work run eagerly
         padded_lengths = [16, 32]
+        padded_length = StepGraphs.padded_length
+        prefill_tokens = StepGraphs.prefill_tokens
 
-        def padded_length(self, n):
-            return next((length for length in self.padded_lengths if length >= n), None)
+        def __init__(self, engine):
+            self.engine = engine
 
-    engine = Engine(runtime, 2, sinks=SINKS, window=WINDOW, chunk=32)
-    engine.graphs = FakeGraphs()
-    engine.seen[0], engine.seen[1] = 100, 3  # row 0 has wrapped (capacity 42), row 1 has room
-    assert engine._piece(Job(0, list(range(20)), None, None)) == 16
-    assert engine._piece(Job(0, list(range(4)), None, None)) == 4
-    assert engine._piece(Job(0, list(range(40)), None, None)) == 32  # a whole chunk
-    assert engine._piece(Job(1, list(range(20)), None, None)) == 20  # padded to 32: fits
+        def prefill_padded(self, rows, ids, length):
+            replays.append((ids.shape[1], length))
+            padded = torch.cat((ids, _ids(length - ids.shape[1], 9).expand(ids.shape[0], -1)), dim=1)
+            return self.engine.prefill_rows_padded(torch.tensor(rows), padded, torch.tensor([ids.shape[1]]))
+
+    engines = [Engine(runtime, 1, sinks=SINKS, window=WINDOW, chunk=32) for _ in range(2)]
+    engines[1].graphs = EagerGraphs(engines[1])
+    prompt = _ids(history + n, 1)[0].tolist()
+    for engine in engines:
+        with torch.inference_mode():
+            for start in range(0, history, 20):
+                engine.prefill_rows(torch.tensor([0]), torch.tensor([prompt[start : min(start + 20, history)]]), False)
+            engine.seen[0] = history
+            engine._ingest_chunk([Job(0, prompt[history:], None, None)], n, False)
+    lckv_token_by_token = runtime.config.is_condensed and 1 < n <= runtime.config.prefill_passes and history + n > SINKS + WINDOW
+    assert replays == ([(1, 1)] * n if lckv_token_by_token else [(n, 16 if n <= 16 else 32)])
+    reference, routed = engines
+    torch.testing.assert_close(routed.next_logits, reference.next_logits, rtol=1e-4, atol=1e-4)
+    assert routed.cache.lengths[0] == reference.cache.lengths[0] == history + n
+    for layer in runtime.config.kv_layers:
+        for buffers in ("keys", "values"):
+            torch.testing.assert_close(getattr(routed.cache, buffers)[layer][0], getattr(reference.cache, buffers)[layer][0],
+                                       rtol=1e-4, atol=1e-4)
