@@ -19,7 +19,7 @@ from apps.server import native_heap
 from apps.server.http import WS_PATH, Gate, make_process_request
 from apps.server.sessions import ON_DISK, ChatState, ModelWorker, Registry
 from apps.server.rate_limit import RateLimiter
-from apps.server.state_dir import StateDir, conversation_of
+from apps.server.state_dir import SESSION_ID, StateDir, conversation_of
 from streaming import PoolFullError
 from streaming.sampling import SamplingParams
 from streaming.session import check_state
@@ -49,6 +49,9 @@ class ServerConfig:
     token: str | None = None               # required as ?token= or Authorization: Bearer
     model_name: str = "model"
     state_dir: str | None = None           # keep every session on disk here (survives restarts)
+    # Register every saved session of state_dir at start. Off for servers that share one directory
+    # (the replicas of `serve --ray`): each then reads a session's file when it is resumed there.
+    scan_state_dir: bool = True
     # On CPU, allocations of at least this many bytes come from mmap (glibc), so the steps' large
     # temporaries of ever-changing sizes do not fragment the heap (apps/server/native_heap.py).
     # Process-wide; None leaves glibc's default.
@@ -86,7 +89,7 @@ class ChatServer:
             t0 = time.perf_counter()
             graphs = await self.worker.run(self.pool.engine.warm_up, [self.rt.sampling_defaults, SamplingParams()])
             log.info("captured %d step graphs in %.1f s", graphs, time.perf_counter() - t0)
-        if self.store is not None:
+        if self.store is not None and self.cfg.scan_state_dir:
             await self._load_saved_sessions()
         # The model, tokenizer, graphs and imported modules live as long as the server: out of the
         # collector's generations, a full collection no longer walks them (with 1,000 replies in
@@ -217,7 +220,9 @@ class ChatServer:
         if "system" in msg:
             raise ProtocolError(protocol.BAD_REQUEST, "session.create: 'system' cannot be "
                                 "changed when resuming", request_id=rid)
-        st = self.sessions.get(msg["resume"], rid)
+        st = self.sessions.by_id.get(msg["resume"]) or await self._adopt_saved(msg["resume"])
+        if st is None:
+            st = self.sessions.get(msg["resume"], rid)  # (raises unknown_session)
         await self.unpark(st, rid)
         st.close_at = None
         old, st.conn = st.conn, ws
@@ -241,6 +246,42 @@ class ChatServer:
             self.sessions.adopt(ChatState(conv.session_id, None, conv.history, conv.sampling, None,
                                           seq=conv.seq, parked=ON_DISK))
         log.info("resumable from %s: %d saved sessions", self.store.path, len(saved))
+
+    async def _adopt_saved(self, sid: str) -> ChatState | None:
+        """A session this server does not know, registered from its file in --state-dir if there is
+        a valid one (written by this server before a restart, or by another sharing the directory)."""
+        if self.store is None or not SESSION_ID.match(sid):
+            return None
+        cache = self.pool.engine.cache
+        conv = await self.worker.run(self.store.load, sid,
+                                     lambda tensors, meta, extra: check_state(self.rt, cache, tensors, meta, extra))
+        if conv is None or sid in self.sessions.by_id:  # (or adopted meanwhile by another resume)
+            return self.sessions.by_id.get(sid)
+        st = ChatState(conv.session_id, None, conv.history, conv.sampling, None, seq=conv.seq, parked=ON_DISK)
+        self.sessions.adopt(st)
+        log.info("session %s read from %s", sid[:8], self.store.path)
+        return st
+
+    async def hand_off(self, sid: str) -> bool:
+        """Let another server sharing --state-dir take the session over: after its running reply (if
+        any) ends, its state is written, its row given back, and this server forgets it, keeping the
+        file. False when there is no such session or no state directory."""
+        st = self.sessions.by_id.get(sid)
+        if st is None or self.store is None:
+            return False
+        if st.busy:
+            await asyncio.gather(st.task, return_exceptions=True)
+        async with st.lock:
+            if st.closed or self.sessions.by_id.get(sid) is not st:
+                return False
+            await self.persist(st)
+            if st.session is not None:
+                await self.worker.run(self.pool.release, st.session)
+                st.session = None
+            self.sessions.by_id.pop(sid, None)
+            st.released = st.closed = st.cancel = True  # (nothing of this server touches it or its file)
+        log.info("session %s handed off (%d live)", sid[:8], len(self.sessions))
+        return True
 
     async def persist(self, st: ChatState) -> None:
         """Write the session's state and transcript to --state-dir (atomically), when there is one."""

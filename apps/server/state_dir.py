@@ -70,28 +70,34 @@ class StateDir:
     def scan(self, check) -> list[SavedConversation]:
         """Every readable session file whose state passes `check(tensors, meta, extra)` (which raises
         on a mismatch); the others are logged and skipped. Leftover temp files are removed."""
-        found = []
         for leftover in self.path.glob("*" + SUFFIX + ".tmp"):  # a write that a crash interrupted
             leftover.unlink(missing_ok=True)
-        for path in sorted(self.path.glob("*" + SUFFIX)):
-            session_id = path.name[: -len(SUFFIX)]
-            try:
-                if not SESSION_ID.match(session_id):
-                    raise ValueError("the file name is not a session id")
-                tensors, meta, extra = cache_state.load(path)
-                check(tensors, meta, extra)
-                conversation = extra.get("server")
-                if not isinstance(conversation, dict):
-                    raise ValueError("no server transcript in the file")
-                history, sampling, seq = conversation["history"], conversation["sampling"], conversation["seq"]
-                if not (isinstance(history, list) and all(isinstance(m, dict) for m in history)
-                        and isinstance(sampling, dict) and isinstance(seq, int)):
-                    raise ValueError("malformed server transcript")
-            except Exception as exc:  # corrupt, truncated, foreign, another model: skip, keep the file
-                log.warning("skipping saved session %s: %s", path, exc)
-                continue
-            found.append(SavedConversation(session_id, history, sampling, seq))
-        return found
+        found = [self.load(path.name[: -len(SUFFIX)], check) for path in sorted(self.path.glob("*" + SUFFIX))]
+        return [conv for conv in found if conv is not None]
+
+    def load(self, session_id: str, check) -> SavedConversation | None:
+        """One session's transcript if its file exists, reads and passes `check`; else None (a bad
+        file is logged and kept). A server sharing the directory with others reads sessions one by
+        one, when they are resumed on it."""
+        path = self.path / (session_id + SUFFIX)
+        try:
+            if not SESSION_ID.match(session_id):
+                raise ValueError("the file name is not a session id")
+            if not path.exists():
+                return None
+            tensors, meta, extra = cache_state.load(path)
+            check(tensors, meta, extra)
+            conversation = extra.get("server")
+            if not isinstance(conversation, dict):
+                raise ValueError("no server transcript in the file")
+            history, sampling, seq = conversation["history"], conversation["sampling"], conversation["seq"]
+            if not (isinstance(history, list) and all(isinstance(m, dict) for m in history)
+                    and isinstance(sampling, dict) and isinstance(seq, int)):
+                raise ValueError("malformed server transcript")
+        except Exception as exc:  # corrupt, truncated, foreign, another model: skip, keep the file
+            log.warning("skipping saved session %s: %s", path, exc)
+            return None
+        return SavedConversation(session_id, history, sampling, seq)
 
 
 def _fsync_dir(path: Path) -> None:
