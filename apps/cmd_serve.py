@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 
+from apps.cluster.cli import add_ray_args
 from apps.common import add_model_args, eprint, load_runtime
 from apps.protocol import Limits
 
@@ -63,6 +64,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "restarted server resumes them from their last finished reply")
     p.add_argument("--verbose", "-v", action="store_true", help="log sessions to stderr")
     add_model_args(p)
+    add_ray_args(p)
     p.set_defaults(func=run)
     return p
 
@@ -87,14 +89,18 @@ def run(args: argparse.Namespace) -> int:
                     max_sessions_per_connection=args.max_sessions_per_connection,
                     max_requests_per_minute=args.max_requests_per_minute,
                     idle_timeout_s=args.idle_timeout, sinks=args.sinks, window=args.window)
-    rt = load_runtime(args)
-    if rt.tokenizer is None:
-        raise SystemExit("error: this checkpoint has no tokenizer; `serve` needs one")
     cfg = ServerConfig(host=args.host, port=args.port, limits=limits, chunk=args.chunk,
                        allowed_origins=tuple(args.allow_origin),
                        allowed_hosts=tuple(args.allow_host), token=args.token,
                        model_name=os.path.basename(os.path.normpath(args.model or "bundled")),
                        state_dir=args.state_dir)
+    if args.ray:  # the model loads in the replicas, not here
+        from apps.cluster import cli as cluster
+
+        return cluster.run(args, cfg)
+    rt = load_runtime(args)
+    if rt.tokenizer is None:
+        raise SystemExit("error: this checkpoint has no tokenizer; `serve` needs one")
     return asyncio.run(serve_until_signal(ChatServer(rt, cfg), args.token))
 
 

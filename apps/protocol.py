@@ -25,6 +25,7 @@ NO_REPLY = "no_reply"                    # a cancel when no reply runs in the se
 RATE_LIMITED = "rate_limited"            # this client sent too many requests; wait and retry
 IDLE_TIMEOUT = "idle_timeout"            # the session was closed after limits.idle_timeout_s
 INTERNAL = "internal"                    # a bug or model failure; the session may continue
+REPLICA_FAILED = "replica_failed"        # (serve --ray) the replica holding the session failed mid-reply
 
 
 @dataclass(frozen=True)

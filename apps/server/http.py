@@ -113,8 +113,11 @@ class Gate:
         return given is not None and hmac.compare_digest(given.encode(), self.token.encode())
 
 
-def make_process_request(gate: Gate, health: Callable[[], dict]):
+def make_process_request(gate: Gate, health: Callable[[], dict], admin: dict[str, Callable] | None = None):
+    """`admin`: more paths (the front door's /drain), each `fn(query) -> (status, dict)`, answered only
+    to loopback clients and with the token when the server has one."""
     static = load_static()
+    admin = admin or {}
 
     def process_request(connection, request):
         path, _, query = request.path.partition("?")
@@ -134,6 +137,14 @@ def make_process_request(gate: Gate, health: Callable[[], dict]):
             if not gate.token_ok(query, request.headers):  # it tells sessions and load: not public
                 return text(401, "missing or wrong token (?token=... or Authorization: Bearer)")
             return response(200, json.dumps(health()).encode(), "application/json")
+        if path in admin:
+            peer = getattr(connection, "remote_address", None)
+            if not (peer and is_loopback(str(peer[0]))):
+                return text(403, "administration is answered to loopback clients only")
+            if not gate.token_ok(query, request.headers):
+                return text(401, "missing or wrong token (?token=... or Authorization: Bearer)")
+            status, body = admin[path](parse_qs(query))
+            return response(status, json.dumps(body).encode(), "application/json")
         if path in STATIC:
             name, ctype = STATIC[path]
             csp = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "

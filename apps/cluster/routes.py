@@ -1,0 +1,104 @@
+"""What the front door knows: its replicas, and which replica holds each session.
+
+A replica is anything with four async calls (`Backend`): the websocket address of its chat server,
+its health, an identity that changes when it restarts, and `hand_off` (write sessions to the shared
+state directory and forget them). Ray Serve replicas are one kind (apps/cluster/ray_backend.py);
+tests also use in-process servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class Backend(Protocol):
+    name: str
+
+    async def address(self) -> str: ...           # ws://host:port/ws of the replica's chat server
+    async def stats(self) -> dict: ...            # the replica server's health() plus "free_rows"
+    async def ident(self) -> str: ...             # changes when the replica restarts
+    async def hand_off(self, sids: list[str]) -> list[bool]: ...
+
+
+@dataclass(eq=False)
+class Replica:
+    backend: Any
+    url: str | None = None
+    ident: str | None = None
+    alive: bool = False
+    draining: bool = False
+    stats: dict = field(default_factory=dict)
+    sessions: set[str] = field(default_factory=set)  # sessions routed here (attached or parked there)
+    placed_since_poll: int = 0  # sessions sent here since `stats` was read (counted as taken rows)
+    refreshing: asyncio.Lock = field(default_factory=asyncio.Lock)  # one health read at a time
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    @property
+    def takes_new(self) -> bool:
+        return self.alive and not self.draining and self.url is not None
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "alive": self.alive, "draining": self.draining,
+                "sessions": len(self.sessions), "active_sessions": self.stats.get("active_sessions"),
+                "parked_sessions": self.stats.get("parked_sessions"), "free_rows": self.stats.get("free_rows"),
+                "max_sessions": self.stats.get("max_sessions")}
+
+
+@dataclass(eq=False)
+class Route:
+    """One session: the replica holding it (None: to be resumed on a live one), the client connection
+    it is attached to (None while detached), and whether a reply is running."""
+    sid: str
+    replica: Replica | None
+    conn: Any = None
+    replying: bool = False
+    seq: int = 0  # last delta sequence number the client got
+    moving: asyncio.Event | None = None  # set while the session moves between replicas (drain)
+
+
+class RouteTable:
+    def __init__(self) -> None:
+        self.replicas: list[Replica] = []
+        self.routes: dict[str, Route] = {}
+        self.changed = asyncio.Event()  # (set when replicas come or go; the scaler waits on it)
+
+    def least_loaded(self, avoid: Replica | None = None) -> Replica | None:
+        """The live, not draining replica with the most free rows (as last polled, less the sessions
+        placed there since), then the fewest sessions; `avoid` only when no other can take it."""
+        live = [r for r in self.replicas if r.takes_new and r is not avoid] or [
+            r for r in self.replicas if r.takes_new]
+        if not live:
+            return None
+
+        def free(r: Replica) -> int:
+            known = r.stats.get("free_rows")
+            return -len(r.sessions) if known is None else known - r.placed_since_poll
+
+        return max(live, key=lambda r: (free(r), -len(r.sessions)))
+
+    def place(self, sid: str, replica: Replica, conn) -> Route:
+        route = self.routes.get(sid)
+        if route is None:
+            route = self.routes[sid] = Route(sid, replica, conn)
+        elif route.replica is not replica:
+            self.unplace(route)
+            route.replica = replica
+        route.conn = conn
+        replica.sessions.add(sid)
+        return route
+
+    def unplace(self, route: Route) -> None:
+        """The session is no longer on its replica (failed, drained): the next use resumes it elsewhere."""
+        if route.replica is not None:
+            route.replica.sessions.discard(route.sid)
+        route.replica = None
+
+    def forget(self, sid: str) -> None:
+        route = self.routes.pop(sid, None)
+        if route is not None:
+            self.unplace(route)

@@ -1,0 +1,189 @@
+"""The front door of `serve --ray` with two in-process replicas (the Ray-free part of the cluster):
+routing and affinity, drain, a replica's failure, health. tests/test_ray_serve.py runs the same
+front door over real Ray Serve replicas of the bundled model."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+
+import pytest
+from websockets.asyncio.client import connect
+
+from apps.cluster.front_door import FrontDoor
+from apps.cluster.replica import LocalBackend, ReplicaServer, ReplicaSpec
+from apps.protocol import Limits
+from apps.server import ServerConfig, running
+from tests.test_server import create, done_of, recv, send, until
+
+LIMITS = Limits(max_message_bytes=4096, max_prompt_tokens=300, max_new_tokens=12, max_new_tokens_cap=100_000,
+                max_sessions=6, idle_timeout_s=60, sinks=4, window=60)
+GREEDY = {"temperature": 0.0, "max_new_tokens": 12}
+LONG = {"max_new_tokens": 100_000, "temperature": 1.0, "seed": 1}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from tests.tiny_checkpoint import make_tiny_checkpoint
+
+    return str(make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), "lckv"))
+
+
+class Dying(LocalBackend):
+    """A local replica that can fail like a killed process: its connections drop, its calls fail."""
+    dead = False
+
+    async def _alive(self):
+        if self.dead:
+            raise ConnectionError("replica process is gone")
+
+    async def stats(self):
+        await self._alive()
+        return await super().stats()
+
+    async def ident(self):
+        await self._alive()
+        return await super().ident()
+
+    def kill(self) -> None:
+        self.dead = True
+        server = self.server
+
+        async def drop():
+            server.app.server.close()  # no new connections; every open one aborted, no close frame
+            for connection in list(server.app.server.connections):
+                connection.transport.abort()
+        asyncio.run_coroutine_threadsafe(drop(), server.loop).result(10)
+
+
+def _cluster(checkpoint, state_dir, names=("a", "b")):
+    token = secrets.token_urlsafe(16)
+    spec = ReplicaSpec(model=checkpoint, device="cpu", dtype="float32", limits=LIMITS.__dict__.copy(),
+                       state_dir=str(state_dir), token=token, chunk=32, model_name="tiny")
+    servers = [ReplicaServer(spec) for _ in names]
+    backends = [Dying(name, server) for name, server in zip(names, servers)]
+    door = FrontDoor(backends, ServerConfig(host="127.0.0.1", port=0, limits=LIMITS, model_name="tiny"), token)
+    return door, servers, backends
+
+
+def _url(door) -> str:
+    return f"ws://127.0.0.1:{door.port}/ws"
+
+
+async def _say(ws, sid, text, sampling=GREEDY):
+    await send(ws, type="message", session=sid, text=text, sampling=sampling)
+    events = await until(ws, done_of(sid))
+    return "".join(e["text"] for e in events if e["type"] == "delta" and e["session"] == sid), events[-1]
+
+
+def _run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 240))
+
+
+async def _single_server_replies(checkpoint, prompts: list[list[str]]) -> list[list[str]]:
+    """Each conversation's greedy replies from one ordinary server (the reference)."""
+    import streaming
+
+    rt = streaming.load(checkpoint, device="cpu", dtype="float32")
+    out = []
+    async with running(rt, ServerConfig(host="127.0.0.1", port=0, limits=LIMITS, chunk=32, model_name="tiny")) as app:
+        async with connect(f"ws://127.0.0.1:{app.port}/ws") as ws:
+            for turns in prompts:
+                sid = await create(ws)
+                out.append([(await _say(ws, sid, text))[0] for text in turns])
+                await send(ws, type="session.close", session=sid)
+                await until(ws, lambda e: e["type"] == "session.closed")
+    return out
+
+
+def test_sessions_spread_over_replicas_and_equal_the_single_server(checkpoint, tmp_path):
+    conversations = [[f"Hello number {i}.", "Tell me more."] for i in range(8)]
+
+    async def main():
+        door, servers, _ = _cluster(checkpoint, tmp_path)
+        await door.start()
+        try:
+            async def user(turns):
+                async with connect(_url(door)) as ws:
+                    sid = await create(ws)
+                    return [(await _say(ws, sid, text))[0] for text in turns]
+            replies = await asyncio.gather(*(user(turns) for turns in conversations))
+            health = door.health()
+            placed = {r.name: len(r.sessions) for r in door.table.replicas}
+            return replies, health, placed
+        finally:
+            await door.stop()
+            for server in servers:
+                server.shutdown()
+
+    replies, health, placed = _run(main())
+    assert placed["a"] > 0 and placed["b"] > 0 and sum(placed.values()) == 8  # both replicas used
+    assert [r["name"] for r in health["replicas"]] == ["a", "b"] and all(r["alive"] for r in health["replicas"])
+    assert replies == _run(_single_server_replies(checkpoint, conversations))
+
+
+def test_drain_moves_sessions_and_their_replies_are_unchanged(checkpoint, tmp_path):
+    conversations = [[f"Story {i}.", "And then?", "The end."] for i in range(4)]
+
+    async def main():
+        door, servers, _ = _cluster(checkpoint, tmp_path)
+        await door.start()
+        try:
+            async with connect(_url(door)) as ws:
+                sids = [await create(ws) for _ in conversations]
+                replies = [[(await _say(ws, sid, turns[0]))[0]] for sid, turns in zip(sids, conversations)]
+                on_a = set(door.replica("a").sessions)
+                assert on_a, "no session went to replica a"
+                moved = await door.drain("a")
+                after = {r.name: set(r.sessions) for r in door.table.replicas}
+                for sid, turns, got in zip(sids, conversations, replies):
+                    for text in turns[1:]:
+                        got.append((await _say(ws, sid, text))[0])
+                async with connect(_url(door)) as other:  # a new session avoids the draining replica
+                    fresh = await create(other)
+                return replies, on_a, moved, after, door.replica("b").sessions, fresh, servers[0].app.health()
+        finally:
+            await door.stop()
+            for server in servers:
+                server.shutdown()
+
+    replies, on_a, moved, after, on_b, fresh, a_health = _run(main())
+    assert moved == len(on_a) and not after["a"] and on_a <= after["b"]
+    assert fresh in on_b and a_health["sessions"] == 0  # replica a forgot every session
+    assert replies == _run(_single_server_replies(checkpoint, conversations))
+
+
+def test_a_failed_replica_ends_its_reply_with_an_error_and_its_sessions_resume_elsewhere(checkpoint, tmp_path):
+    async def main():
+        door, servers, backends = _cluster(checkpoint, tmp_path)
+        await door.start()
+        try:
+            async with connect(_url(door)) as ws:
+                sids = [await create(ws) for _ in range(4)]
+                first = {sid: (await _say(ws, sid, "Hello there."))[0] for sid in sids}
+                victim = next(b for b in backends if door.replica(b.name).sessions)
+                doomed = next(iter(door.replica(victim.name).sessions))
+                await send(ws, type="message", session=doomed, text="Go on forever.", sampling=LONG)
+                await until(ws, lambda e: e["type"] == "delta" and e["session"] == doomed)
+                victim.kill()
+                events = await until(ws, done_of(doomed))
+                errors = [e for e in events if e["type"] == "error" and e.get("session") == doomed]
+                t0 = time.monotonic()
+                second = {sid: (await _say(ws, sid, "Tell me more."))[0] for sid in sids}
+                took = time.monotonic() - t0
+                survivors = {r.name: set(r.sessions) for r in door.table.replicas}
+                health = door.health()
+                return first, second, events[-1], errors, victim.name, survivors, health, took
+        finally:
+            await door.stop()
+            for server in servers:
+                server.shutdown()
+
+    first, second, done, errors, victim, survivors, health, took = _run(main())
+    assert done["finish_reason"] == "error" and errors and errors[0]["code"] == "replica_failed"
+    assert not survivors[victim] and len(next(v for k, v in survivors.items() if k != victim)) == 4
+    assert [r["alive"] for r in health["replicas"] if r["name"] == victim] == [False]
+    # Every session went on from its last completed reply: the failed reply is not in its history.
+    reference = _run(_single_server_replies(checkpoint, [["Hello there.", "Tell me more."]]))[0]
+    assert all(first[sid] == reference[0] and second[sid] == reference[1] for sid in first)
