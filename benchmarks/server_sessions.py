@@ -101,6 +101,32 @@ def client_process(url, connections, per, new_tokens, start, ready_queue, result
     result_queue.put(asyncio.run(run()))
 
 
+async def load(url: str, args, text: str = ""):
+    """The clients' run against a server at `url`: (results, start time, (long prompt sent, its first
+    delta) or (None, None)). Every session is created first; then all send at once."""
+    ctx = multiprocessing.get_context("spawn")
+    start, ready, done = ctx.Event(), ctx.Queue(), ctx.Queue()
+    per = args.sessions // args.connections
+    shares = [args.connections // args.client_processes + (i < args.connections % args.client_processes)
+              for i in range(args.client_processes)]
+    procs = [ctx.Process(target=client_process, args=(url, n, per, args.new_tokens, start, ready, done))
+             for n in shares if n]
+    for proc in procs:
+        proc.start()
+    for _ in range(args.connections):  # every connection has created its sessions
+        await asyncio.to_thread(ready.get)
+    t0 = time.time()
+    start.set()
+    long_task = asyncio.create_task(long_prompt(url, text, args.long_prompt_after, t0)) if text else None
+    results = []
+    for _ in procs:
+        results += await asyncio.to_thread(done.get)
+    long_times = await long_task if long_task else (None, None)
+    for proc in procs:
+        proc.join()
+    return results, t0, long_times
+
+
 async def main_async(args):
     rt = streaming.load(args.model, device=args.device)
     text = ""
@@ -112,29 +138,10 @@ async def main_async(args):
                     max_requests_per_minute=10**9,  # all clients share one address here
                     max_prompt_tokens=max(4096, 2 * args.long_prompt_tokens),
                     max_message_bytes=max(65536, 8 * len(text)))
-    ctx = multiprocessing.get_context("spawn")
-    start, ready, done = ctx.Event(), ctx.Queue(), ctx.Queue()
     async with running(rt, ServerConfig(port=0, limits=limits, model_name="bench")) as app:
-        url = f"ws://127.0.0.1:{app.port}/ws"
-        per = args.sessions // args.connections
-        shares = [args.connections // args.client_processes + (i < args.connections % args.client_processes)
-                  for i in range(args.client_processes)]
-        procs = [ctx.Process(target=client_process, args=(url, n, per, args.new_tokens, start, ready, done))
-                 for n in shares if n]
-        for proc in procs:
-            proc.start()
-        for _ in range(args.connections):  # every connection has created its sessions
-            await asyncio.to_thread(ready.get)
-        t0 = time.time()
-        start.set()
-        long_task = asyncio.create_task(long_prompt(url, text, args.long_prompt_after, t0)) if text else None
-        results = []
-        for _ in procs:
-            results += await asyncio.to_thread(done.get)
-        long_sent, long_first = await long_task if long_task else (None, None)
-        for proc in procs:
-            proc.join()
+        results, t0, (long_sent, long_first) = await load(f"ws://127.0.0.1:{app.port}/ws", args, text)
         steps = app.loop.stats.as_dict()
+    per = args.sessions // args.connections
     ok = [r for r in results if r[0] == "ok"]
     errors = [r for r in results if r[0] == "error"]
     ttft = sorted(r[1] for r in ok if r[1] is not None)
@@ -142,7 +149,7 @@ async def main_async(args):
     elapsed = max(r[3] for r in ok) - t0 if ok else float("nan")
     p = lambda q: ttft[min(len(ttft) - 1, int(q * len(ttft)))] if ttft else float("nan")  # noqa: E731
     print(f"{rt.device}, {rt.dtype}, torch {torch.__version__}, {per * args.connections} sessions on "
-          f"{args.connections} connections in {len(procs)} client processes, {args.new_tokens} tokens each")
+          f"{args.connections} connections in {args.client_processes} client processes, {args.new_tokens} tokens each")
     print("| sessions | errors | p50 time to first token | p99 time to first token | aggregate tok/s |")
     print("|---|---|---|---|---|")
     print(f"| {len(ok) + len(errors)} | {len(errors)} | {p(0.5):.2f} s | {p(0.99):.2f} s | {tokens / elapsed:,.0f} |")

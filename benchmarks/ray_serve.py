@@ -1,0 +1,116 @@
+"""`serve --ray` against the single-process server, same model, same load, one run: aggregate tok/s,
+errors, p50/p99 time to first token, and the sessions held. Needs the ray extra.
+
+    PYTHONPATH=. python benchmarks/ray_serve.py --sessions 1000 --connections 50 --new-tokens 64 --device cuda
+
+Configurations, one after another: the single-process server (`sinkstream serve`); the front door
+with one Ray Serve replica (a whole GPU); with two replicas sharing the GPU (0.5 each). Each holds
+`--sessions` rows in total (split over the replicas), and every session sends one message at once,
+as in benchmarks/server_sessions.py (whose clients this reuses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import tempfile
+import time
+
+import torch
+
+import streaming
+from apps.protocol import Limits
+from apps.server.app import ServerConfig, running
+from benchmarks.server_sessions import load
+
+
+def limits_for(args, rows: int) -> Limits:
+    return Limits(max_sessions=rows, max_new_tokens_cap=4096, max_sessions_per_connection=args.sessions,
+                  max_requests_per_minute=10**9, max_prompt_tokens=4096, max_message_bytes=65536)
+
+
+def summary(name: str, results, t0: float, held: int) -> str:
+    ok = [r for r in results if r[0] == "ok"]
+    errors = [r for r in results if r[0] == "error"]
+    ttft = sorted(r[1] for r in ok if r[1] is not None)
+    tokens = sum(r[2] for r in ok)
+    elapsed = max(r[3] for r in ok) - t0 if ok else float("nan")
+    p = lambda q: ttft[min(len(ttft) - 1, int(q * len(ttft)))] if ttft else float("nan")  # noqa: E731
+    line = (f"| {name} | {held} | {len(ok) + len(errors)} | {len(errors)} | {p(0.5):.2f} s | {p(0.99):.2f} s | "
+            f"{tokens / elapsed:,.0f} |")
+    if errors:
+        line += f" first error: {errors[0][1]}"
+    return line
+
+
+async def single(args) -> str:
+    rt = streaming.load(args.model, device=args.device)
+    cfg = ServerConfig(port=0, limits=limits_for(args, args.sessions), model_name="bench")
+    async with running(rt, cfg) as app:
+        results, t0, _ = await load(f"ws://127.0.0.1:{app.port}/ws", args)
+    del rt
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return summary("single process", results, t0, args.sessions)
+
+
+async def cluster(args, replicas: int, gpus: float) -> str:
+    from ray import serve
+
+    from apps.cluster.front_door import FrontDoor
+    from apps.cluster.ray_backend import Deployer, Placement
+    from apps.cluster.replica import ReplicaSpec
+
+    rows = args.sessions // replicas
+    limits = limits_for(args, rows)
+    spec = ReplicaSpec(model=args.model, device=args.device, dtype=None, limits=limits.__dict__.copy(),
+                       state_dir=tempfile.mkdtemp(prefix="sinkstream-bench-"), token=secrets.token_urlsafe(16),
+                       model_name="bench")
+    deployer = Deployer(spec, Placement(gpus=gpus, cpus=args.cpus_per_replica))
+    t = time.perf_counter()
+    backends = [await asyncio.to_thread(deployer.deploy) for _ in range(replicas)]
+    started = time.perf_counter() - t
+    door = FrontDoor(backends, ServerConfig(port=0, limits=limits_for(args, args.sessions), model_name="bench"), spec.token)
+    await door.start()
+    try:
+        results, t0, _ = await load(f"ws://127.0.0.1:{door.port}/ws", args)
+        placed = [len(r.sessions) for r in door.table.replicas]
+    finally:
+        await door.stop()
+        for backend in backends:
+            await asyncio.to_thread(deployer.delete, backend.name)
+    name = f"Ray Serve, {replicas} replica{'s' if replicas > 1 else ''} x {gpus:g} GPU (sessions per replica {placed}; started in {started:.0f} s)"
+    return summary(name, results, t0, rows * replicas)
+
+
+async def main_async(args) -> None:
+    from apps.cluster.ray_backend import start_ray
+
+    lines = [await single(args)]
+    start_ray(None)
+    lines.append(await cluster(args, 1, 1.0 if args.device != "cpu" else 0.0))
+    lines.append(await cluster(args, 2, 0.5 if args.device != "cpu" else 0.0))
+    print(f"{args.device}, torch {torch.__version__}, {args.sessions} sessions on {args.connections} connections, "
+          f"{args.new_tokens} tokens each")
+    print("| server | rows | sessions | errors | p50 time to first token | p99 time to first token | aggregate tok/s |")
+    print("|---|---|---|---|---|---|---|")
+    for line in lines:
+        print(line)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--sessions", type=int, default=1000)
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--client-processes", type=int, default=4)
+    parser.add_argument("--cpus-per-replica", type=float, default=2.0)
+    args = parser.parse_args()
+    args.long_prompt_after = 0.0
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()
