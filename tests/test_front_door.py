@@ -187,3 +187,68 @@ def test_a_failed_replica_ends_its_reply_with_an_error_and_its_sessions_resume_e
     # Every session went on from its last completed reply: the failed reply is not in its history.
     reference = _run(_single_server_replies(checkpoint, [["Hello there.", "Tell me more."]]))[0]
     assert all(first[sid] == reference[0] and second[sid] == reference[1] for sid in first)
+
+
+def test_drain_over_http_needs_the_token_and_names_a_replica(checkpoint, tmp_path):
+    import json
+    import urllib.error
+    import urllib.request
+
+    def get(url):
+        try:
+            with urllib.request.urlopen(url, timeout=20) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            body = error.read().decode()
+            return error.code, json.loads(body) if body.startswith("{") else body
+
+    async def main():
+        door, servers, _ = _cluster(checkpoint, tmp_path)
+        door.cfg = ServerConfig(host="127.0.0.1", port=0, limits=LIMITS, model_name="tiny", token="s3cret")
+        await door.start()
+        try:
+            async with connect(_url(door) + "?token=s3cret") as ws:
+                sid = await create(ws)
+                await _say(ws, sid, "Hello.")
+                holder = next(r.name for r in door.table.replicas if sid in r.sessions)
+                base = f"http://127.0.0.1:{door.port}"
+                no_token = await asyncio.to_thread(get, f"{base}/drain?replica={holder}")
+                unknown = await asyncio.to_thread(get, f"{base}/drain?replica=nope&token=s3cret")
+                started = await asyncio.to_thread(get, f"{base}/drain?replica={holder}&token=s3cret")
+                for _ in range(200):  # the drain runs in the background; /healthz shows it
+                    health = (await asyncio.to_thread(get, f"{base}/healthz?token=s3cret"))[1]
+                    if [r["sessions"] for r in health["replicas"] if r["name"] == holder] == [0]:
+                        break
+                    await asyncio.sleep(0.05)
+                reply, _ = await _say(ws, sid, "Still there?")
+                return no_token, unknown, started, health, holder, reply
+        finally:
+            await door.stop()
+            for server in servers:
+                server.shutdown()
+
+    no_token, unknown, started, health, holder, reply = _run(main())
+    assert no_token[0] == 401 and unknown[0] == 404 and unknown[1]["replicas"] == ["a", "b"]
+    assert started == (202, {"draining": holder, "sessions": 1})
+    drained = next(r for r in health["replicas"] if r["name"] == holder)
+    assert drained["draining"] and drained["sessions"] == 0 and health["sessions"] == 1
+    assert reply  # the session went on, on the other replica
+
+
+def test_replica_counts_and_scaling_policy():
+    import argparse
+
+    from apps.cluster.cli import replica_counts
+    from apps.cluster.ray_backend import Scaler
+
+    def ns(**kw):
+        return argparse.Namespace(**{"replicas": None, "min_replicas": None, "max_replicas": None, **kw})
+
+    assert replica_counts(ns()) == (1, 1)
+    assert replica_counts(ns(replicas=3)) == (3, 3)
+    assert replica_counts(ns(min_replicas=1, max_replicas=4)) == (1, 4)
+    for bad in (ns(replicas=2, max_replicas=3), ns(min_replicas=3, max_replicas=2), ns(replicas=0)):
+        with pytest.raises(SystemExit):
+            replica_counts(bad)
+    scaler = Scaler(door=None, deployer=None, least=1, most=4, target=0.75)
+    assert [scaler.wanted(active, 100) for active in (0, 75, 76, 150, 151, 1000)] == [1, 1, 2, 2, 3, 4]

@@ -69,7 +69,8 @@ def run(args: argparse.Namespace, cfg) -> int:
     limits = dataclasses.asdict(cfg.limits)
     spec = ReplicaSpec(model=os.path.abspath(args.model) if args.model else None, device=args.device,
                        dtype=args.dtype, limits=limits, state_dir=os.path.abspath(state_dir),
-                       token=secrets.token_urlsafe(24), chunk=args.chunk, host=_node_address(args.address),
+                       token=secrets.token_urlsafe(24), chunk=args.chunk,
+                       host="auto" if args.address else "127.0.0.1",  # (a shared cluster: each node's own)
                        model_name=cfg.model_name)
     deployer = Deployer(spec, Placement(gpus=gpus, cpus=args.cpus_per_replica))
     try:
@@ -82,15 +83,6 @@ def run(args: argparse.Namespace, cfg) -> int:
             import ray
 
             ray.shutdown()
-
-
-def _node_address(address: str | None) -> str:
-    """Where replicas listen: loopback on a local cluster, this node's address on a shared one."""
-    if not address:
-        return "127.0.0.1"
-    import ray
-
-    return ray.util.get_node_ip_address()
 
 
 async def _serve(cfg, deployer, least: int, most: int, token: str | None) -> int:

@@ -28,7 +28,7 @@ class ReplicaSpec:
     state_dir: str
     token: str                 # the internal token the front door connects with
     chunk: int | None = None
-    host: str = "127.0.0.1"    # where its chat server listens (a node address across machines)
+    host: str = "127.0.0.1"    # where its chat server listens; "auto": its node's address (a shared cluster)
     threads: int | None = None  # CPU threads for torch (None: torch's default)
     model_name: str = "model"
 
@@ -64,6 +64,10 @@ class ReplicaServer:
         from apps.server.app import ChatServer, ServerConfig
 
         spec = self.spec
+        if spec.host == "auto":
+            import ray
+
+            spec.host = ray.util.get_node_ip_address()
         if spec.threads:
             torch.set_num_threads(spec.threads)
         rt = streaming.load(spec.model, device=spec.device, dtype=spec.dtype)
