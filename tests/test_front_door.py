@@ -252,3 +252,60 @@ def test_replica_counts_and_scaling_policy():
             replica_counts(bad)
     scaler = Scaler(door=None, deployer=None, least=1, most=4, target=0.75)
     assert [scaler.wanted(active, 100) for active in (0, 75, 76, 150, 151, 1000)] == [1, 1, 2, 2, 3, 4]
+
+
+def test_scaler_adds_a_replica_under_load_and_drains_one_when_quiet(checkpoint, tmp_path):
+    """The scaler of `serve --ray --min-replicas 1 --max-replicas 2`, with in-process replicas."""
+    from apps.cluster.ray_backend import Scaler
+
+    token = secrets.token_urlsafe(16)
+    spec = ReplicaSpec(model=checkpoint, device="cpu", dtype="float32", limits=LIMITS.__dict__.copy(),
+                       state_dir=str(tmp_path), token=token, chunk=32, model_name="tiny")
+
+    class LocalDeployer:  # what ray_backend.Deployer does, in this process
+        def __init__(self):
+            self.spec, self.servers, self.count = spec, {}, 0
+
+        def deploy(self):
+            name = f"r{self.count}"
+            self.count += 1
+            self.servers[name] = ReplicaServer(spec)
+            return LocalBackend(name, self.servers[name])
+
+        def delete(self, name):
+            self.servers.pop(name).shutdown()
+
+    async def main():
+        deployer = LocalDeployer()
+        door = FrontDoor([deployer.deploy()], ServerConfig(host="127.0.0.1", port=0, limits=LIMITS), token)
+        await door.start()
+        scaler = asyncio.create_task(Scaler(door, deployer, 1, 2, period_s=0.2, quiet_s=0.5).run())
+        try:
+            async with connect(_url(door)) as ws:
+                sids = [await create(ws) for _ in range(5)]  # 5 of 6 rows: over 75 %
+                for _ in range(300):
+                    if len(door.table.replicas) == 2 and all(r.alive for r in door.table.replicas):
+                        break
+                    await asyncio.sleep(0.05)
+                grown = [r.name for r in door.table.replicas]
+                newcomer = await create(ws)  # goes to the new, emptier replica
+                on_new = newcomer in door.replica("r1").sessions
+                for sid in sids[:4] + [newcomer]:
+                    await send(ws, type="session.close", session=sid)
+                    await until(ws, lambda e: e["type"] == "session.closed" and e["session"] == sid)
+                for _ in range(400):
+                    if len(door.table.replicas) == 1:
+                        break
+                    await asyncio.sleep(0.05)
+                shrunk = [r.name for r in door.table.replicas]
+                reply, _ = await _say(ws, sids[4], "Are you still there?")  # the survivor went on
+                return grown, on_new, shrunk, reply, sorted(deployer.servers)
+        finally:
+            scaler.cancel()
+            await door.stop()
+            for server in deployer.servers.values():
+                server.shutdown()
+
+    grown, on_new, shrunk, reply, left = _run(main())
+    assert grown == ["r0", "r1"] and on_new
+    assert len(shrunk) == 1 and left == shrunk and reply
