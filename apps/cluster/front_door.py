@@ -168,8 +168,8 @@ class FrontDoor:
         replica = self.replica(name)
         await self.drain(name)
         self.table.replicas.remove(replica)
-        for conn_upstream in [u for u in self._upstreams() if u.replica is replica]:
-            await conn_upstream.close()
+        for upstream in [u for u in self._upstreams() if u.replica is replica]:
+            await upstream.close()
         self.table.changed.set()
 
     async def drain(self, name: str) -> int:
@@ -177,7 +177,8 @@ class FrontDoor:
         finish first (on the draining replica); no new session goes there until `undrain`."""
         replica = self.replica(name)
         replica.draining = True
-        routes = [self.table.routes[sid] for sid in list(replica.sessions) if sid in self.table.routes]
+        routes = [self.table.routes[sid] for sid in list(replica.sessions)
+                  if sid in self.table.routes and self.table.routes[sid].moving is None]
         for route in routes:
             route.moving = asyncio.Event()
         try:
@@ -187,7 +188,7 @@ class FrontDoor:
                 if route.conn is not None and not route.conn.closed:
                     try:
                         await self._move(route, route.conn)
-                    except ProtocolError as exc:  # (resumed on its next use instead)
+                    except Exception as exc:  # (resumed on its next use instead)
                         log.warning("session %s not moved yet: %s", route.sid[:8], exc)
         finally:
             for route in routes:
