@@ -104,14 +104,15 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(serve_until_signal(ChatServer(rt, cfg), args.token))
 
 
-async def serve_until_signal(app, token: str | None) -> int:
+async def serve_until_signal(app, token: str | None, about: str = "") -> int:
+    """Start `app` (a ChatServer or the --ray front door), serve until SIGINT/SIGTERM, stop it."""
     await app.start()
     stop = asyncio.get_running_loop().create_future()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set_result, sig)
     suffix = "?token=..." if token else ""
     eprint(f"sinkstream serving on {app.url}{suffix} (websocket {app.url}ws, health "
-           f"{app.url}healthz); Ctrl-C stops")
+           f"{app.url}healthz{about}); Ctrl-C stops")
     sig = await stop
     eprint(f"[{signal.Signals(sig).name}: stopping]")
     await app.stop()

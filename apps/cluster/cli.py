@@ -8,7 +8,6 @@ import dataclasses
 import logging
 import os
 import secrets
-import signal
 import tempfile
 
 from apps.common import eprint
@@ -88,20 +87,13 @@ def run(args: argparse.Namespace, cfg) -> int:
 async def _serve(cfg, deployer, least: int, most: int, token: str | None) -> int:
     from apps.cluster.front_door import FrontDoor
     from apps.cluster.ray_backend import Scaler
+    from apps.cmd_serve import serve_until_signal
 
     backends = [await asyncio.to_thread(deployer.deploy) for _ in range(least)]
     door = FrontDoor(backends, cfg, deployer.spec.token)
-    await door.start()
     scaler = asyncio.create_task(Scaler(door, deployer, least, most).run()) if most > least else None
-    stop = asyncio.get_running_loop().create_future()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set_result, sig)
-    suffix = "?token=..." if token else ""
-    eprint(f"sinkstream serving on {door.url}{suffix} (websocket {door.url}ws, health {door.url}healthz; "
-           f"{least}{'' if most == least else f'-{most}'} Ray Serve replicas); Ctrl-C stops")
-    sig = await stop
-    eprint(f"[{signal.Signals(sig).name}: stopping]")
-    if scaler:
-        scaler.cancel()
-    await door.stop()
-    return 0
+    try:
+        return await serve_until_signal(door, token, f"; {least}{'' if most == least else f'-{most}'} Ray Serve replicas")
+    finally:
+        if scaler:
+            scaler.cancel()

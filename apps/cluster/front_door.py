@@ -24,13 +24,12 @@ import logging
 import time
 
 from websockets.asyncio.client import connect
-from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from apps import protocol
 from apps.protocol import ProtocolError
 from apps.cluster.routes import Replica, Route, RouteTable
-from apps.server.http import WS_PATH, Gate, make_process_request
+from apps.server.http import WS_PATH, base_url, listen
 from apps.server.rate_limit import RateLimiter
 
 log = logging.getLogger("sinkstream.front")
@@ -117,10 +116,7 @@ class FrontDoor:
 
     async def start(self):
         await asyncio.gather(*(self._refresh(r) for r in self.table.replicas))
-        gate = Gate(self.cfg.host, self.cfg.allowed_origins, self.cfg.allowed_hosts, self.cfg.token)
-        hard = max(4 * self.limits.max_message_bytes, 1 << 20)
-        self.server = await serve(self.handler, self.cfg.host, self.cfg.port, max_size=hard,
-                                  process_request=make_process_request(gate, self.health, {"/drain": self._drain_request}))
+        self.server = await listen(self.handler, self.cfg, self.health, {"/drain": self._drain_request})
         self._poller = asyncio.create_task(self._poll())
         return self.server
 
@@ -130,8 +126,7 @@ class FrontDoor:
 
     @property
     def url(self) -> str:
-        host = self.cfg.host if ":" not in self.cfg.host else f"[{self.cfg.host}]"
-        return f"http://{host}:{self.port}/"
+        return base_url(self.cfg.host, self.server)
 
     async def stop(self) -> None:
         if self._poller:

@@ -9,14 +9,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
 from apps import protocol
 from apps.protocol import Limits, ProtocolError
 from apps.server.engine_loop import EngineLoop
 from apps.server import native_heap
-from apps.server.http import WS_PATH, Gate, make_process_request
+from apps.server.http import WS_PATH, base_url, listen
 from apps.server.sessions import ON_DISK, ChatState, ModelWorker, Registry
 from apps.server.rate_limit import RateLimiter
 from apps.server.state_dir import SESSION_ID, StateDir, conversation_of
@@ -98,12 +97,7 @@ class ChatServer:
         gc.freeze()
         self.loop = EngineLoop(self.pool.engine, asyncio.get_running_loop())
         self.loop.start()
-        gate = Gate(self.cfg.host, self.cfg.allowed_origins, self.cfg.allowed_hosts, self.cfg.token)
-        # The transport limit is a backstop (the connection closes with 1009 past it); frames
-        # between max_message_bytes and it get a polite `frame_too_large` error instead.
-        hard = max(4 * self.limits.max_message_bytes, 1 << 20)
-        self.server = await serve(self.handler, self.cfg.host, self.cfg.port, max_size=hard,
-                                  process_request=make_process_request(gate, self.health))
+        self.server = await listen(self.handler, self.cfg, self.health)
         self._reaper = asyncio.create_task(self._reap_idle())
         return self.server
 
@@ -113,8 +107,7 @@ class ChatServer:
 
     @property
     def url(self) -> str:
-        host = self.cfg.host if ":" not in self.cfg.host else f"[{self.cfg.host}]"
-        return f"http://{host}:{self.port}/"
+        return base_url(self.cfg.host, self.server)
 
     async def stop(self) -> None:
         for st in list(self.sessions.by_id.values()):

@@ -156,3 +156,21 @@ def make_process_request(gate: Gate, health: Callable[[], dict], admin: dict[str
         return text(404, f"not found: {path[:200]}")
 
     return process_request
+
+
+async def listen(handler, cfg, health: Callable[[], dict], admin: dict[str, Callable] | None = None):
+    """The websocket server of a ServerConfig `cfg`: /ws for `handler`, the page, /healthz, `admin`."""
+    from websockets.asyncio.server import serve
+
+    gate = Gate(cfg.host, cfg.allowed_origins, cfg.allowed_hosts, cfg.token)
+    # The transport limit is a backstop (the connection closes with 1009 past it); frames
+    # between max_message_bytes and it get a polite `frame_too_large` error instead.
+    hard = max(4 * cfg.limits.max_message_bytes, 1 << 20)
+    return await serve(handler, cfg.host, cfg.port, max_size=hard,
+                       process_request=make_process_request(gate, health, admin))
+
+
+def base_url(host: str, server) -> str:
+    """http://host:port/ of a listening server (IPv6 hosts bracketed)."""
+    port = server.sockets[0].getsockname()[1]
+    return f"http://{host if ':' not in host else f'[{host}]'}:{port}/"
