@@ -389,11 +389,14 @@ class Engine:
             self._prefilling.popleft()
             served.append((job, n))
             budget -= n
-        groups: dict[tuple[int, bool], list[Job]] = {}
+        # One step per (length, logits wanted), and apart the rows an LCKV chunk within the passes
+        # would evict on (run token by token, see _ingest_chunk), so the others replay one graph.
+        groups: dict[tuple[int, bool, bool], list[Job]] = {}
         for job, n in served:
-            groups.setdefault((n, job.on_logits is not None), []).append(job)
+            apart = not runs_as_one_step(self.model.config, n, sequential=self.sequential) and self._evicts([job.row], n)
+            groups.setdefault((n, job.on_logits is not None, apart), []).append(job)
         with torch.inference_mode():
-            for (n, all_logits), jobs in groups.items():
+            for (n, all_logits, _), jobs in groups.items():
                 self._ingest_chunk(jobs, n, all_logits)
         for job, _ in served:
             if job.prefilling:

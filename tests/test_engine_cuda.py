@@ -110,7 +110,7 @@ def test_short_chunks_replay_padded_graphs_equal_eager_engine(tmp_path, kind):
     assert len(engine.graphs) == captured  # nothing captured after warm-up
     lengths = {shape[1] for shape in replays}
     assert 5 in lengths and 21 in lengths  # second turns and the long prompt's rest on its wrapped row
-    assert (1 in lengths) == (kind == "lckv")  # evicting LCKV chunks of 5: token by token
+    assert (1 in lengths) == (kind == "lckv")  # evicting LCKV chunks of 5: token by token (those rows only)
     _, eager, eager_jobs, _ = burst(False)
     assert [j.generated for j in jobs] == [j.generated for j in eager_jobs]
     assert torch.equal(engine.cache.lengths[:10], eager.cache.lengths[:10])  # (row 10: the graphs' scratch row)
