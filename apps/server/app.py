@@ -69,6 +69,7 @@ class ChatServer:
         self.loop: EngineLoop | None = None  # the thread that steps the engine
         self.store = StateDir(cfg.state_dir) if cfg.state_dir else None
         self.rate = RateLimiter(cfg.limits.max_requests_per_minute)
+        self.stopping = False  # stop() has begun: no more parking (the model worker is going away)
 
     # ---- lifecycle ----
 
@@ -110,6 +111,7 @@ class ChatServer:
         return base_url(self.cfg.host, self.server)
 
     async def stop(self) -> None:
+        self.stopping = True
         for st in list(self.sessions.by_id.values()):
             self.stop_reply(st)
         tasks = [st.task for st in self.sessions.by_id.values() if st.busy]
@@ -293,7 +295,7 @@ class ChatServer:
         """Move a detached, idle session's cache state to host memory and give its row back, so
         disconnected users never lock others out; `unpark` brings it back on resume."""
         async with st.lock:
-            if st.session is None or st.closed or st.busy or st.conn is not None:
+            if st.session is None or st.closed or st.busy or st.conn is not None or self.stopping:
                 return
             if self.store is not None:  # the file is the parked state: nothing kept in memory
                 await self.persist(st)
