@@ -13,6 +13,7 @@ from websockets.exceptions import ConnectionClosed
 
 from apps import protocol
 from apps.protocol import Limits, ProtocolError
+from apps.server.batching import BatchedSender, wants_batches
 from apps.server.engine_loop import EngineLoop
 from apps.server import native_heap
 from apps.server.http import WS_PATH, base_url, listen
@@ -70,6 +71,7 @@ class ChatServer:
         self.store = StateDir(cfg.state_dir) if cfg.state_dir else None
         self.rate = RateLimiter(cfg.limits.max_requests_per_minute)
         self.stopping = False  # stop() has begun: no more parking (the model worker is going away)
+        self._batched: dict = {}  # connections that asked for batched frames (the --ray front door)
 
     # ---- lifecycle ----
 
@@ -137,6 +139,8 @@ class ChatServer:
 
     async def handler(self, ws) -> None:
         owned: set[str] = set()  # sessions attached to this connection
+        if wants_batches(ws):
+            self._batched[ws] = BatchedSender(ws)
         try:
             async for frame in ws:
                 try:
@@ -151,6 +155,7 @@ class ChatServer:
         except ConnectionClosed:
             pass
         finally:
+            self._batched.pop(ws, None)
             # A disconnect stops the replies it was receiving; the sessions stay resumable, parked
             # without a cache row (a reply that is still ending parks its session when it ends).
             for sid in owned:
@@ -478,6 +483,9 @@ class ChatServer:
     # ---- sending ----
 
     async def send(self, ws, event: dict) -> bool:
+        batcher = self._batched.get(ws)
+        if batcher is not None:
+            return batcher.send(protocol.dumps(event))
         try:
             await ws.send(protocol.dumps(event))
             return True

@@ -1,0 +1,60 @@
+"""Batched frames (`?frames=batched`, the --ray front door's links to replicas): the same events as
+one per frame, several to a frame; and the front door's fast reading of delta events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from websockets.asyncio.client import connect
+
+from apps import protocol
+from apps.cluster.front_door import _delta_fields
+from tests.test_server import create, recv, rt, serve  # noqa: F401
+
+GREEDY = {"temperature": 0.0, "max_new_tokens": 16}
+
+
+def test_batched_connection_gets_the_same_events_several_to_a_frame(rt):
+    async def replies(app, batched: bool):
+        query = "?frames=batched" if batched else ""
+        async with connect(f"ws://127.0.0.1:{app.port}/ws{query}") as ws:
+            frames, sids = [], []
+            for _ in range(3):
+                await ws.send(json.dumps({"type": "session.create"}))
+                frame = await asyncio.wait_for(ws.recv(), 20)
+                sids.append(json.loads(frame.split("\n")[0])["session"])
+            for sid in sids:  # three replies at once: each engine step has news for all three
+                await ws.send(json.dumps({"type": "message", "session": sid, "text": "Hello.", "sampling": GREEDY}))
+            done = 0
+            while done < 3:
+                frame = await asyncio.wait_for(ws.recv(), 30)
+                frames.append(frame)
+                done += sum(json.loads(text)["type"] == "done" for text in frame.split("\n"))
+            events = [json.loads(text) for frame in frames for text in frame.split("\n")]
+            by_session = {i: [] for i in range(3)}
+            for event in events:
+                by_session[sids.index(event["session"])].append(
+                    (event["type"], event.get("seq"), event.get("text"), event.get("finish_reason")))
+            return frames, events, by_session
+
+    async def main():
+        async with serve(rt) as app:
+            plain = await replies(app, False)
+            batched = await replies(app, True)
+        return plain, batched
+
+    (plain_frames, _, plain), (frames, events, batched) = asyncio.run(asyncio.wait_for(main(), 120))
+    assert all("\n" not in frame for frame in plain_frames)  # ordinary clients: one event a frame
+    assert len(frames) < len(events)  # several events shared a frame
+    assert batched == plain  # the same events, in the same order per session
+
+
+def test_delta_fields_read_like_json():
+    texts = ["", "plain", 'quo"tes', "new\nline", "ünïcödé ✓", '{"type":"delta","session":"x"}', "\\"]
+    for i, text in enumerate(texts):
+        event = protocol.delta(f"sid_{i}-AbC", 10 ** i, text)
+        assert _delta_fields(protocol.dumps(event)) == {k: event[k] for k in ("type", "session", "seq")}
+    for other in (protocol.done("sid", 3, "stop", {}), protocol.error("bad_json", "x"),
+                  protocol.closed("sid", "closed by client")):
+        assert _delta_fields(protocol.dumps(other)) is None
