@@ -116,12 +116,13 @@ class FrontDoor:
     """`await door.start()` serves the endpoint; `drain(name)` moves a replica's sessions away;
     `add(backend)` / `remove(name)` change the replica set (the scaler uses them)."""
 
-    def __init__(self, backends, cfg, internal_token: str) -> None:
+    def __init__(self, backends, cfg, internal_token: str, *, batched_links: bool = True) -> None:
         self.cfg, self.limits = cfg, cfg.limits
         self.table = RouteTable()
         for backend in backends:
             self.table.replicas.append(Replica(backend))
         self.internal_token = internal_token
+        self.link_query = f"token={internal_token}" + (f"&{BATCHED_QUERY}" if batched_links else "")
         self.rate = RateLimiter(cfg.limits.max_requests_per_minute)
         self.started = time.time()
         self.server = None
@@ -394,7 +395,7 @@ class FrontDoor:
                 if replica.url is None:
                     raise ProtocolError(protocol.INTERNAL, f"replica {replica.name} is not reachable")
                 try:
-                    ws = await connect(f"{replica.url}?token={self.internal_token}&{BATCHED_QUERY}", max_size=None,
+                    ws = await connect(f"{replica.url}?{self.link_query}", max_size=None,
                                        ping_interval=None, open_timeout=CALL_TIMEOUT_S)
                 except (OSError, InvalidHandshake, InvalidURI, asyncio.TimeoutError) as exc:
                     asyncio.create_task(self._refresh(replica))
