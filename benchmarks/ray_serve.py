@@ -22,7 +22,7 @@ import torch
 import streaming
 from apps.protocol import Limits
 from apps.server.app import ServerConfig, running
-from benchmarks.server_sessions import load
+from benchmarks.server_sessions import load, summarize
 
 
 def limits_for(args, rows: int) -> Limits:
@@ -31,12 +31,7 @@ def limits_for(args, rows: int) -> Limits:
 
 
 def summary(name: str, results, t0: float, held: int) -> str:
-    ok = [r for r in results if r[0] == "ok"]
-    errors = [r for r in results if r[0] == "error"]
-    ttft = sorted(r[1] for r in ok if r[1] is not None)
-    tokens = sum(r[2] for r in ok)
-    elapsed = max(r[3] for r in ok) - t0 if ok else float("nan")
-    p = lambda q: ttft[min(len(ttft) - 1, int(q * len(ttft)))] if ttft else float("nan")  # noqa: E731
+    ok, errors, _, tokens, elapsed, p = summarize(results, t0)
     line = (f"| {name} | {held} | {len(ok) + len(errors)} | {len(errors)} | {p(0.5):.2f} s | {p(0.99):.2f} s | "
             f"{tokens / elapsed:,.0f} |")
     if errors:

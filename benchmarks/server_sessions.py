@@ -101,6 +101,17 @@ def client_process(url, connections, per, new_tokens, start, ready_queue, result
     result_queue.put(asyncio.run(run()))
 
 
+def summarize(results, t0: float):
+    """(ok, errors, sorted times to first token, tokens, seconds to the last `done`, percentile fn)."""
+    ok = [r for r in results if r[0] == "ok"]
+    errors = [r for r in results if r[0] == "error"]
+    ttft = sorted(r[1] for r in ok if r[1] is not None)
+    tokens = sum(r[2] for r in ok)
+    elapsed = max(r[3] for r in ok) - t0 if ok else float("nan")
+    p = lambda q: ttft[min(len(ttft) - 1, int(q * len(ttft)))] if ttft else float("nan")  # noqa: E731
+    return ok, errors, ttft, tokens, elapsed, p
+
+
 async def load(url: str, args, text: str = ""):
     """The clients' run against a server at `url`: (results, start time, (long prompt sent, its first
     delta) or (None, None)). Every session is created first; then all send at once."""
@@ -142,12 +153,7 @@ async def main_async(args):
         results, t0, (long_sent, long_first) = await load(f"ws://127.0.0.1:{app.port}/ws", args, text)
         steps = app.loop.stats.as_dict()
     per = args.sessions // args.connections
-    ok = [r for r in results if r[0] == "ok"]
-    errors = [r for r in results if r[0] == "error"]
-    ttft = sorted(r[1] for r in ok if r[1] is not None)
-    tokens = sum(r[2] for r in ok)
-    elapsed = max(r[3] for r in ok) - t0 if ok else float("nan")
-    p = lambda q: ttft[min(len(ttft) - 1, int(q * len(ttft)))] if ttft else float("nan")  # noqa: E731
+    ok, errors, ttft, tokens, elapsed, p = summarize(results, t0)
     print(f"{rt.device}, {rt.dtype}, torch {torch.__version__}, {per * args.connections} sessions on "
           f"{args.connections} connections in {args.client_processes} client processes, {args.new_tokens} tokens each")
     print("| sessions | errors | p50 time to first token | p99 time to first token | aggregate tok/s |")

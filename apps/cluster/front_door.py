@@ -30,7 +30,7 @@ from apps import protocol
 from apps.protocol import ProtocolError
 from apps.cluster.routes import Replica, Route, RouteTable
 from apps.server.batching import BATCHED_QUERY, SEPARATOR
-from apps.server.http import WS_PATH, base_url, listen
+from apps.server.http import WS_PATH, Listening, listen
 from apps.server.rate_limit import RateLimiter
 
 log = logging.getLogger("sinkstream.front")
@@ -112,7 +112,7 @@ class _Client:
         await self.send_raw(protocol.dumps(event))
 
 
-class FrontDoor:
+class FrontDoor(Listening):
     """`await door.start()` serves the endpoint; `drain(name)` moves a replica's sessions away;
     `add(backend)` / `remove(name)` change the replica set (the scaler uses them)."""
 
@@ -139,14 +139,6 @@ class FrontDoor:
         self.server = await listen(self.handler, self.cfg, self.health, {"/drain": self._drain_request})
         self._poller = asyncio.create_task(self._poll())
         return self.server
-
-    @property
-    def port(self) -> int:
-        return self.server.sockets[0].getsockname()[1]
-
-    @property
-    def url(self) -> str:
-        return base_url(self.cfg.host, self.server)
 
     async def stop(self) -> None:
         if self._poller:

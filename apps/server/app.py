@@ -16,7 +16,7 @@ from apps.protocol import Limits, ProtocolError
 from apps.server.batching import BatchedSender, wants_batches
 from apps.server.engine_loop import EngineLoop
 from apps.server import native_heap
-from apps.server.http import WS_PATH, base_url, listen
+from apps.server.http import WS_PATH, Listening, listen
 from apps.server.sessions import ON_DISK, ChatState, ModelWorker, Registry
 from apps.server.rate_limit import RateLimiter
 from apps.server.state_dir import SESSION_ID, StateDir, conversation_of
@@ -58,7 +58,7 @@ class ServerConfig:
     cpu_mmap_threshold: int | None = 128 * 1024
 
 
-class ChatServer:
+class ChatServer(Listening):
     def __init__(self, rt, cfg: ServerConfig) -> None:
         self.rt, self.cfg, self.limits = rt, cfg, cfg.limits
         self.worker = ModelWorker()
@@ -103,14 +103,6 @@ class ChatServer:
         self.server = await listen(self.handler, self.cfg, self.health)
         self._reaper = asyncio.create_task(self._reap_idle())
         return self.server
-
-    @property
-    def port(self) -> int:
-        return self.server.sockets[0].getsockname()[1]
-
-    @property
-    def url(self) -> str:
-        return base_url(self.cfg.host, self.server)
 
     async def stop(self) -> None:
         self.stopping = True

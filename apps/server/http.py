@@ -174,3 +174,15 @@ def base_url(host: str, server) -> str:
     """http://host:port/ of a listening server (IPv6 hosts bracketed)."""
     port = server.sockets[0].getsockname()[1]
     return f"http://{host if ':' not in host else f'[{host}]'}:{port}/"
+
+
+class Listening:
+    """`port` and `url` of a server object holding `server` (from `listen`) and `cfg`."""
+
+    @property
+    def port(self) -> int:
+        return self.server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return base_url(self.cfg.host, self.server)
