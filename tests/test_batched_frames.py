@@ -4,13 +4,14 @@ one per frame, several to a frame; and the front door's fast reading of delta ev
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 from websockets.asyncio.client import connect
 
 from apps import protocol
 from apps.cluster.front_door import _delta_fields
-from tests.test_server import create, recv, rt, serve  # noqa: F401
+from tests.test_server import LIMITS, rt, serve  # noqa: F401
 
 GREEDY = {"temperature": 0.0, "max_new_tokens": 16}
 
@@ -39,7 +40,8 @@ def test_batched_connection_gets_the_same_events_several_to_a_frame(rt):
             return frames, events, by_session
 
     async def main():
-        async with serve(rt) as app:
+        # (room for both runs' sessions: the first run's park as its connection closes, not at once)
+        async with serve(rt, limits=dataclasses.replace(LIMITS, max_sessions=8)) as app:
             plain = await replies(app, False)
             batched = await replies(app, True)
         return plain, batched
