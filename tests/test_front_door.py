@@ -109,6 +109,7 @@ def test_sessions_spread_over_replicas_and_equal_the_single_server(checkpoint, t
                     sid = await create(ws)
                     return [(await _say(ws, sid, text))[0] for text in turns]
             replies = await asyncio.gather(*(user(turns) for turns in conversations))
+            await door.refresh()
             health = door.health()
             placed = {r.name: len(r.sessions) for r in door.table.replicas}
             return replies, health, placed
@@ -120,6 +121,7 @@ def test_sessions_spread_over_replicas_and_equal_the_single_server(checkpoint, t
     replies, health, placed = _run(main())
     assert placed["a"] > 0 and placed["b"] > 0 and sum(placed.values()) == 8  # both replicas used
     assert [r["name"] for r in health["replicas"]] == ["a", "b"] and all(r["alive"] for r in health["replicas"])
+    assert all(r["engine"]["steps"] > 0 for r in health["replicas"])  # each replica's engine stepped
     assert replies == _run(_single_server_replies(checkpoint, conversations))
 
 

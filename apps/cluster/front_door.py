@@ -241,10 +241,14 @@ class FrontDoor(Listening):
                 replica.ident = None
             replica.alive = False
 
+    async def refresh(self) -> None:
+        """Read every replica's health now (the poller does it every POLL_S)."""
+        await asyncio.gather(*(self._refresh(r) for r in list(self.table.replicas)))
+
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(POLL_S)
-            await asyncio.gather(*(self._refresh(r) for r in list(self.table.replicas)))
+            await self.refresh()
 
     async def connection_lost(self, upstream: _Upstream) -> None:
         """A replica closed one client's upstream without being asked: it failed, or only that

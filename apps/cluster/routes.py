@@ -46,7 +46,8 @@ class Replica:
         return {"name": self.name, "alive": self.alive, "draining": self.draining,
                 "sessions": len(self.sessions), "active_sessions": self.stats.get("active_sessions"),
                 "parked_sessions": self.stats.get("parked_sessions"), "free_rows": self.stats.get("free_rows"),
-                "max_sessions": self.stats.get("max_sessions")}
+                "max_sessions": self.stats.get("max_sessions"),
+                "engine": self.stats.get("engine")}  # (its steps: count, mean and longest ms, gc pauses)
 
 
 @dataclass(eq=False)
