@@ -27,6 +27,9 @@ IDLE_TIMEOUT = "idle_timeout"            # the session was closed after limits.i
 INTERNAL = "internal"                    # a bug or model failure; the session may continue
 REPLICA_FAILED = "replica_failed"        # (serve --ray) the replica holding the session failed mid-reply
 
+# session.closed reason when a resume on another connection takes the session over
+RESUMED_ELSEWHERE = "resumed on another connection"
+
 
 @dataclass(frozen=True)
 class Limits:

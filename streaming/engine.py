@@ -449,8 +449,8 @@ class Engine:
         `real` ([1] long) are the prompt's, the rest padding. Ingests, stores the last real token's
         logits and returns them [k, 1, V]. The repetition penalty's record of the real ids is the
         caller's (its ring would take the padding too). (Captured by StepGraphs.)"""
-        passes = 1 if ids.shape[1] == 1 else self.model.config.prefill_passes  # (one token: one pass)
-        logits = forward_step(self.model, self.cache, ids, passes=passes, all_logits=False, rows=rows, real=real)
+        logits = forward_step(self.model, self.cache, ids, passes=self.model.config.prefill_passes,
+                              all_logits=False, rows=rows, real=real)  # (one token runs one pass anyway)
         self.next_logits.index_copy_(0, rows, logits[:, 0])
         return logits
 

@@ -29,7 +29,7 @@ class _Step:
     def __init__(self, model: CausalLM, cache, ids: torch.Tensor, rows: torch.Tensor | None = None,
                  real: torch.Tensor | None = None):
         self.model, self.cache = model, cache
-        self.plan = cache.plan(ids.shape[1], rows) if real is None else cache.plan(ids.shape[1], rows, real)
+        self.plan = cache.plan(ids.shape[1], rows, real)
         dtype = model.model.embed_tokens.weight.dtype
         self.q_rope = model.rope(self.plan.query_positions, dtype)  # cos/sin [B,1,n,D]
         self._rotated: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}

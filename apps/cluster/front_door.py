@@ -38,7 +38,6 @@ POLL_S = 1.0            # how often every replica's health is read
 CALL_TIMEOUT_S = 10.0   # a replica that does not answer a health call within this is taken as failed
 MOVE_TIMEOUT_S = 120.0  # a session's move (its file read and its row taken on the new replica)
 _MOVE_ID = "sinkstream.move."
-RESUMED_ELSEWHERE = "resumed on another connection"  # (a session.closed that ends an attachment only)
 
 
 class _Upstream:
@@ -167,7 +166,6 @@ class FrontDoor(Listening):
         replica = Replica(backend)
         self.table.replicas.append(replica)
         await self._refresh(replica)
-        self.table.changed.set()
         return replica
 
     async def remove(self, name: str) -> None:
@@ -177,7 +175,6 @@ class FrontDoor(Listening):
         self.table.replicas.remove(replica)
         for upstream in [u for u in self._upstreams() if u.replica is replica]:
             await upstream.close()
-        self.table.changed.set()
 
     async def drain(self, name: str) -> int:
         """Move every session of one replica to the others; returns how many moved. Running replies
@@ -432,7 +429,7 @@ class FrontDoor(Listening):
             route.replying = False  # a rejected message; a failed reply's `done` follows
             if event.get("code") in (protocol.IDLE_TIMEOUT, protocol.UNKNOWN_SESSION) and route.replica is upstream.replica:
                 self.table.forget(sid)
-        elif kind == "session.closed" and route is not None and event.get("reason") != RESUMED_ELSEWHERE:
+        elif kind == "session.closed" and route is not None and event.get("reason") != protocol.RESUMED_ELSEWHERE:
             self.table.forget(sid)
         hidden = self._hidden.get(event.get("id")) if isinstance(event.get("id"), str) else None
         if hidden is not None:

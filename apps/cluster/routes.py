@@ -66,7 +66,6 @@ class RouteTable:
     def __init__(self) -> None:
         self.replicas: list[Replica] = []
         self.routes: dict[str, Route] = {}
-        self.changed = asyncio.Event()  # (set when replicas come or go; the scaler waits on it)
 
     def least_loaded(self, avoid: Replica | None = None) -> Replica | None:
         """The live, not draining replica with the most free rows (as last polled, less the sessions

@@ -219,7 +219,7 @@ class ChatServer(Listening):
         st.close_at = None
         old, st.conn = st.conn, ws
         if old is not None and old is not ws:
-            await self.send(old, protocol.closed(st.id, "resumed on another connection"))
+            await self.send(old, protocol.closed(st.id, protocol.RESUMED_ELSEWHERE))
         if "sampling" in msg:
             st.sampling = msg["sampling"]
         st.touch()
@@ -231,12 +231,9 @@ class ChatServer(Listening):
 
     async def _load_saved_sessions(self) -> None:
         """Register every valid saved session as parked on disk (its cache is read on resume)."""
-        cache = self.pool.engine.cache
-        saved = await self.worker.run(self.store.scan,
-                                      lambda tensors, meta, extra: check_state(self.rt, cache, tensors, meta, extra))
+        saved = await self.worker.run(self.store.scan, self._check_saved)
         for conv in saved:
-            self.sessions.adopt(ChatState(conv.session_id, None, conv.history, conv.sampling, None,
-                                          seq=conv.seq, parked=ON_DISK))
+            self._register_saved(conv)
         log.info("resumable from %s: %d saved sessions", self.store.path, len(saved))
 
     async def _adopt_saved(self, sid: str) -> ChatState | None:
@@ -244,14 +241,20 @@ class ChatServer(Listening):
         a valid one (written by this server before a restart, or by another sharing the directory)."""
         if self.store is None or not SESSION_ID.match(sid):
             return None
-        cache = self.pool.engine.cache
-        conv = await self.worker.run(self.store.load, sid,
-                                     lambda tensors, meta, extra: check_state(self.rt, cache, tensors, meta, extra))
+        conv = await self.worker.run(self.store.load, sid, self._check_saved)
         if conv is None or sid in self.sessions.by_id:  # (or adopted meanwhile by another resume)
             return self.sessions.by_id.get(sid)
+        log.info("session %s read from %s", sid[:8], self.store.path)
+        return self._register_saved(conv)
+
+    def _check_saved(self, tensors, meta, extra) -> None:
+        """Raises unless a saved state fits this server's model and cache (StateDir's `check`)."""
+        check_state(self.rt, self.pool.engine.cache, tensors, meta, extra)
+
+    def _register_saved(self, conv) -> ChatState:
+        """A session known from its file only: parked on disk until resumed."""
         st = ChatState(conv.session_id, None, conv.history, conv.sampling, None, seq=conv.seq, parked=ON_DISK)
         self.sessions.adopt(st)
-        log.info("session %s read from %s", sid[:8], self.store.path)
         return st
 
     async def hand_off(self, sid: str) -> bool:
