@@ -62,6 +62,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--state-dir", metavar="DIR", default=None,
                    help="keep every session on disk in DIR (written atomically after each reply); a "
                         "restarted server resumes them from their last finished reply")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                   help="step the model in a process of its own, apart from the websockets (default: "
+                        "yes on a GPU, where one process's GIL would make every stream wait on the "
+                        "websockets' work; no on CPU)")
     p.add_argument("--verbose", "-v", action="store_true", help="log sessions to stderr")
     add_model_args(p)
     add_ray_args(p)
@@ -93,28 +97,61 @@ def run(args: argparse.Namespace) -> int:
                        allowed_origins=tuple(args.allow_origin),
                        allowed_hosts=tuple(args.allow_host), token=args.token,
                        model_name=os.path.basename(os.path.normpath(args.model or "bundled")),
-                       state_dir=args.state_dir)
+                       state_dir=args.state_dir, engine_process=args.engine_process)
     if args.ray:  # the model loads in the replicas, not here
         from apps.cluster import cli as cluster
 
         return cluster.run(args, cfg)
-    rt = load_runtime(args)
-    if rt.tokenizer is None:
-        raise SystemExit("error: this checkpoint has no tokenizer; `serve` needs one")
+    if engine_in_own_process(args):  # the model loads there, not here
+        import torch
+
+        from apps.server.engine_spec import ModelSource
+
+        rt = ModelSource(model=args.model, device=args.device, dtype=args.dtype, threads=torch.get_num_threads())
+    else:
+        rt = load_runtime(args)
+        if rt.tokenizer is None:
+            raise SystemExit("error: this checkpoint has no tokenizer; `serve` needs one")
     return asyncio.run(serve_until_signal(ChatServer(rt, cfg), args.token))
 
 
+def engine_in_own_process(args: argparse.Namespace) -> bool:
+    """--engine-process, else yes exactly when the model runs on a GPU."""
+    if args.engine_process is not None:
+        return args.engine_process
+    from streaming.runtime import resolve_device
+
+    try:
+        return resolve_device(args.device).type == "cuda"
+    except ValueError as e:
+        raise SystemExit(f"error: --device {args.device}: {e}") from None
+
+
 async def serve_until_signal(app, token: str | None, about: str = "") -> int:
-    """Start `app` (a ChatServer or the --ray front door), serve until SIGINT/SIGTERM, stop it."""
-    await app.start()
+    """Start `app` (a ChatServer or the --ray front door), serve until SIGINT/SIGTERM (or the
+    ChatServer's engine process dies: exit status 1), stop it."""
+    from apps.server.engine_process import EngineProcessError
+    from streaming.errors import SinkstreamError
+
+    try:
+        await app.start()
+    except (SinkstreamError, OSError, EngineProcessError, ValueError) as e:
+        await app.stop()
+        raise SystemExit(f"error: the server could not start: {e}") from None
     stop = asyncio.get_running_loop().create_future()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set_result, sig)
+    failed = getattr(app, "failed", None)  # (a ChatServer whose engine process died)
+    if failed is not None:
+        asyncio.create_task(failed.wait()).add_done_callback(lambda _: stop.done() or stop.set_result(None))
     suffix = "?token=..." if token else ""
     eprint(f"sinkstream serving on {app.url}{suffix} (websocket {app.url}ws, health "
            f"{app.url}healthz{about}); Ctrl-C stops")
     sig = await stop
-    eprint(f"[{signal.Signals(sig).name}: stopping]")
+    if sig is None:
+        eprint("[the engine process died: stopping]")
+    else:
+        eprint(f"[{signal.Signals(sig).name}: stopping]")
     await app.stop()
-    return 0
+    return 0 if sig is not None else 1
 

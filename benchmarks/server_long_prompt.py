@@ -113,7 +113,7 @@ async def main_async(args):
     limits = Limits(max_sessions=4, max_prompt_tokens=n + 10, max_message_bytes=4 * len(prompt) + 1024,
                     max_new_tokens_cap=200_000)
     async with running(rt, ServerConfig(port=0, limits=limits, chunk=args.chunk, model_name="bench")) as app:
-        chunk = app.pool.engine.chunk
+        chunk = app.engine.settings.chunk
         before, during, ttft, _, usage = await round_trip(app, rt, prompt, None)
         _, _, _, cancel_s, cancel_usage = await round_trip(app, rt, prompt, 0.5)
     print(f"{rt.device}, {rt.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, "

@@ -27,6 +27,8 @@ from websockets.asyncio.client import connect
 import streaming
 from apps.protocol import Limits
 from apps.server.app import ServerConfig, running
+from apps.server.engine_process import EngineProcess
+from apps.server.engine_spec import ModelSource
 
 
 async def connection(url, sessions, new_tokens, start, results: list, ready):
@@ -139,7 +141,9 @@ async def load(url: str, args, text: str = ""):
 
 
 async def main_async(args):
-    rt = streaming.load(args.model, device=args.device)
+    # With the engine in its own process the model loads there; here only the tokenizer is used.
+    rt = streaming.load(args.model, device="cpu" if args.engine_process else args.device)
+    source = ModelSource(model=args.model, device=args.device) if args.engine_process else rt
     text = ""
     if args.long_prompt_tokens:
         from benchmarks.server_long_prompt import long_prompt as make_prompt
@@ -149,12 +153,14 @@ async def main_async(args):
                     max_requests_per_minute=10**9,  # all clients share one address here
                     max_prompt_tokens=max(4096, 2 * args.long_prompt_tokens),
                     max_message_bytes=max(65536, 8 * len(text)))
-    async with running(rt, ServerConfig(port=0, limits=limits, model_name="bench")) as app:
+    cfg = ServerConfig(port=0, limits=limits, model_name="bench", engine_process=args.engine_process)
+    async with running(source, cfg) as app:
         results, t0, (long_sent, long_first) = await load(f"ws://127.0.0.1:{app.port}/ws", args, text)
-        steps = app.loop.stats.as_dict()
+        steps = await app.engine.current_stats()
+        where = "a process of its own" if isinstance(app.engine, EngineProcess) else "the server's process"
     per = args.sessions // args.connections
     ok, errors, ttft, tokens, elapsed, p = summarize(results, t0)
-    print(f"{rt.device}, {rt.dtype}, torch {torch.__version__}, {per * args.connections} sessions on "
+    print(f"{args.device}, engine in {where}, torch {torch.__version__}, {per * args.connections} sessions on "
           f"{args.connections} connections in {args.client_processes} client processes, {args.new_tokens} tokens each")
     print("| sessions | errors | p50 time to first token | p99 time to first token | aggregate tok/s |")
     print("|---|---|---|---|---|")
@@ -187,6 +193,8 @@ def main():
     parser.add_argument("--switch-interval", type=float, default=None,
                         help="the server process's GIL switch interval in seconds (sys.setswitchinterval; "
                              "Python's default is 0.005)")
+    parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                        help="the server's engine in a process of its own (default) or in the server's")
     parser.add_argument("--log-slow-steps", action="store_true",
                         help="show the server's INFO log: every engine step over 100 ms, with its CPU time")
     args = parser.parse_args()

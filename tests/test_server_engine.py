@@ -84,8 +84,8 @@ def test_close_while_the_reply_finishes_gives_the_row_back(rt):
                     await send(ws, type="session.close", session=sid)
                     await until(ws, lambda e: e["type"] == "session.closed" and e["session"] == sid)
                 for _ in range(100):
-                    if app.pool.free_slots == LIMITS.max_sessions:
+                    if await app.engine.free_rows() == LIMITS.max_sessions:
                         break
                     await __import__("asyncio").sleep(0.05)
-            assert app.pool.free_slots == LIMITS.max_sessions
-    run(main())
+                return await app.engine.free_rows()
+    assert run(main()) == LIMITS.max_sessions

@@ -60,8 +60,8 @@ class ReplicaServer:
     async def _serve(self) -> None:
         import torch
 
-        import streaming
         from apps.server.app import ChatServer, ServerConfig
+        from apps.server.engine_spec import ModelSource
 
         spec = self.spec
         if spec.host == "auto":
@@ -70,12 +70,13 @@ class ReplicaServer:
             spec.host = ray.util.get_node_ip_address()
         if spec.threads:
             torch.set_num_threads(spec.threads)
-        rt = streaming.load(spec.model, device=spec.device, dtype=spec.dtype)
+        # Loaded by the server: on a GPU in its engine process, on CPU in this one.
+        source = ModelSource(model=spec.model, device=spec.device, dtype=spec.dtype, threads=torch.get_num_threads())
         limits = Limits(**{**spec.limits, "max_requests_per_minute": 1 << 30})
         cfg = ServerConfig(host=spec.host, port=0, limits=limits, chunk=spec.chunk, token=spec.token,
                            allowed_hosts=(spec.host,), model_name=spec.model_name, state_dir=spec.state_dir,
                            scan_state_dir=False)
-        self.app = ChatServer(rt, cfg)
+        self.app = ChatServer(source, cfg)
         await self.app.start()
         self.loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
         self._ready.set()

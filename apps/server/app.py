@@ -14,15 +14,15 @@ from websockets.exceptions import ConnectionClosed
 from apps import protocol
 from apps.protocol import Limits, ProtocolError
 from apps.server.batching import BatchedSender, wants_batches
-from apps.server.engine_loop import EngineLoop
-from apps.server import native_heap
+from apps.server.engine_local import LocalEngine
+from apps.server.engine_process import EngineProcess, EngineProcessError
+from apps.server.engine_spec import EngineSettings, ModelSource
 from apps.server.http import WS_PATH, Listening, listen
 from apps.server.sessions import ON_DISK, ChatState, ModelWorker, Registry
 from apps.server.rate_limit import RateLimiter
 from apps.server.state_dir import SESSION_ID, StateDir, conversation_of
 from streaming import PoolFullError
-from streaming.sampling import SamplingParams
-from streaming.session import check_state
+from streaming.session import SessionStats
 
 log = logging.getLogger("sinkstream.server")
 
@@ -56,41 +56,42 @@ class ServerConfig:
     # temporaries of ever-changing sizes do not fragment the heap (apps/server/native_heap.py).
     # Process-wide; None leaves glibc's default.
     cpu_mmap_threshold: int | None = 128 * 1024
+    # Step the engine in a process of its own (apps/server/engine_process.py), so the websockets'
+    # work never holds the stepping thread's GIL. None: on a GPU yes, on CPU no.
+    engine_process: bool | None = None
 
 
 class ChatServer(Listening):
+    """`rt`: a loaded `streaming.Runtime`, or a `ModelSource` to load (in the engine process, or here
+    when the engine runs in this process)."""
+
     def __init__(self, rt, cfg: ServerConfig) -> None:
         self.rt, self.cfg, self.limits = rt, cfg, cfg.limits
-        self.worker = ModelWorker()
+        self.worker = ModelWorker()  # model calls of an engine in this process; --state-dir file work
+        self.engine: LocalEngine | EngineProcess | None = None
+        self.failed = asyncio.Event()  # set when the engine process died: the server cannot go on
         self.sessions = Registry(cfg.limits.max_sessions)
         self.started = time.time()
         self.server = None
         self._reaper: asyncio.Task | None = None
-        self.pool = None  # one cache row per session, allocated at start: memory known up front
-        self.loop: EngineLoop | None = None  # the thread that steps the engine
         self.store = StateDir(cfg.state_dir) if cfg.state_dir else None
         self.rate = RateLimiter(cfg.limits.max_requests_per_minute)
         self.stopping = False  # stop() has begun: no more parking (the model worker is going away)
         self._batched: dict = {}  # connections that asked for batched frames (the --ray front door)
+        self._parking: set[asyncio.Task] = set()  # parks under way (stop lets them finish)
 
     # ---- lifecycle ----
 
     async def start(self):
-        if self.rt.device.type == "cpu" and self.cfg.cpu_mmap_threshold is not None:
-            native_heap.map_large_blocks(self.cfg.cpu_mmap_threshold)
-        chunk = self.cfg.chunk
-        if chunk is None:  # a chunk is what other streams may wait for: small where steps are slow
-            chunk = min(SERVER_CHUNK_CPU if self.rt.device.type == "cpu" else SERVER_CHUNK_GPU, self.limits.window)
-        budget = self.cfg.prefill_budget
-        if budget is None and self.rt.device.type == "cuda":
-            budget = SERVER_PREFILL_BUDGET_GPU
-        self.pool = await self.worker.run(self.rt.pool, self.limits.max_sessions, sinks=self.limits.sinks,
-                                          window=self.limits.window, chunk=chunk,
-                                          prefill_budget=budget)
-        if self.rt.device.type == "cuda":  # capture the step graphs now, not in the first requests
-            t0 = time.perf_counter()
-            graphs = await self.worker.run(self.pool.engine.warm_up, [self.rt.sampling_defaults, SamplingParams()])
-            log.info("captured %d step graphs in %.1f s", graphs, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        self.engine = await self._build_engine()
+        await self.engine.start()
+        if not self.engine.has_tokenizer:
+            await self.engine.stop()
+            raise ValueError("this checkpoint has no tokenizer; the server needs one")
+        log.info("engine ready in %.1f s (%s, %d step graphs captured)", time.perf_counter() - t0,
+                 "a process of its own" if isinstance(self.engine, EngineProcess) else "in this process",
+                 self.engine.graphs)
         if self.store is not None and self.cfg.scan_state_dir:
             await self._load_saved_sessions()
         # The model, tokenizer, graphs and imported modules live as long as the server: out of the
@@ -98,11 +99,37 @@ class ChatServer(Listening):
         # flight those pauses took 170 ms of one engine step; benchmarks/engine_burst.py). Undone at stop.
         gc.collect()
         gc.freeze()
-        self.loop = EngineLoop(self.pool.engine, asyncio.get_running_loop())
-        self.loop.start()
+        self.engine.run()
         self.server = await listen(self.handler, self.cfg, self.health)
         self._reaper = asyncio.create_task(self._reap_idle())
         return self.server
+
+    async def _build_engine(self):
+        """An engine in a process of its own, or in this one (ServerConfig.engine_process)."""
+        from streaming.runtime import resolve_device
+
+        source = self.rt if isinstance(self.rt, ModelSource) else None
+        device = resolve_device(source.device) if source is not None else self.rt.device
+        chunk = self.cfg.chunk
+        if chunk is None:  # a chunk is what other streams may wait for: small where steps are slow
+            chunk = min(SERVER_CHUNK_CPU if device.type == "cpu" else SERVER_CHUNK_GPU, self.limits.window)
+        budget = self.cfg.prefill_budget
+        if budget is None and device.type == "cuda":
+            budget = SERVER_PREFILL_BUDGET_GPU
+        settings = EngineSettings(rows=self.limits.max_sessions, sinks=self.limits.sinks, window=self.limits.window,
+                                  chunk=chunk, prefill_budget=budget, cpu_mmap_threshold=self.cfg.cpu_mmap_threshold)
+        in_process = self.cfg.engine_process if self.cfg.engine_process is not None else device.type == "cuda"
+        if in_process:
+            return EngineProcess(source or ModelSource.of(self.rt), settings, on_death=self._engine_died)
+        if source is not None:
+            import streaming
+
+            self.rt = await self.worker.run(streaming.load, source.model, device=source.device, dtype=source.dtype)
+        return LocalEngine(self.rt, settings, self.worker)
+
+    def _engine_died(self, why: str) -> None:
+        log.critical("%s: no reply can run any more; the server must be restarted", why)
+        self.failed.set()
 
     async def stop(self) -> None:
         self.stopping = True
@@ -110,10 +137,11 @@ class ChatServer(Listening):
             self.stop_reply(st)
         tasks = [st.task for st in self.sessions.by_id.values() if st.busy]
         await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._parking, return_exceptions=True)  # (their snapshots need the engine)
         if self._reaper:
             self._reaper.cancel()
-        if self.loop:
-            await asyncio.to_thread(self.loop.stop)
+        if self.engine is not None:
+            await self.engine.stop()
         if self.server:
             self.server.close()
             await self.server.wait_closed()
@@ -121,11 +149,11 @@ class ChatServer(Listening):
         gc.unfreeze()  # (start froze what existed then; an embedding process goes on collecting it)
 
     def health(self) -> dict:
-        return {"status": "ok", "model": self.cfg.model_name, "sessions": len(self.sessions),
+        return {"status": "engine failed" if self.failed.is_set() else "ok", "model": self.cfg.model_name, "sessions": len(self.sessions),
                 "active_sessions": self.sessions.active, "parked_sessions": len(self.sessions.parked()),
                 "max_sessions": self.limits.max_sessions,
                 "uptime_s": round(time.time() - self.started, 1), "websocket": WS_PATH,
-                "engine": self.loop.stats.as_dict() if self.loop else None}
+                "engine": self.engine.step_stats() if self.engine else None}
 
     # ---- one connection ----
 
@@ -157,7 +185,7 @@ class ChatServer(Listening):
                     self.stop_reply(st)
                     st.touch()
                     if not st.busy:
-                        asyncio.create_task(self.park(st))
+                        self._park_soon(st)
 
     async def dispatch(self, ws, msg: dict, owned: set[str]) -> None:
         kind, rid = msg["type"], msg.get("id")
@@ -249,7 +277,7 @@ class ChatServer(Listening):
 
     def _check_saved(self, tensors, meta, extra) -> None:
         """Raises unless a saved state fits this server's model and cache (StateDir's `check`)."""
-        check_state(self.rt, self.pool.engine.cache, tensors, meta, extra)
+        self.engine.check_saved(tensors, meta, extra)
 
     def _register_saved(self, conv) -> ChatState:
         """A session known from its file only: parked on disk until resumed."""
@@ -271,7 +299,7 @@ class ChatServer(Listening):
                 return False
             await self.persist(st)
             if st.session is not None:
-                await self.worker.run(self.pool.release, st.session)
+                await self.engine.release(st.session)
                 st.session = None
             self.sessions.by_id.pop(sid, None)
             st.released = st.closed = st.cancel = True  # (nothing of this server touches it or its file)
@@ -283,13 +311,19 @@ class ChatServer(Listening):
         if self.store is None or st.session is None or st.closed or st.released:
             return
         try:
-            snapshot = await self.worker.run(st.session.snapshot)
+            snapshot = await self.engine.snapshot(st.session)
             await self.worker.run(self.store.write, st.id, snapshot,
                                   conversation_of(st.history, st.sampling, st.seq))
-        except OSError as exc:  # a full or read-only disk must not break the chat: the last good file stays
+        except (OSError, EngineProcessError) as exc:  # a full or read-only disk must not break the chat: the last good file stays
             log.error("could not save session %s to %s: %s", st.id[:8], self.store.path, exc)
 
     # ---- detached sessions leave their rows ----
+
+    def _park_soon(self, st: ChatState) -> None:
+        """Park a session that was just left, in a task that `stop` waits for (it needs the engine)."""
+        task = asyncio.create_task(self.park(st))
+        self._parking.add(task)
+        task.add_done_callback(self._parking.discard)
 
     async def park(self, st: ChatState) -> None:
         """Move a detached, idle session's cache state to host memory and give its row back, so
@@ -301,8 +335,8 @@ class ChatServer(Listening):
                 await self.persist(st)
                 st.parked = ON_DISK
             else:
-                st.parked = await self.worker.run(st.session.snapshot)
-            await self.worker.run(self.pool.release, st.session)
+                st.parked = await self.engine.snapshot(st.session)
+            await self.engine.release(st.session)
             st.session = None
         log.info("session %s parked (%d active, %d parked)", st.id[:8], self.sessions.active,
                  len(self.sessions.parked()))
@@ -317,33 +351,32 @@ class ChatServer(Listening):
         async with st.lock:
             if st.parked is None:
                 return
-            saved = st.parked if st.parked is not ON_DISK else None
-            st.session = await self.take_row(rid, lambda: saved or self.store.read(st.id))
+            saved = st.parked if st.parked is not ON_DISK else await self.worker.run(self.store.read, st.id)
+            st.session = await self.take_row(rid, saved)
             st.parked = None
 
     async def take_row(self, rid, saved=None):
-        """A pool session for a new chat, or for a parked one restored from `saved()` (its state);
+        """A pool session for a new chat, or for a parked one restored from `saved` (its state);
         the row counts against max_sessions from the start. too_many_sessions when none is free."""
         self.sessions.reserve(rid)
         session = None
         try:
-            session = await self.worker.run(self.pool.session)
+            session = await self.engine.open_row()
             if saved is not None:
-                await self.worker.run(lambda: session.restore(*saved()))
+                await self.engine.restore(session, saved)
             return session
         except PoolFullError:  # a closed session's reply is still finishing: its row is not back yet
             raise ProtocolError(protocol.TOO_MANY_SESSIONS, "all session slots are in use; try again in a "
                                 "moment", request_id=rid) from None
         except BaseException:
             if session is not None:
-                await self.worker.run(self.pool.release, session)
+                await self.engine.release(session)
             raise
         finally:
             self.sessions.reserved -= 1  # counted as active (or given back) from here on
 
     async def check_length(self, text: str, sid: str | None, rid) -> int:
-        tok = self.rt.tokenizer
-        n = len(await self.worker.run(tok.encode, text)) if tok is not None else len(text)
+        n = await self.engine.count_tokens(text)
         if n > self.limits.max_prompt_tokens:
             raise ProtocolError(protocol.PROMPT_TOO_LONG,
                                 f"prompt of {n} tokens is over the limit of "
@@ -379,12 +412,10 @@ class ChatServer(Listening):
         t_first = None
         ready = st.ready = asyncio.Event()
         try:
-            handle = await self.worker.run(self.pool.begin_chat, st.session, list(st.history), **kw,
-                                           notify=self.loop.notifier(ready))
+            handle = await self.engine.begin_chat(st.session, list(st.history), kw, ready)
             st.job = handle.job
             if st.cancel:  # cancelled while the turn was being prepared
                 self.stop_reply(st)
-            self.loop.wake()
             job = handle.job
             while True:
                 await ready.wait()
@@ -419,8 +450,7 @@ class ChatServer(Listening):
             if handle is not None:
                 # Records the turn in the session's chat state (a partial or empty reply included):
                 # the history below says the same, so the next message extends the conversation.
-                await self.worker.run(self.pool.end, handle)
-                self.loop.wake()  # news of other replies from steps the end ran (delivered by the loop)
+                await self.engine.end(handle)
                 st.history.append({"role": "assistant", "content": "".join(parts)})
             else:
                 st.history.pop()  # the session never saw the message: forget it
@@ -432,7 +462,10 @@ class ChatServer(Listening):
         if err is not None:
             await self.send_to(st, err)
         await self.persist(st)  # durable before the client sees `done`
-        stats = await self.worker.run(st.session.stats)
+        try:
+            stats = await self.engine.session_stats(st.session)
+        except EngineProcessError:  # the engine is gone (the reply says so): `done` still comes
+            stats = SessionStats(tokens_seen=0, tokens_in_cache=0, cache_bytes=0, evictions=0)
         t1 = time.perf_counter()
         gen_time = t1 - t_first if t_first else 0.0
         usage = {
@@ -445,15 +478,14 @@ class ChatServer(Listening):
         }
         await self.send_to(st, protocol.done(st.id, st.seq, finish, usage))
         if st.conn is None and not st.closed:  # the user left during the reply
-            asyncio.create_task(self.park(st))
+            self._park_soon(st)
 
     def stop_reply(self, st: ChatState) -> None:
         """Cancel the session's running reply: the engine drops it before its next step (between
         prompt chunks too)."""
         st.cancel = True
         if st.job is not None:
-            self.pool.engine.cancel(st.job)
-            self.loop.wake()
+            self.engine.cancel(st.job)
         if st.ready is not None:
             st.ready.set()
 
@@ -471,7 +503,7 @@ class ChatServer(Listening):
                 st.released = True
                 st.parked = None
                 if st.session is not None:
-                    await self.worker.run(self.pool.release, st.session)
+                    await self.engine.release(st.session)
                 if self.store is not None:  # closed or expired: the conversation is over
                     await self.worker.run(self.store.delete, st.id)
 

@@ -3,9 +3,10 @@
 Every step advances every live reply by one token and ingests a bounded budget of prompt chunks
 (`streaming.engine.Engine.step`), so one long prompt never stalls the other streams for more than a
 chunk. A reply learns about its new tokens through its job's `notify` callback, which only records
-it (`news`); after each step the loop wakes every reply with news in one hop to the asyncio thread
-(one `call_soon_threadsafe` per step, not one per stream: a thousand streams would otherwise cost a
-thousand self-pipe writes and event-loop callbacks per step).
+it (`news`); after each step the loop hands all of a step's news to `deliver` at once. In the server's
+process that is one hop to the asyncio thread (`wake_events`: one `call_soon_threadsafe` per step, not
+one per stream: a thousand streams would otherwise cost a thousand self-pipe writes and event-loop
+callbacks per step); in an engine process (apps/server/engine_child.py) it is one message per step.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 log = logging.getLogger("sinkstream.server")
 SLOW_STEP_S = 0.1  # steps longer than this are logged (INFO)
@@ -47,12 +49,20 @@ class StepStats:
                 "gc_collections": self.collections, "longest_gc_ms": round(self.longest_collection_s * 1e3, 3)}
 
 
+def wake_events(loop: asyncio.AbstractEventLoop) -> Callable[[list], None]:
+    """A `deliver` for news items that are asyncio.Events of `loop`: sets them all in one hop."""
+    return lambda events: loop.call_soon_threadsafe(set_all, events)
+
+
 class EngineLoop:
-    def __init__(self, engine, loop: asyncio.AbstractEventLoop) -> None:
+    """Steps `engine` on a thread of its own. `deliver(items)` gets, after each step, the items given
+    to `notifier(item)` of every job that had news (in the stepping thread; distinct, in order)."""
+
+    def __init__(self, engine, deliver: Callable[[list], None]) -> None:
         self.engine = engine
         self.stats = StepStats()
-        self._loop = loop
-        self._news: deque[asyncio.Event] = deque()  # events of replies with news (appended by any stepping thread)
+        self._deliver_items = deliver
+        self._news: deque = deque()  # items of replies with news (appended by any stepping thread)
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="sinkstream-engine", daemon=True)
@@ -61,9 +71,9 @@ class EngineLoop:
         gc.callbacks.append(self.stats.on_gc)
         self._thread.start()
 
-    def notifier(self, ready: asyncio.Event):
-        """A job's `notify`: records that `ready` is to be set after the step."""
-        return lambda: self._news.append(ready)
+    def notifier(self, item):
+        """A job's `notify`: records that `item` has news, delivered after the step."""
+        return lambda: self._news.append(item)
 
     def wake(self) -> None:
         """New work (a reply submitted, a cancel): step soon."""
@@ -81,7 +91,7 @@ class EngineLoop:
         while self._news:
             batch.append(self._news.popleft())
         if batch:
-            self._loop.call_soon_threadsafe(_set_all, batch)
+            self._deliver_items(list(dict.fromkeys(batch)))
 
     def _run(self) -> None:
         while not self._stopping:
@@ -111,6 +121,6 @@ class EngineLoop:
                     time.sleep(0.0001)
 
 
-def _set_all(events: list[asyncio.Event]) -> None:
+def set_all(events: list[asyncio.Event]) -> None:
     for event in events:
         event.set()

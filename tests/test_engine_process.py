@@ -1,0 +1,197 @@
+"""The server with its engine in a process of its own (`ServerConfig.engine_process`, the default on
+GPUs): the same replies as the engine in the server's process, the server's engine behaviours
+(streams flow during a long prompt, cancels between chunks, rows given back, parking and resuming)
+through the process boundary, and clean failures: a bad checkpoint, the engine process dying, the
+server dying."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from websockets.asyncio.client import connect
+
+from apps.server import ServerConfig, running
+from apps.server.engine_process import EngineProcess, EngineProcessError
+from apps.server.engine_spec import ModelSource
+from tests import test_server, test_server_engine, test_server_parking
+from tests.test_server import LIMITS, LONG, create, done_of, recv, rt, run, send, until, ws_url  # noqa: F401
+
+GREEDY = {"temperature": 0.0, "max_new_tokens": 12}
+SAMPLED = {"temperature": 0.9, "top_k": 40, "seed": 7, "max_new_tokens": 12}
+
+
+def serve_apart(rt, **changes):
+    """tests/test_server.py's `serve`, with the engine in a process of its own (loading rt's checkpoint)."""
+    limits = changes.pop("limits", LIMITS)
+    return running(ModelSource.of(rt), ServerConfig(host="127.0.0.1", port=0, limits=limits, chunk=32,
+                                                    model_name="tiny", engine_process=True, **changes))
+
+
+async def conversation(app) -> list[tuple[str, str, int]]:
+    """Two turns in each of three sessions (greedy, sampled with a seed, greedy with a system
+    prompt), replies running at the same time: (text, finish reason, tokens) per reply."""
+    async with connect(ws_url(app)) as ws:
+        sids = [await create(ws, sampling=GREEDY), await create(ws, sampling=SAMPLED),
+                await create(ws, system="You answer briefly.", sampling=GREEDY)]
+        out = []
+        for turn in ("Tell me about the sea.", "And about the mountains?"):
+            for sid in sids:
+                await send(ws, type="message", session=sid, text=f"{turn} ({sid[:0]})")
+            pending, texts, done = set(sids), {sid: "" for sid in sids}, {}
+            while pending:
+                event = await recv(ws)
+                if event["type"] == "delta":
+                    texts[event["session"]] += event["text"]
+                elif event["type"] == "done":
+                    done[event["session"]] = event
+                    pending.discard(event["session"])
+                else:
+                    raise AssertionError(event)
+            out += [(texts[sid], done[sid]["finish_reason"], done[sid]["usage"]["completion_tokens"]) for sid in sids]
+        return out
+
+
+def test_replies_equal_those_of_the_engine_in_the_servers_process(rt):
+    async def both():
+        async with test_server.serve(rt) as here:
+            expected = await conversation(here)
+        async with serve_apart(rt) as apart:
+            assert isinstance(apart.engine, EngineProcess)
+            got = await conversation(apart)
+            stats = await apart.engine.current_stats()
+        return expected, got, stats
+
+    expected, got, stats = run(both())
+    assert got == expected
+    assert all(text and tokens == 12 for text, _, tokens in got)
+    assert stats["steps"] > 0 and stats["free_rows"] == LIMITS.max_sessions - 3
+
+
+ENGINE_TESTS = [
+    test_server_engine.test_a_stream_keeps_going_while_another_session_sends_a_long_prompt,
+    test_server_engine.test_cancel_during_a_long_prompt_stops_between_chunks,
+    test_server_engine.test_close_while_the_reply_finishes_gives_the_row_back,
+    test_server_parking.test_a_parked_session_continues_exactly_as_if_never_left,
+    test_server_parking.test_resume_when_every_row_is_taken_says_the_server_is_full,
+]
+
+
+@pytest.mark.parametrize("test", ENGINE_TESTS, ids=lambda t: t.__name__.removeprefix("test_"))
+def test_server_behaviour_holds_across_the_process_boundary(test, rt, monkeypatch):
+    for module in (test_server_engine, test_server_parking):
+        monkeypatch.setattr(module, "serve", serve_apart)
+    test(rt)
+
+
+def test_a_saved_session_resumes_through_the_engine_process(rt, tmp_path):
+    """--state-dir: the state crosses the process boundary both ways (written after a reply, read on
+    resume by a new server); the resumed session answers as the one that never stopped."""
+    async def main():
+        async with serve_apart(rt, state_dir=str(tmp_path)) as app:
+            async with connect(ws_url(app)) as ws:
+                away, twin = await create(ws, sampling=GREEDY), await create(ws, sampling=GREEDY)
+                for sid in (away, twin):
+                    await send(ws, type="message", session=sid, text="Remember the number four.")
+                    await until(ws, done_of(sid))
+                await send(ws, type="message", session=twin, text="What was the number?")
+                expected = "".join(e.get("text", "") for e in await until(ws, done_of(twin)) if e["type"] == "delta")
+        async with serve_apart(rt, state_dir=str(tmp_path)) as app:  # a new server, a new engine process
+            async with connect(ws_url(app)) as ws:
+                await send(ws, type="session.create", resume=away)
+                assert (await recv(ws))["resumed"]
+                await send(ws, type="message", session=away, text="What was the number?")
+                got = "".join(e.get("text", "") for e in await until(ws, done_of(away)) if e["type"] == "delta")
+        return expected, got
+
+    expected, got = run(main())
+    assert got == expected and got
+
+
+def test_a_dead_engine_process_ends_the_running_reply_with_an_error(rt):
+    async def main():
+        async with serve_apart(rt) as app:
+            async with connect(ws_url(app)) as ws:
+                sid = await create(ws)
+                await send(ws, type="message", session=sid, text="Go on.", sampling=LONG)
+                await until(ws, lambda e: e["type"] == "delta")
+                app.engine.process.kill()
+                events = await until(ws, done_of(sid))
+                await app.failed.wait()
+                health = app.health()
+                await send(ws, type="message", session=sid, text="Still there?")
+                after = await until(ws, lambda e: e["type"] in ("error", "done"))
+        return events, health, after
+
+    events, health, after = run(main())
+    errors = [e for e in events if e["type"] == "error"]
+    assert errors and "EngineProcessError" in errors[0]["message"]
+    assert events[-1]["finish_reason"] == "error"
+    assert health["status"] == "engine failed"
+    assert after[-1]["type"] in ("error", "done") and (after[-1]["type"] == "error" or after[-1]["finish_reason"] == "error")
+
+
+def test_a_bad_checkpoint_fails_the_start_with_its_reason(tmp_path):
+    async def main():
+        cfg = ServerConfig(port=0, limits=LIMITS, engine_process=True)
+        with pytest.raises(EngineProcessError, match="could not start: .*config.json not found"):
+            async with running(ModelSource(model=str(tmp_path), device="cpu"), cfg):
+                pass
+    run(main())
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("victim", ["server", "engine"])
+def test_the_cli_server_and_its_engine_process_never_outlive_each_other(rt, victim):
+    """`serve --engine-process`: SIGKILL of the server -> its engine process exits (its pipe closed);
+    the engine process killed -> the server stops with exit status 1 (a supervisor restarts it)."""
+    server = subprocess.Popen([sys.executable, "-m", "apps", "serve", "--engine-process", "--device", "cpu",
+                               "--model", str(rt.path), "--port", "0"],
+                              stderr=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    try:
+        line = server.stderr.readline()
+        assert "serving on" in line, line
+        engines = _children(server.pid)
+        assert len(engines) == 1, engines
+        if victim == "server":
+            server.kill()
+            server.wait()
+            assert _wait_gone(engines[0], 20), "the engine process outlived its server"
+        else:
+            os.kill(engines[0], signal.SIGKILL)
+            assert server.wait(timeout=30) == 1
+            assert "engine process" in server.stderr.read()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
