@@ -62,6 +62,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--state-dir", metavar="DIR", default=None,
                    help="keep every session on disk in DIR (written atomically after each reply); a "
                         "restarted server resumes them from their last finished reply")
+    p.add_argument("--compression", action="store_true",
+                   help="offer permessage-deflate on the websockets (off by default: deltas are short, "
+                        "and compressing each costs the server more than it saves)")
     p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                    help="step the model in a process of its own, apart from the websockets (default: "
                         "yes on a GPU, where one process's GIL would make every stream wait on the "
@@ -97,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
                        allowed_origins=tuple(args.allow_origin),
                        allowed_hosts=tuple(args.allow_host), token=args.token,
                        model_name=os.path.basename(os.path.normpath(args.model or "bundled")),
-                       state_dir=args.state_dir, engine_process=args.engine_process)
+                       state_dir=args.state_dir, engine_process=args.engine_process,
+                       compression=args.compression)
     if args.ray:  # the model loads in the replicas, not here
         from apps.cluster import cli as cluster
 

@@ -21,7 +21,7 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 
 from apps import protocol
-from apps.server.batching import BatchedSender, wants_batches
+from apps.server.batching import FrameWriter, wants_batches
 
 
 def fake_replica(port_queue, tokens: int) -> None:
@@ -32,13 +32,10 @@ def fake_replica(port_queue, tokens: int) -> None:
         wake = asyncio.Event()
 
         async def handler(ws):
-            batcher = BatchedSender(ws) if wants_batches(ws) else None
+            writer = FrameWriter(ws, batched=wants_batches(ws))  # (as the chat server writes)
 
             async def send(text):
-                if batcher is not None:
-                    batcher.send(text)
-                else:
-                    await ws.send(text)
+                await writer.send_and_wait(text)
             async for frame in ws:
                 msg = json.loads(frame)
                 if msg["type"] == "session.create":

@@ -19,9 +19,10 @@ import time
 
 import torch
 
-import streaming
 from apps.protocol import Limits
 from apps.server.app import ServerConfig, running
+from apps.server.engine_process import EngineProcess
+from apps.server.engine_spec import ModelSource
 from benchmarks.server_sessions import load, summarize
 
 
@@ -40,13 +41,12 @@ def summary(name: str, results, t0: float, held: int) -> str:
 
 
 async def single(args) -> str:
-    rt = streaming.load(args.model, device=args.device)
+    """`sinkstream serve` as the CLI runs it (on a GPU: the engine in a process of its own)."""
     cfg = ServerConfig(port=0, limits=limits_for(args, args.sessions), model_name="bench")
-    async with running(rt, cfg) as app:
+    async with running(ModelSource(model=args.model, device=args.device), cfg) as app:
         results, t0, _ = await load(f"ws://127.0.0.1:{app.port}/ws", args)
-    del rt
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return summary("single process", results, t0, args.sessions)
+        where = "engine apart" if isinstance(app.engine, EngineProcess) else "engine in it"
+    return summary(f"single process ({where})", results, t0, args.sessions)
 
 
 async def cluster(args, replicas: int, gpus: float) -> str:

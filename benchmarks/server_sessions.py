@@ -82,6 +82,15 @@ async def long_prompt(url, text: str, after: float, start_time: float) -> tuple[
                 raise RuntimeError(f"long prompt: {event}")
 
 
+async def loop_lag(samples: list, period: float = 0.005) -> None:
+    """Record (time, lateness) of a timer on the server's event loop: how long the loop could not
+    run a ready callback (the websocket side's share of a gap; the engine's steps are in its stats)."""
+    while True:
+        due = time.time() + period
+        await asyncio.sleep(period)
+        samples.append((due, time.time() - due))
+
+
 def worst_gap(arrivals: list[float], lo: float, hi: float) -> float:
     """The longest time between two consecutive deltas whose interval overlaps [lo, hi]."""
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:]) if b >= lo and a <= hi]
@@ -155,7 +164,10 @@ async def main_async(args):
                     max_message_bytes=max(65536, 8 * len(text)))
     cfg = ServerConfig(port=0, limits=limits, model_name="bench", engine_process=args.engine_process)
     async with running(source, cfg) as app:
+        lags: list = []
+        lag_task = asyncio.create_task(loop_lag(lags))
         results, t0, (long_sent, long_first) = await load(f"ws://127.0.0.1:{app.port}/ws", args, text)
+        lag_task.cancel()
         steps = await app.engine.current_stats()
         where = "a process of its own" if isinstance(app.engine, EngineProcess) else "the server's process"
     per = args.sessions // args.connections
@@ -172,6 +184,9 @@ async def main_async(args):
               f"{long_first - long_sent:.2f} s to its first token; while it was ingested, the worst gap "
               f"between two deltas of any other session was {during * 1e3:.0f} ms (each session's worst gap "
               f"over its whole reply: median {overall[len(overall) // 2] * 1e3:.0f} ms, max {overall[-1] * 1e3:.0f} ms)")
+        during_lag = max((lag for at, lag in lags if long_sent <= at <= long_first), default=0.0)
+        print(f"The server's event loop ran late by at most {during_lag * 1e3:.0f} ms while the prompt was ingested "
+              f"({max((lag for _, lag in lags), default=0.0) * 1e3:.0f} ms over the run).")
     if errors:
         print("first error:", errors[0][1])
     print(f"(engine steps since start: {steps})")

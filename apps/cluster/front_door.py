@@ -29,7 +29,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from apps import protocol
 from apps.protocol import ProtocolError
 from apps.cluster.routes import Replica, Route, RouteTable
-from apps.server.batching import BATCHED_QUERY, SEPARATOR
+from apps.server.batching import BATCHED_QUERY, SEPARATOR, FrameWriter
 from apps.server.http import WS_PATH, Listening, listen
 from apps.server.rate_limit import RateLimiter
 
@@ -98,14 +98,13 @@ class _Client:
         self.upstreams: dict[Replica, _Upstream] = {}
         self.lock = asyncio.Lock()  # opening upstreams
         self.closed = False
+        self.writer = FrameWriter(ws)
         address = getattr(ws, "remote_address", None)
         self.address = str(address[0]) if address else "?"
 
     async def send_raw(self, frame) -> None:
-        try:
-            await self.ws.send(frame)
-        except ConnectionClosed:
-            pass
+        """Queue an event's text (written with the others of this loop iteration, one frame each)."""
+        await self.writer.send_and_wait(frame)
 
     async def send(self, event: dict) -> None:
         await self.send_raw(protocol.dumps(event))

@@ -166,7 +166,7 @@ async def listen(handler, cfg, health: Callable[[], dict], admin: dict[str, Call
     # The transport limit is a backstop (the connection closes with 1009 past it); frames
     # between max_message_bytes and it get a polite `frame_too_large` error instead.
     hard = max(4 * cfg.limits.max_message_bytes, 1 << 20)
-    return await serve(handler, cfg.host, cfg.port, max_size=hard,
+    return await serve(handler, cfg.host, cfg.port, max_size=hard, compression="deflate" if cfg.compression else None,
                        process_request=make_process_request(gate, health, admin))
 
 
