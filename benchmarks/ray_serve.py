@@ -46,6 +46,8 @@ async def single(args) -> str:
     async with running(ModelSource(model=args.model, device=args.device), cfg) as app:
         results, t0, _ = await load(f"ws://127.0.0.1:{app.port}/ws", args)
         where = "engine apart" if isinstance(app.engine, EngineProcess) else "engine in it"
+        print(f"(single: engine {await app.engine.current_stats()}, server loop lag {app.health()['worst_loop_lag_ms']} ms)",
+              flush=True)
     return summary(f"single process ({where})", results, t0, args.sessions)
 
 
@@ -70,6 +72,11 @@ async def cluster(args, replicas: int, gpus: float) -> str:
     try:
         results, t0, _ = await load(f"ws://127.0.0.1:{door.port}/ws", args)
         placed = [len(r.sessions) for r in door.table.replicas]
+        await door.refresh()
+        health = door.health()
+        print(f"({replicas} replica(s): front door's worst event-loop lag {health['worst_loop_lag_ms']} ms; replicas: "
+              + "; ".join(f"engine {r['engine']}, server loop lag {r['worst_loop_lag_ms']} ms" for r in health["replicas"])
+              + ")", flush=True)
     finally:
         await door.stop()
         for backend in backends:
@@ -81,10 +88,12 @@ async def cluster(args, replicas: int, gpus: float) -> str:
 async def main_async(args) -> None:
     from apps.cluster.ray_backend import start_ray
 
-    lines = [await single(args)]
+    lines = [await single(args)] if "single" in args.configs else []
     start_ray(None)
-    lines.append(await cluster(args, 1, 1.0 if args.device != "cpu" else 0.0))
-    lines.append(await cluster(args, 2, 0.5 if args.device != "cpu" else 0.0))
+    if "one" in args.configs:
+        lines.append(await cluster(args, 1, 1.0 if args.device != "cpu" else 0.0))
+    if "two" in args.configs:
+        lines.append(await cluster(args, 2, 0.5 if args.device != "cpu" else 0.0))
     print(f"{args.device}, torch {torch.__version__}, {args.sessions} sessions on {args.connections} connections, "
           f"{args.new_tokens} tokens each")
     print("| server | rows | sessions | errors | p50 time to first token | p99 time to first token | aggregate tok/s |")
@@ -102,6 +111,8 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--client-processes", type=int, default=4)
     parser.add_argument("--cpus-per-replica", type=float, default=2.0)
+    parser.add_argument("--configs", default="single,one,two",
+                        help="which to run, of: single (the single-process server), one (one replica), two")
     args = parser.parse_args()
     args.long_prompt_after = 0.0
     asyncio.run(main_async(args))

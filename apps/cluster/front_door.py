@@ -31,6 +31,7 @@ from apps.protocol import ProtocolError
 from apps.cluster.routes import Replica, Route, RouteTable
 from apps.server.batching import BATCHED_QUERY, SEPARATOR, FrameWriter
 from apps.server.http import WS_PATH, Listening, listen
+from apps.server.loop_lag import LoopLag
 from apps.server.rate_limit import RateLimiter
 
 log = logging.getLogger("sinkstream.front")
@@ -122,6 +123,7 @@ class FrontDoor(Listening):
         self.internal_token = internal_token
         self.link_query = f"token={internal_token}" + (f"&{BATCHED_QUERY}" if batched_links else "")
         self.rate = RateLimiter(cfg.limits.max_requests_per_minute)
+        self.lag = LoopLag()
         self.started = time.time()
         self.server = None
         self._poller: asyncio.Task | None = None
@@ -136,11 +138,13 @@ class FrontDoor(Listening):
         await asyncio.gather(*(self._refresh(r) for r in self.table.replicas))
         self.server = await listen(self.handler, self.cfg, self.health, {"/drain": self._drain_request})
         self._poller = asyncio.create_task(self._poll())
+        self.lag.start()
         return self.server
 
     async def stop(self) -> None:
         if self._poller:
             self._poller.cancel()
+        self.lag.stop()
         if self.server:
             self.server.close()
             await self.server.wait_closed()
@@ -151,7 +155,7 @@ class FrontDoor(Listening):
                 "model": self.cfg.model_name, "sessions": len(self.table.routes),
                 "active_sessions": sum(r["active_sessions"] or 0 for r in replicas),
                 "replicas": replicas, "uptime_s": round(time.time() - self.started, 1),
-                "websocket": WS_PATH}
+                "websocket": WS_PATH, **self.lag.as_dict()}
 
     # ---- replicas ----
 
@@ -228,7 +232,7 @@ class FrontDoor(Listening):
                 replica.url = await asyncio.wait_for(replica.backend.address(), CALL_TIMEOUT_S)
                 replica.ident = ident
             replica.stats = await asyncio.wait_for(replica.backend.stats(), CALL_TIMEOUT_S)
-            replica.placed_since_poll = 0
+            replica.placed_since_poll = replica.creating  # (those may not be in the stats yet)
             replica.alive = True
         except Exception as exc:
             if replica.alive or replica.ident is not None:
@@ -378,6 +382,7 @@ class FrontDoor(Listening):
             raise ProtocolError(protocol.TOO_MANY_SESSIONS, "no replica can take a session right now; "
                                 "try again in a moment", request_id=rid)
         replica.placed_since_poll += 1  # (until the next poll: concurrent creates spread)
+        replica.creating += 1
         return replica
 
     async def _upstream(self, conn: _Client, replica: Replica) -> _Upstream:
@@ -420,6 +425,8 @@ class FrontDoor(Listening):
             if route is not None:
                 route.seq = event["seq"]
             return True
+        if kind == "session.created" or (kind == "error" and sid is None):  # (answers to a create)
+            upstream.replica.creating = max(0, upstream.replica.creating - 1)
         if kind == "session.created":
             self.table.place(sid, upstream.replica, upstream.conn)
         elif kind == "done" and route is not None:

@@ -32,6 +32,7 @@ class Replica:
     stats: dict = field(default_factory=dict)
     sessions: set[str] = field(default_factory=set)  # sessions routed here (attached or parked there)
     placed_since_poll: int = 0  # sessions sent here since `stats` was read (counted as taken rows)
+    creating: int = 0  # creates sent here and not answered yet (still counted after the next poll)
     refreshing: asyncio.Lock = field(default_factory=asyncio.Lock)  # one health read at a time
 
     @property
@@ -47,7 +48,8 @@ class Replica:
                 "sessions": len(self.sessions), "active_sessions": self.stats.get("active_sessions"),
                 "parked_sessions": self.stats.get("parked_sessions"), "free_rows": self.stats.get("free_rows"),
                 "max_sessions": self.stats.get("max_sessions"),
-                "engine": self.stats.get("engine")}  # (its steps: count, mean and longest ms, gc pauses)
+                "engine": self.stats.get("engine"),  # (its steps: count, mean and longest ms, gc pauses)
+                "worst_loop_lag_ms": self.stats.get("worst_loop_lag_ms")}
 
 
 @dataclass(eq=False)

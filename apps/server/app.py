@@ -18,6 +18,7 @@ from apps.server.engine_local import LocalEngine
 from apps.server.engine_process import EngineProcess, EngineProcessError
 from apps.server.engine_spec import EngineSettings, ModelSource
 from apps.server.http import WS_PATH, Listening, listen
+from apps.server.loop_lag import LoopLag
 from apps.server.sessions import ON_DISK, ChatState, ModelWorker, Registry
 from apps.server.rate_limit import RateLimiter
 from apps.server.state_dir import SESSION_ID, StateDir, conversation_of
@@ -82,6 +83,7 @@ class ChatServer(Listening):
         self.stopping = False  # stop() has begun: no more parking (the model worker is going away)
         self._writers: dict = {}  # connection -> its FrameWriter (batched frames for the --ray front door)
         self._parking: set[asyncio.Task] = set()  # parks under way (stop lets them finish)
+        self.lag = LoopLag()
 
     # ---- lifecycle ----
 
@@ -105,6 +107,7 @@ class ChatServer(Listening):
         self.engine.run()
         self.server = await listen(self.handler, self.cfg, self.health)
         self._reaper = asyncio.create_task(self._reap_idle())
+        self.lag.start()
         return self.server
 
     async def _build_engine(self):
@@ -143,6 +146,7 @@ class ChatServer(Listening):
         await asyncio.gather(*self._parking, return_exceptions=True)  # (their snapshots need the engine)
         if self._reaper:
             self._reaper.cancel()
+        self.lag.stop()
         if self.engine is not None:
             await self.engine.stop()
         if self.server:
@@ -156,7 +160,7 @@ class ChatServer(Listening):
                 "active_sessions": self.sessions.active, "parked_sessions": len(self.sessions.parked()),
                 "max_sessions": self.limits.max_sessions,
                 "uptime_s": round(time.time() - self.started, 1), "websocket": WS_PATH,
-                "engine": self.engine.step_stats() if self.engine else None}
+                "engine": self.engine.step_stats() if self.engine else None, **self.lag.as_dict()}
 
     # ---- one connection ----
 
