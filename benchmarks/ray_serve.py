@@ -74,7 +74,8 @@ async def cluster(args, replicas: int, gpus: float) -> str:
         placed = [len(r.sessions) for r in door.table.replicas]
         await door.refresh()
         health = door.health()
-        print(f"({replicas} replica(s): front door's worst event-loop lag {health['worst_loop_lag_ms']} ms; replicas: "
+        print(f"({replicas} replica(s): front door's event-loop lag: worst {health['worst_loop_lag_ms']} ms, last 10 s "
+              f"{health['loop_lag_last_10s_ms']} ms; replicas: "
               + "; ".join(f"engine {r['engine']}, server loop lag {r['worst_loop_lag_ms']} ms" for r in health["replicas"])
               + ")", flush=True)
     finally:

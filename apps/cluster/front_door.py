@@ -231,8 +231,8 @@ class FrontDoor(Listening):
                     await self._replica_failed(replica, "restarted")
                 replica.url = await asyncio.wait_for(replica.backend.address(), CALL_TIMEOUT_S)
                 replica.ident = ident
+                replica.creates_sent = 0  # (a new server: it has answered none)
             replica.stats = await asyncio.wait_for(replica.backend.stats(), CALL_TIMEOUT_S)
-            replica.placed_since_poll = replica.creating  # (those may not be in the stats yet)
             replica.alive = True
         except Exception as exc:
             if replica.alive or replica.ident is not None:
@@ -356,7 +356,11 @@ class FrontDoor(Listening):
             route = self.table.routes.get(msg.get("resume", ""))
             if route is not None and route.moving is not None:
                 await route.moving.wait()
-            replica = route.replica if route is not None and route.replica is not None else self._pick(rid)
+            if route is not None and route.replica is not None:
+                replica = route.replica
+                replica.creates_sent += 1
+            else:
+                replica = self._pick(rid)
             await (await self._upstream(conn, replica)).send(frame)
             return
         route = self.table.routes.get(msg["session"])
@@ -381,8 +385,7 @@ class FrontDoor(Listening):
         if replica is None:
             raise ProtocolError(protocol.TOO_MANY_SESSIONS, "no replica can take a session right now; "
                                 "try again in a moment", request_id=rid)
-        replica.placed_since_poll += 1  # (until the next poll: concurrent creates spread)
-        replica.creating += 1
+        replica.creates_sent += 1  # (a row counted as taken until the replica's stats show the answer)
         return replica
 
     async def _upstream(self, conn: _Client, replica: Replica) -> _Upstream:
@@ -425,8 +428,6 @@ class FrontDoor(Listening):
             if route is not None:
                 route.seq = event["seq"]
             return True
-        if kind == "session.created" or (kind == "error" and sid is None):  # (answers to a create)
-            upstream.replica.creating = max(0, upstream.replica.creating - 1)
         if kind == "session.created":
             self.table.place(sid, upstream.replica, upstream.conn)
         elif kind == "done" and route is not None:

@@ -31,8 +31,9 @@ class Replica:
     draining: bool = False
     stats: dict = field(default_factory=dict)
     sessions: set[str] = field(default_factory=set)  # sessions routed here (attached or parked there)
-    placed_since_poll: int = 0  # sessions sent here since `stats` was read (counted as taken rows)
-    creating: int = 0  # creates sent here and not answered yet (still counted after the next poll)
+    # session.create frames sent here; the replica's stats say how many it has answered
+    # ("creates_handled", with free_rows from the same moment): the difference is rows about to be taken.
+    creates_sent: int = 0
     refreshing: asyncio.Lock = field(default_factory=asyncio.Lock)  # one health read at a time
 
     @property
@@ -79,7 +80,9 @@ class RouteTable:
 
         def free(r: Replica) -> int:
             known = r.stats.get("free_rows")
-            return -len(r.sessions) if known is None else known - r.placed_since_poll
+            if known is None:
+                return -len(r.sessions)
+            return known - (r.creates_sent - r.stats.get("creates_handled", 0))
 
         return max(live, key=lambda r: (free(r), -len(r.sessions)))
 

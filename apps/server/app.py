@@ -84,6 +84,7 @@ class ChatServer(Listening):
         self._writers: dict = {}  # connection -> its FrameWriter (batched frames for the --ray front door)
         self._parking: set[asyncio.Task] = set()  # parks under way (stop lets them finish)
         self.lag = LoopLag()
+        self.creates_handled = 0  # session.create frames answered (created, resumed or refused)
 
     # ---- lifecycle ----
 
@@ -158,7 +159,7 @@ class ChatServer(Listening):
     def health(self) -> dict:
         return {"status": "engine failed" if self.failed.is_set() else "ok", "model": self.cfg.model_name, "sessions": len(self.sessions),
                 "active_sessions": self.sessions.active, "parked_sessions": len(self.sessions.parked()),
-                "max_sessions": self.limits.max_sessions,
+                "max_sessions": self.limits.max_sessions, "creates_handled": self.creates_handled,
                 "uptime_s": round(time.time() - self.started, 1), "websocket": WS_PATH,
                 "engine": self.engine.step_stats() if self.engine else None, **self.lag.as_dict()}
 
@@ -169,6 +170,7 @@ class ChatServer(Listening):
         self._writers[ws] = FrameWriter(ws, batched=wants_batches(ws))
         try:
             async for frame in ws:
+                msg = None
                 try:
                     msg = protocol.parse_frame(frame, self.limits)
                     await self.dispatch(ws, msg, owned)
@@ -178,6 +180,9 @@ class ChatServer(Listening):
                     log.exception("error handling a frame")
                     await self.send(ws, protocol.error(protocol.INTERNAL,
                                                        f"internal error: {type(e).__name__}"))
+                finally:
+                    if msg is not None and msg["type"] == "session.create":  # (answered: created or refused)
+                        self.creates_handled += 1  # the --ray front door counts rows of creates on their way
         except ConnectionClosed:
             pass
         finally:

@@ -163,11 +163,13 @@ class EngineProcess:
         if self.dead is None:  # (a dead process's rows went with it)
             await self._acall("release", handle)
 
+    # (Packing runs off the event loop: a thousand sessions parking at once are megabytes each.)
+
     async def snapshot(self, handle: int) -> tuple[dict, dict, dict]:
-        return unpack_state(await self._acall("snapshot", handle))
+        return await asyncio.to_thread(unpack_state, await self._acall("snapshot", handle))
 
     async def restore(self, handle: int, state: tuple[dict, dict, dict]) -> None:
-        await self._acall("restore", handle, pack_state(state))
+        await self._acall("restore", handle, await asyncio.to_thread(pack_state, state))
 
     def check_saved(self, tensors: dict, meta: dict, extra: dict) -> None:
         """Raises unless a saved state fits the engine's model and cache (blocks: call from a worker thread)."""
