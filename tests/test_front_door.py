@@ -344,3 +344,37 @@ def test_creates_in_flight_count_against_a_replicas_free_rows_across_polls():
             await door.refresh()  # a poll between creates: the answers have not come yet
         return picks
     assert sorted(asyncio.run(main())) == ["a", "a", "b", "b"]
+
+
+class Boasting(Dying):
+    """A replica whose health always claims every row free (as a stale poll would)."""
+
+    async def stats(self):
+        return {**await super().stats(), "free_rows": 10**6, "creates_handled": 10**6}
+
+
+def test_a_create_refused_for_want_of_rows_goes_to_another_replica(checkpoint, tmp_path):
+    """The front door's count of a replica's free rows can be wrong (another front door, a resume);
+    a replica that refuses a create as full is passed over, and the client never sees it."""
+    async def main():
+        door, servers, backends = _cluster(checkpoint, tmp_path)
+        backends[0] = Boasting("a", servers[0])
+        door.table.replicas[0].backend = backends[0]
+        await door.start()
+        try:
+            async with connect(_url(door)) as ws:
+                answers = []
+                for i in range(2 * LIMITS.max_sessions):  # every row of both replicas
+                    await send(ws, type="session.create", id=f"c{i}")
+                    answers.append(await recv(ws))
+            placed = [len(r.sessions) for r in door.table.replicas]
+        finally:
+            await door.stop()
+            for server in servers:
+                server.shutdown()
+        return answers, placed
+
+    answers, placed = _run(main())
+    assert [a["type"] for a in answers] == ["session.created"] * (2 * LIMITS.max_sessions), answers
+    assert [a["id"] for a in answers] == [f"c{i}" for i in range(2 * LIMITS.max_sessions)]
+    assert placed == [LIMITS.max_sessions, LIMITS.max_sessions]

@@ -22,6 +22,7 @@ import itertools
 import json
 import logging
 import time
+from typing import Collection
 
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -38,7 +39,7 @@ log = logging.getLogger("sinkstream.front")
 POLL_S = 1.0            # how often every replica's health is read
 CALL_TIMEOUT_S = 10.0   # a replica that does not answer a health call within this is taken as failed
 MOVE_TIMEOUT_S = 120.0  # a session's move (its file read and its row taken on the new replica)
-_MOVE_ID = "sinkstream.move."
+_ASK_ID = "sinkstream.ask."  # ids of the front door's own session.create requests (answers not relayed)
 
 
 class _Upstream:
@@ -127,7 +128,7 @@ class FrontDoor(Listening):
         self.started = time.time()
         self.server = None
         self._poller: asyncio.Task | None = None
-        self._moves = itertools.count()
+        self._asks = itertools.count()
         self._hidden: dict[str, asyncio.Future] = {}  # our own resume requests, by id
         self._clients: set[_Client] = set()
         self._tasks: set[asyncio.Task] = set()  # background work: drains over HTTP, moves, closes
@@ -357,11 +358,10 @@ class FrontDoor(Listening):
             if route is not None and route.moving is not None:
                 await route.moving.wait()
             if route is not None and route.replica is not None:
-                replica = route.replica
-                replica.creates_sent += 1
+                route.replica.creates_sent += 1
+                await (await self._upstream(conn, route.replica)).send(frame)
             else:
-                replica = self._pick(rid)
-            await (await self._upstream(conn, replica)).send(frame)
+                await self._create(conn, msg, rid)
             return
         route = self.table.routes.get(msg["session"])
         if route is not None and route.moving is not None and kind != "cancel":
@@ -380,7 +380,39 @@ class FrontDoor(Listening):
             route.replying = True
         await (await self._upstream(conn, route.replica)).send(frame)
 
-    def _pick(self, rid, avoid: Replica | None = None) -> Replica:
+    async def _create(self, conn: _Client, msg: dict, rid) -> None:
+        """A new session (or the resume of one without a route here) on the replica with the most free
+        rows. A replica that refuses it for want of rows is passed over for the next: the free rows a
+        poll reported can be taken by then (another front door, a resume), and no create should fail
+        while some replica has room."""
+        tried: list[Replica] = []
+        while True:
+            replica = self._pick(rid, tried)
+            event = await self._ask(conn, replica, msg)
+            tried.append(replica)
+            if event.get("code") != protocol.TOO_MANY_SESSIONS or "session" in event or len(tried) >= sum(
+                    1 for r in self.table.replicas if r.takes_new):
+                break
+            log.info("replica %s is full; the create goes to another", replica.name)
+        if rid is None:
+            event.pop("id", None)
+        else:
+            event["id"] = rid
+        await conn.send(event)
+
+    async def _ask(self, conn: _Client, replica: Replica, msg: dict) -> dict:
+        """Send a session.create to a replica under an id of our own; its answer (not relayed)."""
+        ask_id = f"{_ASK_ID}{next(self._asks)}"
+        answer = self._hidden[ask_id] = asyncio.get_running_loop().create_future()
+        try:
+            await (await self._upstream(conn, replica)).send(protocol.dumps({**msg, "id": ask_id}))
+            return await asyncio.wait_for(answer, MOVE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            return protocol.error(protocol.INTERNAL, f"replica {replica.name} did not answer the create")
+        finally:
+            self._hidden.pop(ask_id, None)
+
+    def _pick(self, rid, avoid: Replica | Collection[Replica] | None = None) -> Replica:
         replica = self.table.least_loaded(avoid)
         if replica is None:
             raise ProtocolError(protocol.TOO_MANY_SESSIONS, "no replica can take a session right now; "
@@ -407,14 +439,7 @@ class FrontDoor(Listening):
     async def _move(self, route: Route, conn: _Client, rid=None, avoid: Replica | None = None) -> None:
         """Resume a session on another replica (from its file), unseen by the client."""
         replica = self._pick(rid, avoid)
-        move_id = f"{_MOVE_ID}{next(self._moves)}"
-        answer = self._hidden[move_id] = asyncio.get_running_loop().create_future()
-        try:
-            upstream = await self._upstream(conn, replica)
-            await upstream.send(protocol.dumps({"type": "session.create", "resume": route.sid, "id": move_id}))
-            event = await asyncio.wait_for(answer, MOVE_TIMEOUT_S)
-        finally:
-            self._hidden.pop(move_id, None)
+        event = await self._ask(conn, replica, {"type": "session.create", "resume": route.sid})
         if event.get("type") != "session.created":
             raise ProtocolError(event.get("code", protocol.INTERNAL), f"the session could not be resumed on "
                                 f"another replica: {event.get('message', '')}", session=route.sid, request_id=rid)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Collection, Protocol
 
 
 class Backend(Protocol):
@@ -70,10 +70,11 @@ class RouteTable:
         self.replicas: list[Replica] = []
         self.routes: dict[str, Route] = {}
 
-    def least_loaded(self, avoid: Replica | None = None) -> Replica | None:
-        """The live, not draining replica with the most free rows (as last polled, less the sessions
-        placed there since), then the fewest sessions; `avoid` only when no other can take it."""
-        live = [r for r in self.replicas if r.takes_new and r is not avoid] or [
+    def least_loaded(self, avoid: Replica | Collection[Replica] | None = None) -> Replica | None:
+        """The live, not draining replica with the most free rows (as last polled, less the creates
+        it has not answered), then the fewest sessions; those in `avoid` only when no other can take it."""
+        avoid = () if avoid is None else (avoid,) if isinstance(avoid, Replica) else tuple(avoid)
+        live = [r for r in self.replicas if r.takes_new and r not in avoid] or [
             r for r in self.replicas if r.takes_new]
         if not live:
             return None
