@@ -133,8 +133,8 @@ async def load(url: str, args, text: str = ""):
               for i in range(args.client_processes)]
     procs = [ctx.Process(target=client_process, args=(url, n, per, args.new_tokens, start, ready, done))
              for n in shares if n]
-    for proc in procs:
-        proc.start()
+    for proc in procs:  # (off the event loop: the server under test may share it)
+        await asyncio.to_thread(proc.start)
     for _ in range(args.connections):  # every connection has created its sessions
         await asyncio.to_thread(ready.get)
     t0 = time.time()
@@ -145,7 +145,7 @@ async def load(url: str, args, text: str = ""):
         results += await asyncio.to_thread(done.get)
     long_times = await long_task if long_task else (None, None)
     for proc in procs:
-        proc.join()
+        await asyncio.to_thread(proc.join)
     return results, t0, long_times
 
 
