@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import secrets
 import tempfile
 import time
@@ -23,7 +24,7 @@ from apps.protocol import Limits
 from apps.server.app import ServerConfig, running
 from apps.server.engine_process import EngineProcess
 from apps.server.engine_spec import ModelSource
-from benchmarks.server_sessions import load, summarize
+from benchmarks.server_sessions import CpuShare, load, summarize
 
 
 def limits_for(args, rows: int) -> Limits:
@@ -44,7 +45,10 @@ async def single(args) -> str:
     """`sinkstream serve` as the CLI runs it (on a GPU: the engine in a process of its own)."""
     cfg = ServerConfig(port=0, limits=limits_for(args, args.sessions), model_name="bench")
     async with running(ModelSource(model=args.model, device=args.device), cfg) as app:
+        health = app.health()
+        cpu = CpuShare({"server": health["pid"], "engine": health["engine_pid"] if health["engine_pid"] != health["pid"] else None})
         results, t0, _ = await load(f"ws://127.0.0.1:{app.port}/ws", args)
+        print(f"(single: CPU cores used over the run: {cpu.report()})", flush=True)
         where = "engine apart" if isinstance(app.engine, EngineProcess) else "engine in it"
         print(f"(single: engine {await app.engine.current_stats()}, server loop lag {app.health()['worst_loop_lag_ms']} ms)",
               flush=True)
@@ -70,7 +74,14 @@ async def cluster(args, replicas: int, gpus: float) -> str:
     door = FrontDoor(backends, ServerConfig(port=0, limits=limits_for(args, args.sessions), model_name="bench"), spec.token)
     await door.start()
     try:
+        pids = {"front door": os.getpid()}
+        for i, backend in enumerate(backends):
+            stats = await backend.stats()
+            pids[f"replica {i} server"] = stats["pid"]
+            pids[f"replica {i} engine"] = stats["engine_pid"] if stats["engine_pid"] != stats["pid"] else None
+        cpu = CpuShare(pids)
         results, t0, _ = await load(f"ws://127.0.0.1:{door.port}/ws", args)
+        print(f"({replicas} replica(s): CPU cores used over the run: {cpu.report()})", flush=True)
         placed = [len(r.sessions) for r in door.table.replicas]
         await door.refresh()
         health = door.health()

@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import multiprocessing
+import os
 import statistics
 import sys
 import time
@@ -80,6 +81,27 @@ async def long_prompt(url, text: str, after: float, start_time: float) -> tuple[
                 return sent, time.time()
             if event["type"] in ("error", "done"):
                 raise RuntimeError(f"long prompt: {event}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuShare:
+    """Each named process's CPU use over a window, in cores (1.0 = one core busy all the time): a
+    Python process near 1.0 is bound by its one busy thread (its GIL)."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = {name: pid for name, pid in pids.items() if pid}
+        self.start = (time.time(), {name: cpu_seconds(pid) for name, pid in self.pids.items()})
+
+    def report(self) -> str:
+        t0, before = self.start
+        wall = time.time() - t0
+        return ", ".join(f"{name} {(cpu_seconds(pid) - before[name]) / wall:.2f}" for name, pid in self.pids.items())
 
 
 async def loop_lag(samples: list, period: float = 0.005) -> None:
@@ -166,7 +188,10 @@ async def main_async(args):
     async with running(source, cfg) as app:
         lags: list = []
         lag_task = asyncio.create_task(loop_lag(lags))
+        health = app.health()
+        cpu = CpuShare({"server": health["pid"], "engine": health["engine_pid"] if health["engine_pid"] != health["pid"] else None})
         results, t0, (long_sent, long_first) = await load(f"ws://127.0.0.1:{app.port}/ws", args, text)
+        cpu_use = cpu.report()
         lag_task.cancel()
         steps = await app.engine.current_stats()
         where = "a process of its own" if isinstance(app.engine, EngineProcess) else "the server's process"
@@ -187,6 +212,7 @@ async def main_async(args):
         during_lag = max((lag for at, lag in lags if long_sent <= at <= long_first), default=0.0)
         print(f"The server's event loop ran late by at most {during_lag * 1e3:.0f} ms while the prompt was ingested "
               f"({max((lag for _, lag in lags), default=0.0) * 1e3:.0f} ms over the run).")
+    print(f"CPU cores used over the run, per process: {cpu_use}")
     if errors:
         print("first error:", errors[0][1])
     print(f"(engine steps since start: {steps})")

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -161,7 +162,8 @@ class ChatServer(Listening):
                 "active_sessions": self.sessions.active, "parked_sessions": len(self.sessions.parked()),
                 "max_sessions": self.limits.max_sessions, "creates_handled": self.creates_handled,
                 "uptime_s": round(time.time() - self.started, 1), "websocket": WS_PATH,
-                "engine": self.engine.step_stats() if self.engine else None, **self.lag.as_dict()}
+                "engine": self.engine.step_stats() if self.engine else None, **self.lag.as_dict(),
+                "pid": os.getpid(), "engine_pid": self.engine.pid if self.engine else None}
 
     # ---- one connection ----
 

@@ -9,6 +9,7 @@ model worker thread, one at a time, in arrival order. A cancel takes effect befo
 from __future__ import annotations
 
 import asyncio
+import os
 
 from apps.server import native_heap
 from apps.server.engine_loop import EngineLoop, wake_events
@@ -24,6 +25,10 @@ class LocalEngine:
         self.pool = None
         self.loop: EngineLoop | None = None
         self.graphs = 0
+
+    @property
+    def pid(self) -> int:
+        return os.getpid()
 
     @property
     def has_tokenizer(self) -> bool:

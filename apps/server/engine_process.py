@@ -128,6 +128,10 @@ class EngineProcess:
         """(The engine process steps from its start.)"""
 
     @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    @property
     def graphs(self) -> int:
         return self.info.get("graphs", 0)
 
