@@ -6,6 +6,7 @@ server dying."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -73,6 +74,7 @@ def test_replies_equal_those_of_the_engine_in_the_servers_process(rt):
 
 
 ENGINE_TESTS = [
+    test_server.test_limits_sessions_prompt_length_idle_timeout,
     test_server_engine.test_a_stream_keeps_going_while_another_session_sends_a_long_prompt,
     test_server_engine.test_cancel_during_a_long_prompt_stops_between_chunks,
     test_server_engine.test_close_while_the_reply_finishes_gives_the_row_back,
@@ -83,7 +85,7 @@ ENGINE_TESTS = [
 
 @pytest.mark.parametrize("test", ENGINE_TESTS, ids=lambda t: t.__name__.removeprefix("test_"))
 def test_server_behaviour_holds_across_the_process_boundary(test, rt, monkeypatch):
-    for module in (test_server_engine, test_server_parking):
+    for module in (test_server, test_server_engine, test_server_parking):
         monkeypatch.setattr(module, "serve", serve_apart)
     test(rt)
 
@@ -195,3 +197,22 @@ def test_the_cli_server_and_its_engine_process_never_outlive_each_other(rt, vict
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_calls_given_up_by_their_callers_leave_the_engine_process_working(rt):
+    """A call whose awaiting task is cancelled (a connection gone mid-request, a stopping server) is
+    answered later by the engine process; that answer must be dropped, not end the thread that
+    carries every reply."""
+    async def main():
+        async with serve_apart(rt) as app:
+            for _ in range(5):
+                task = asyncio.create_task(app.engine.current_stats())
+                await asyncio.sleep(0)  # (sent)
+                task.cancel()
+            await asyncio.sleep(0.5)  # their answers come and go
+            async with connect(ws_url(app)) as ws:
+                sid = await create(ws, sampling=GREEDY)
+                await send(ws, type="message", session=sid, text="Hello.")
+                return await asyncio.wait_for(until(ws, done_of(sid)), 30)
+
+    assert run(main())[-1]["finish_reason"] == "length"

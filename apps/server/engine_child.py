@@ -84,6 +84,7 @@ class EngineChild:
     def info(self) -> dict:
         rt = self.rt
         return {"pid": os.getpid(), "device": str(rt.device), "dtype": str(rt.dtype).removeprefix("torch."),
+                "path": str(rt.path),
                 "graphs": self.graphs, "fingerprint": rt.fingerprint, "has_tokenizer": rt.tokenizer is not None}
 
     # ---- the pipe ----
@@ -199,10 +200,6 @@ class EngineChild:
 
     def op_session_stats(self, handle: int):
         return self.sessions[handle].stats()
-
-    def op_count_tokens(self, text: str) -> int:
-        tokenizer = self.rt.tokenizer
-        return len(tokenizer.encode(text)) if tokenizer is not None else len(text)
 
     def op_step_stats(self) -> dict:
         return self.step_stats()

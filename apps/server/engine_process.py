@@ -33,6 +33,7 @@ from typing import Callable
 from apps.server.engine_loop import set_all
 from apps.server.engine_spec import EngineSettings, ModelSource, pack_state, unpack_state
 from streaming.generate import Response
+from streaming.tokenizer import Tokenizer
 
 log = logging.getLogger("sinkstream.server")
 
@@ -66,6 +67,7 @@ class EngineProcess:
         self.log_level = logging.getLogger().getEffectiveLevel() if log_level is None else log_level
         self.on_death = on_death
         self.info: dict = {}
+        self.tokenizer = None
         self.dead: str | None = None  # why, once the process is gone
         self.stats: dict = {}
         self.process = None
@@ -102,6 +104,8 @@ class EngineProcess:
             await asyncio.to_thread(self.process.wait)
             raise EngineProcessError(f"the engine process could not start: {first[1]}")
         self.info = first[1]
+        # Prompt lengths are counted here, not in the engine process (its threads step the engine).
+        self.tokenizer = await asyncio.to_thread(Tokenizer.from_dir, self.info["path"])
         self._reader = threading.Thread(target=self._read, name="sinkstream-engine-reader", daemon=True)
         self._reader.start()
 
@@ -146,6 +150,7 @@ class EngineProcess:
         future: Future = Future()
         with self._lock:
             if self.dead is not None:
+                future.set_running_or_notify_cancel()
                 future.set_exception(EngineProcessError(self.dead))
                 return future
             call_id = next(self._calls)
@@ -154,6 +159,7 @@ class EngineProcess:
                 self._conn.send(("call", call_id, op, args))
             except (OSError, ValueError) as exc:
                 self._pending.pop(call_id, None)
+                future.set_running_or_notify_cancel()
                 future.set_exception(EngineProcessError(f"the engine process is gone ({exc})"))
         return future
 
@@ -212,7 +218,9 @@ class EngineProcess:
         return await self._acall("session_stats", handle)
 
     async def count_tokens(self, text: str) -> int:
-        return await self._acall("count_tokens", text)
+        if self.tokenizer is None:
+            return len(text)
+        return len(await asyncio.to_thread(self.tokenizer.encode, text))
 
     def step_stats(self) -> dict | None:
         """The stepping thread's statistics as last reported (every half second while it steps)."""
@@ -234,15 +242,18 @@ class EngineProcess:
                 message = self._conn.recv()
             except (EOFError, OSError):
                 break
-            kind = message[0]
-            if kind == "result":
-                _, call_id, ok, value = message
-                with self._lock:
-                    future = self._pending.pop(call_id, None)
-                if future is not None:
-                    future.set_result(value) if ok else future.set_exception(value)
-            elif kind == "news":
-                self._news(message[1], message[2])
+            try:
+                kind = message[0]
+                if kind == "result":
+                    _, call_id, ok, value = message
+                    with self._lock:
+                        future = self._pending.pop(call_id, None)
+                    if future is not None and future.set_running_or_notify_cancel():  # (False: its caller gave up)
+                        future.set_result(value) if ok else future.set_exception(value)
+                elif kind == "news":
+                    self._news(message[1], message[2])
+            except Exception:  # this thread carries every reply: it must outlive any one message
+                log.exception("engine process message %r not handled", message[:1])
         self._died()
 
     def _news(self, entries: list, stats: dict | None) -> None:
@@ -276,7 +287,8 @@ class EngineProcess:
             pending, self._pending = list(self._pending.values()), {}
             jobs = list(self._jobs.values())
         for future in pending:
-            future.set_exception(EngineProcessError(why))
+            if future.set_running_or_notify_cancel():
+                future.set_exception(EngineProcessError(why))
         events = []
         for job in jobs:
             if not job.finished:
