@@ -75,6 +75,9 @@ def test_replies_equal_those_of_the_engine_in_the_servers_process(rt):
 
 ENGINE_TESTS = [
     test_server.test_limits_sessions_prompt_length_idle_timeout,
+    test_server.test_cancel_stops_generation_and_session_goes_on,
+    test_server.test_disconnect_stops_generation_and_session_resumes,
+    test_server.test_bad_frames_get_errors_and_other_sessions_keep_streaming,
     test_server_engine.test_a_stream_keeps_going_while_another_session_sends_a_long_prompt,
     test_server_engine.test_cancel_during_a_long_prompt_stops_between_chunks,
     test_server_engine.test_close_while_the_reply_finishes_gives_the_row_back,

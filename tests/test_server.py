@@ -208,7 +208,7 @@ def test_disconnect_stops_generation_and_session_resumes(rt):
             stopped = not st.busy
             while st.parked is None and time.monotonic() < deadline:  # detached: parked, row given back
                 await asyncio.sleep(0.01)
-            assert st.session is None and app.sessions.active == 0 and app.engine.pool.engine.free_rows == LIMITS.max_sessions
+            assert st.session is None and app.sessions.active == 0 and await app.engine.free_rows() == LIMITS.max_sessions
             seen = int(st.parked[0]["length"][0])
             await asyncio.sleep(0.3)
             assert int(st.parked[0]["length"][0]) == seen  # nothing generated after the stop
