@@ -3,8 +3,11 @@ errors, p50/p99 time to first token, and the sessions held. Needs the ray extra.
 
     PYTHONPATH=. python benchmarks/ray_serve.py --sessions 1000 --connections 50 --new-tokens 64 --device cuda
 
-Configurations, one after another: the single-process server (`sinkstream serve`); the front door
-with one Ray Serve replica (a whole GPU); with two replicas sharing the GPU (0.5 each). Each holds
+Configurations, one after another (`--configs`): the single-process server (`sinkstream serve`); the
+same with `--state-dir` (replicas always have one: each reply's session state is written before its
+`done`, so this is the like-for-like baseline); the front door with one Ray Serve replica (a whole
+GPU); with two replicas sharing the GPU (0.5 each). `--py-spy DIR` samples every process of each
+configuration during the load (summarise with benchmarks/py_spy_top.py). Each holds
 `--sessions` rows in total (split over the replicas), and every session sends one message at once,
 as in benchmarks/server_sessions.py (whose clients this reuses).
 """
@@ -24,7 +27,7 @@ from apps.protocol import Limits
 from apps.server.app import ServerConfig, running
 from apps.server.engine_process import EngineProcess
 from apps.server.engine_spec import ModelSource
-from benchmarks.server_sessions import CpuShare, load, summarize
+from benchmarks.server_sessions import CpuShare, Profiles, load, summarize
 
 
 def limits_for(args, rows: int) -> Limits:
@@ -41,18 +44,23 @@ def summary(name: str, results, t0: float, held: int) -> str:
     return line
 
 
-async def single(args) -> str:
-    """`sinkstream serve` as the CLI runs it (on a GPU: the engine in a process of its own)."""
-    cfg = ServerConfig(port=0, limits=limits_for(args, args.sessions), model_name="bench")
+async def single(args, with_state_dir: bool) -> str:
+    """`sinkstream serve` as the CLI runs it (on a GPU: the engine in a process of its own); with
+    `--state-dir` as the replicas always run (every session's state written after each reply, before
+    its `done`), or without."""
+    state_dir = tempfile.mkdtemp(prefix="sinkstream-bench-") if with_state_dir else None
+    cfg = ServerConfig(port=0, limits=limits_for(args, args.sessions), model_name="bench", state_dir=state_dir)
     async with running(ModelSource(model=args.model, device=args.device), cfg) as app:
         health = app.health()
-        cpu = CpuShare({"server": health["pid"], "engine": health["engine_pid"] if health["engine_pid"] != health["pid"] else None})
+        pids = {"server": health["pid"], "engine": health["engine_pid"] if health["engine_pid"] != health["pid"] else None}
+        cpu, profiles = CpuShare(pids), Profiles(pids, args.py_spy and os.path.join(args.py_spy, "single"))
         results, t0, _ = await load(f"ws://127.0.0.1:{app.port}/ws", args)
         print(f"(single: CPU cores used over the run: {cpu.report()})", flush=True)
+        profiles.stop()
         where = "engine apart" if isinstance(app.engine, EngineProcess) else "engine in it"
         print(f"(single: engine {await app.engine.current_stats()}, server loop lag {app.health()['worst_loop_lag_ms']} ms)",
               flush=True)
-    return summary(f"single process ({where})", results, t0, args.sessions)
+    return summary(f"single process ({where}{', --state-dir' if with_state_dir else ''})", results, t0, args.sessions)
 
 
 async def cluster(args, replicas: int, gpus: float) -> str:
@@ -80,8 +88,10 @@ async def cluster(args, replicas: int, gpus: float) -> str:
             pids[f"replica {i} server"] = stats["pid"]
             pids[f"replica {i} engine"] = stats["engine_pid"] if stats["engine_pid"] != stats["pid"] else None
         cpu = CpuShare(pids)
+        profiles = Profiles(pids, args.py_spy and os.path.join(args.py_spy, f"{replicas}-replicas"))
         results, t0, _ = await load(f"ws://127.0.0.1:{door.port}/ws", args)
         print(f"({replicas} replica(s): CPU cores used over the run: {cpu.report()})", flush=True)
+        profiles.stop()
         placed = [len(r.sessions) for r in door.table.replicas]
         await door.refresh()
         health = door.health()
@@ -100,11 +110,14 @@ async def cluster(args, replicas: int, gpus: float) -> str:
 async def main_async(args) -> None:
     from apps.cluster.ray_backend import start_ray
 
-    lines = [await single(args)] if "single" in args.configs else []
+    configs = args.configs.split(",")
+    lines = [await single(args, False)] if "single" in configs else []
+    if "single-state" in configs:
+        lines.append(await single(args, True))
     start_ray(None)
-    if "one" in args.configs:
+    if "one" in configs:
         lines.append(await cluster(args, 1, 1.0 if args.device != "cpu" else 0.0))
-    if "two" in args.configs:
+    if "two" in configs:
         lines.append(await cluster(args, 2, 0.5 if args.device != "cpu" else 0.0))
     print(f"{args.device}, torch {torch.__version__}, {args.sessions} sessions on {args.connections} connections, "
           f"{args.new_tokens} tokens each")
@@ -123,8 +136,11 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--client-processes", type=int, default=4)
     parser.add_argument("--cpus-per-replica", type=float, default=2.0)
-    parser.add_argument("--configs", default="single,one,two",
-                        help="which to run, of: single (the single-process server), one (one replica), two")
+    parser.add_argument("--py-spy", metavar="DIR", default=None,
+                        help="sample every process of each configuration with py-spy during the load (stacks to DIR)")
+    parser.add_argument("--configs", default="single,single-state,one,two",
+                        help="which to run, of: single (the single-process server), single-state (the same with "
+                             "--state-dir, as replicas run), one (one replica), two (two replicas)")
     args = parser.parse_args()
     args.long_prompt_after = 0.0
     asyncio.run(main_async(args))

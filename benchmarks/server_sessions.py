@@ -18,6 +18,8 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
+import subprocess
 import statistics
 import sys
 import time
@@ -102,6 +104,33 @@ class CpuShare:
         t0, before = self.start
         wall = time.time() - t0
         return ", ".join(f"{name} {(cpu_seconds(pid) - before[name]) / wall:.2f}" for name, pid in self.pids.items())
+
+
+class Profiles:
+    """py-spy (if installed) sampling each named process while the load runs: one collapsed-stacks file
+    per process in `out_dir` (`--py-spy DIR`; the lines are "frame;frame;... count", heaviest stacks
+    found with `sort -t' ' -k2 -n`)."""
+
+    def __init__(self, pids: dict[str, int], out_dir: str | None) -> None:
+        self.procs = []
+        if not out_dir:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        for name, pid in pids.items():
+            if pid:
+                path = os.path.join(out_dir, name.replace(" ", "_") + ".txt")
+                self.procs.append(subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--format", "raw",
+                                                    "--nonblocking", "--threads", "--rate", "200", "-o", path],
+                                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.send_signal(signal.SIGINT)  # py-spy writes its file on Ctrl-C
+        for proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 async def loop_lag(samples: list, period: float = 0.005) -> None:
@@ -189,9 +218,11 @@ async def main_async(args):
         lags: list = []
         lag_task = asyncio.create_task(loop_lag(lags))
         health = app.health()
-        cpu = CpuShare({"server": health["pid"], "engine": health["engine_pid"] if health["engine_pid"] != health["pid"] else None})
+        pids = {"server": health["pid"], "engine": health["engine_pid"] if health["engine_pid"] != health["pid"] else None}
+        cpu, profiles = CpuShare(pids), Profiles(pids, args.py_spy)
         results, t0, (long_sent, long_first) = await load(f"ws://127.0.0.1:{app.port}/ws", args, text)
         cpu_use = cpu.report()
+        profiles.stop()
         lag_task.cancel()
         steps = await app.engine.current_stats()
         where = "a process of its own" if isinstance(app.engine, EngineProcess) else "the server's process"
@@ -236,6 +267,8 @@ def main():
                              "Python's default is 0.005)")
     parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                         help="the server's engine in a process of its own (default) or in the server's")
+    parser.add_argument("--py-spy", metavar="DIR", default=None,
+                        help="sample the server's processes with py-spy during the load, stacks to DIR")
     parser.add_argument("--log-slow-steps", action="store_true",
                         help="show the server's INFO log: every engine step over 100 ms, with its CPU time")
     args = parser.parse_args()
