@@ -60,6 +60,14 @@ class _Step:
             self._rotated[layer] = (self.model.rotate(keys, *self.k_rope), values)
         return self._rotated[layer]
 
+    def store_own_kv(self, index: int, hidden: torch.Tensor) -> None:
+        """Store the keys and values layer `index` makes of its input, and nothing else: what a
+        non-final pass of the cyclic block needs of its top layer (its attention and MLP output are
+        thrown away: the next pass starts again from the block's input)."""
+        layer = self.model.model.layers[index]
+        if layer.owns_kv:
+            self.store(index, *layer.self_attn.project_kv(layer.input_layernorm(hidden)))
+
     def run_layer(self, index: int, hidden: torch.Tensor, *, attend_before_store: bool = False) -> torch.Tensor:
         model = self.model
         layer = model.model.layers[index]
@@ -168,10 +176,14 @@ def _iterate_block(step: _Step, lo: int, hi: int, block_input: torch.Tensor, pas
     for target in sorted({sources[j] for j in range(lo, hi + 1) if sources[j] > j}):
         step.store(target, zeros, zeros)
     hidden = block_input
-    for _ in range(passes):
+    for p in range(passes):
         hidden = block_input
-        for index in range(lo, hi + 1):
-            hidden = step.run_layer(index, hidden, attend_before_store=(index == hi))
+        for index in range(lo, hi):
+            hidden = step.run_layer(index, hidden)
+        if p < passes - 1:  # the next pass reads only the top layer's new keys and values
+            step.store_own_kv(hi, hidden)
+        else:
+            hidden = step.run_layer(hi, hidden, attend_before_store=True)
     return hidden
 
 
