@@ -114,6 +114,9 @@ def main():
     parser.add_argument("--churn", type=float, default=0.1, help="chance per reply to leave / to close")
     parser.add_argument("--state-dir", default=None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                        help="passed to serve (default: serve's own choice; the RSS figures are the server "
+                             "process's, without its engine process)")
     parser.add_argument("--window", type=int, default=None,
                         help="the server's --window (default: its own); a small one fills every stream's "
                              "window within a few replies, the steady state of long conversations")
@@ -124,6 +127,8 @@ def main():
         command += ["--state-dir", args.state_dir]
     if args.window is not None:
         command += ["--window", str(args.window)]
+    if args.engine_process is not None:
+        command.append("--engine-process" if args.engine_process else "--no-engine-process")
     server = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
         url = None
