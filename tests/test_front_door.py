@@ -57,10 +57,11 @@ class Dying(LocalBackend):
         asyncio.run_coroutine_threadsafe(drop(), server.loop).result(10)
 
 
-def _cluster(checkpoint, state_dir, names=("a", "b")):
+def _cluster(checkpoint, state_dir, names=("a", "b"), engine_process=None):
     token = secrets.token_urlsafe(16)
     spec = ReplicaSpec(model=checkpoint, device="cpu", dtype="float32", limits=LIMITS.__dict__.copy(),
-                       state_dir=str(state_dir), token=token, chunk=32, model_name="tiny")
+                       state_dir=str(state_dir), token=token, chunk=32, model_name="tiny",
+                       engine_process=engine_process)
     servers = [ReplicaServer(spec) for _ in names]
     backends = [Dying(name, server) for name, server in zip(names, servers)]
     door = FrontDoor(backends, ServerConfig(host="127.0.0.1", port=0, limits=LIMITS, model_name="tiny"), token)
@@ -97,11 +98,12 @@ async def _single_server_replies(checkpoint, prompts: list[list[str]]) -> list[l
     return out
 
 
-def test_sessions_spread_over_replicas_and_equal_the_single_server(checkpoint, tmp_path):
+@pytest.mark.parametrize("engine_process", [False, True], ids=["engine-in-replica", "engine-apart"])
+def test_sessions_spread_over_replicas_and_equal_the_single_server(checkpoint, tmp_path, engine_process):
     conversations = [[f"Hello number {i}.", "Tell me more."] for i in range(8)]
 
     async def main():
-        door, servers, _ = _cluster(checkpoint, tmp_path)
+        door, servers, _ = _cluster(checkpoint, tmp_path, engine_process=engine_process)
         await door.start()
         try:
             async def user(turns):
@@ -125,11 +127,12 @@ def test_sessions_spread_over_replicas_and_equal_the_single_server(checkpoint, t
     assert replies == _run(_single_server_replies(checkpoint, conversations))
 
 
-def test_drain_moves_sessions_and_their_replies_are_unchanged(checkpoint, tmp_path):
+@pytest.mark.parametrize("engine_process", [False, True], ids=["engine-in-replica", "engine-apart"])
+def test_drain_moves_sessions_and_their_replies_are_unchanged(checkpoint, tmp_path, engine_process):
     conversations = [[f"Story {i}.", "And then?", "The end."] for i in range(4)]
 
     async def main():
-        door, servers, _ = _cluster(checkpoint, tmp_path)
+        door, servers, _ = _cluster(checkpoint, tmp_path, engine_process=engine_process)
         await door.start()
         try:
             async with connect(_url(door)) as ws:

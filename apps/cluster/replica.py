@@ -31,6 +31,7 @@ class ReplicaSpec:
     host: str = "127.0.0.1"    # where its chat server listens; "auto": its node's address (a shared cluster)
     threads: int | None = None  # CPU threads for torch (None: torch's default)
     model_name: str = "model"
+    engine_process: bool | None = None  # ServerConfig.engine_process (None: apart on a GPU)
 
 
 class ReplicaServer:
@@ -75,7 +76,7 @@ class ReplicaServer:
         limits = Limits(**{**spec.limits, "max_requests_per_minute": 1 << 30})
         cfg = ServerConfig(host=spec.host, port=0, limits=limits, chunk=spec.chunk, token=spec.token,
                            allowed_hosts=(spec.host,), model_name=spec.model_name, state_dir=spec.state_dir,
-                           scan_state_dir=False)
+                           scan_state_dir=False, engine_process=spec.engine_process)
         self.app = ChatServer(source, cfg)
         await self.app.start()
         self.loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
@@ -100,7 +101,7 @@ class ReplicaServer:
 
     async def stats(self) -> dict:
         async def read():
-            health = self.app.health()
+            health = {**self.app.health(), "engine": await self.app.engine.current_stats()}  # (fresh)
             return {**health, "free_rows": self.app.limits.max_sessions - health["active_sessions"],
                     "ident": self.ident}
         return await self._call(read())
