@@ -219,3 +219,21 @@ def test_calls_given_up_by_their_callers_leave_the_engine_process_working(rt):
                 return await asyncio.wait_for(until(ws, done_of(sid)), 30)
 
     assert run(main())[-1]["finish_reason"] == "length"
+
+
+def test_a_start_that_fails_to_listen_leaves_no_engine_process(rt):
+    import socket
+
+    from apps.server import ChatServer
+
+    async def main():
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            cfg = ServerConfig(host="127.0.0.1", port=taken.getsockname()[1], limits=LIMITS, engine_process=True)
+            app = ChatServer(ModelSource.of(rt), cfg)
+            with pytest.raises(OSError):
+                await app.start()
+            return app.engine.process.poll()
+
+    assert run(main()) is not None  # the engine process has exited

@@ -90,11 +90,19 @@ class ChatServer(Listening):
     # ---- lifecycle ----
 
     async def start(self):
+        """Load the engine, then listen. A start that fails (a bad checkpoint, the port taken) stops
+        what it started: no engine process outlives it."""
+        try:
+            return await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self):
         t0 = time.perf_counter()
         self.engine = await self._build_engine()
         await self.engine.start()
         if not self.engine.has_tokenizer:
-            await self.engine.stop()
             raise ValueError("this checkpoint has no tokenizer; the server needs one")
         log.info("engine ready in %.1f s (%s, %d step graphs captured)", time.perf_counter() - t0,
                  "a process of its own" if isinstance(self.engine, EngineProcess) else "in this process",
