@@ -80,6 +80,9 @@ class FakeBackend:
     async def hand_off(self, sids):
         return [False] * len(sids)
 
+    async def session_ids(self):
+        return []
+
 
 async def clients(url: str, sessions: int, connections: int) -> tuple[int, float]:
     """Every session sends one message at once; (deltas received, seconds to the last done)."""

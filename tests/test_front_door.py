@@ -334,6 +334,9 @@ class StaleStats:
     async def hand_off(self, sids):
         return [False] * len(sids)
 
+    async def session_ids(self):
+        return []
+
 
 def test_creates_in_flight_count_against_a_replicas_free_rows_across_polls():
     """A burst of creates spreads by free rows even when a poll lands before the replicas answer
@@ -381,3 +384,39 @@ def test_a_create_refused_for_want_of_rows_goes_to_another_replica(checkpoint, t
     assert [a["type"] for a in answers] == ["session.created"] * (2 * LIMITS.max_sessions), answers
     assert [a["id"] for a in answers] == [f"c{i}" for i in range(2 * LIMITS.max_sessions)]
     assert placed == [LIMITS.max_sessions, LIMITS.max_sessions]
+
+
+def test_a_restarted_front_door_sends_each_resume_to_the_replica_that_holds_the_session(checkpoint, tmp_path):
+    """The route table lives in the front door: a new one learns from the replicas which sessions
+    each holds, so a resume never makes a second replica read a live session from its file (two
+    copies of one conversation, and the idle one's expiry would delete the file the other uses)."""
+    conversations = [[f"Hello number {i}.", "Tell me more."] for i in range(6)]
+
+    async def main():
+        door, servers, backends = _cluster(checkpoint, tmp_path)
+        await door.start()
+        try:
+            async with connect(_url(door)) as ws:
+                sids = [await create(ws) for _ in conversations]
+                replies = [[(await _say(ws, sid, turns[0]))[0]] for sid, turns in zip(sids, conversations)]
+            placed = {sid: route.replica.name for sid, route in door.table.routes.items()}
+            await door.stop()
+            door = FrontDoor(backends, door.cfg, door.internal_token)  # the front door restarted
+            await door.start()
+            order = sorted(range(len(sids)), key=lambda i: placed[sids[i]], reverse=True)  # b's first
+            async with connect(_url(door)) as ws:
+                for sid, turns, got in [(sids[i], conversations[i], replies[i]) for i in order]:
+                    await send(ws, type="session.create", resume=sid)
+                    assert (await recv(ws))["type"] == "session.created"
+                    got.append((await _say(ws, sid, turns[1]))[0])
+            holders = {sid: [name for name, s in zip("ab", servers) if sid in s.app.sessions.by_id] for sid in sids}
+            return replies, placed, holders
+        finally:
+            await door.stop()
+            for server in servers:
+                server.shutdown()
+
+    replies, placed, holders = _run(main())
+    assert set(placed.values()) == {"a", "b"}  # the sessions were on both replicas
+    assert holders == {sid: [name] for sid, name in placed.items()}  # each on its own replica only
+    assert replies == _run(_single_server_replies(checkpoint, conversations))

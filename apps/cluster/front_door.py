@@ -231,6 +231,14 @@ class FrontDoor(Listening):
         async with replica.refreshing:
             await self._read_replica(replica)
 
+    async def _learn_sessions(self, replica: Replica) -> None:
+        """Route to a replica seen for the first time the sessions it already holds (this front door
+        was restarted, or the replica added): their resumes go there, not to a replica that would read
+        the same session from its file and hold a second copy of it."""
+        for sid in await asyncio.wait_for(replica.backend.session_ids(), CALL_TIMEOUT_S):
+            if sid not in self.table.routes:
+                self.table.place(sid, replica, None)
+
     async def _read_replica(self, replica: Replica) -> None:
         try:
             ident = await asyncio.wait_for(replica.backend.ident(), CALL_TIMEOUT_S)
@@ -240,6 +248,7 @@ class FrontDoor(Listening):
                 replica.url = await asyncio.wait_for(replica.backend.address(), CALL_TIMEOUT_S)
                 replica.ident = ident
                 replica.creates_sent = 0  # (a new server: it has answered none)
+                await self._learn_sessions(replica)
             replica.stats = await asyncio.wait_for(replica.backend.stats(), CALL_TIMEOUT_S)
             replica.alive = True
         except Exception as exc:

@@ -69,6 +69,9 @@ class RayBackend:
     async def hand_off(self, sids: list[str]) -> list[bool]:
         return await self.handle.hand_off.remote(sids)
 
+    async def session_ids(self) -> list[str]:
+        return await self.handle.session_ids.remote()
+
     async def pid(self) -> int:
         return await self.handle.pid.remote()
 

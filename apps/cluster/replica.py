@@ -114,6 +114,12 @@ class ReplicaServer:
             return list(await asyncio.gather(*(self.app.hand_off(sid) for sid in sids)))
         return await self._call(all_of())
 
+    async def session_ids(self) -> list[str]:
+        """Every session this replica's server holds (attached, detached or parked)."""
+        async def read():
+            return list(self.app.sessions.by_id)
+        return await self._call(read())
+
     async def pid(self) -> int:
         return os.getpid()
 
@@ -145,3 +151,6 @@ class LocalBackend:
 
     async def hand_off(self, sids: list[str]) -> list[bool]:
         return await self.server.hand_off(sids)
+
+    async def session_ids(self) -> list[str]:
+        return await self.server.session_ids()

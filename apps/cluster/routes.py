@@ -20,6 +20,7 @@ class Backend(Protocol):
     async def stats(self) -> dict: ...            # the replica server's health() plus "free_rows"
     async def ident(self) -> str: ...             # changes when the replica restarts
     async def hand_off(self, sids: list[str]) -> list[bool]: ...
+    async def session_ids(self) -> list[str]: ...  # the sessions its server holds now
 
 
 @dataclass(eq=False)
