@@ -427,7 +427,7 @@ class ChatServer(Listening):
 
     async def reply(self, st: ChatState, text: str, kw: dict) -> None:
         st.history.append({"role": "user", "content": text})
-        parts, finish, handle, err = [], "error", None, None
+        parts, finish, handle, err, stats = [], "error", None, None, None
         prompt_tokens = generated = 0
         t0 = time.perf_counter()
         t_first = None
@@ -471,7 +471,7 @@ class ChatServer(Listening):
             if handle is not None:
                 # Records the turn in the session's chat state (a partial or empty reply included):
                 # the history below says the same, so the next message extends the conversation.
-                await self.engine.end(handle)
+                stats = await self.engine.end(handle)
                 st.history.append({"role": "assistant", "content": "".join(parts)})
             else:
                 st.history.pop()  # the session never saw the message: forget it
@@ -483,10 +483,11 @@ class ChatServer(Listening):
         if err is not None:
             await self.send_to(st, err)
         await self.persist(st)  # durable before the client sees `done`
-        try:
-            stats = await self.engine.session_stats(st.session)
-        except EngineProcessError:  # the engine is gone (the reply says so): `done` still comes
-            stats = SessionStats(tokens_seen=0, tokens_in_cache=0, cache_bytes=0, evictions=0)
+        if stats is None:  # no reply ran (its begin failed) or the engine is gone: `done` still comes
+            try:
+                stats = await self.engine.session_stats(st.session)
+            except EngineProcessError:
+                stats = SessionStats(tokens_seen=0, tokens_in_cache=0, cache_bytes=0, evictions=0)
         t1 = time.perf_counter()
         gen_time = t1 - t_first if t_first else 0.0
         usage = {

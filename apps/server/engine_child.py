@@ -192,11 +192,14 @@ class EngineChild:
         self.jobs[jid] = reply.job
         self.loop.wake()  # (delivers news that came before the job was known)
 
-    def op_end(self, jid: int) -> None:
+    def op_end(self, jid: int):
+        """End a reply; the session's stats after it (None: no such reply)."""
         reply = self.replies.pop(jid, None)
-        if reply is not None:
-            self.pool.end(reply)
-            self.loop.wake()  # news of replies from steps the end ran
+        if reply is None:
+            return None
+        self.pool.end(reply)
+        self.loop.wake()  # news of replies from steps the end ran
+        return reply.session.stats()
 
     def op_session_stats(self, handle: int):
         return self.sessions[handle].stats()

@@ -79,9 +79,14 @@ class LocalEngine:
         self.loop.wake()
         return reply
 
-    async def end(self, reply) -> None:
-        await self.worker.run(self.pool.end, reply)
+    async def end(self, reply):
+        """Finish a reply (records the chat turn); the session's stats after it."""
+        def end_and_measure():
+            self.pool.end(reply)
+            return reply.session.stats()
+        stats = await self.worker.run(end_and_measure)
         self.loop.wake()  # news of other replies from steps the end ran (delivered by the loop)
+        return stats
 
     def cancel(self, job) -> None:
         self.pool.engine.cancel(job)

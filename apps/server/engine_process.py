@@ -197,10 +197,13 @@ class EngineProcess:
             raise
         return RemoteReply(job)
 
-    async def end(self, reply: RemoteReply) -> None:
+    async def end(self, reply: RemoteReply):
+        """Finish a reply (records the chat turn); the session's stats after it (one call), None when
+        the engine process is gone (its replies ended with it)."""
         try:
-            if self.dead is None:  # (a dead process's replies ended with it)
-                await self._acall("end", reply.job.id)
+            return await self._acall("end", reply.job.id) if self.dead is None else None
+        except EngineProcessError:  # (it died during the call)
+            return None
         finally:
             with self._lock:
                 self._jobs.pop(reply.job.id, None)
