@@ -85,7 +85,9 @@ def load_model(directory: str | Path, *, device: torch.device, dtype: torch.dtyp
         state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
     model.load_state_dict(state, strict=True, assign=True)
     model.inv_freq = inverse_frequencies(config.rope, config.head_dim).to(device)
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    model.stack_weights()
+    return model
 
 
 def _check_names_and_shapes(files: dict[str, Path], expected: dict[str, tuple], config: ModelConfig) -> None:

@@ -66,32 +66,36 @@ class _Step:
         thrown away: the next pass starts again from the block's input)."""
         layer = self.model.model.layers[index]
         if layer.owns_kv:
-            self.store(index, *layer.self_attn.project_kv(layer.input_layernorm(hidden)))
+            _, keys, values = layer.attention_inputs(hidden, *self.q_rope, queries=False)
+            self.store(index, keys, values)
 
     def run_layer(self, index: int, hidden: torch.Tensor, *, attend_before_store: bool = False) -> torch.Tensor:
-        model = self.model
-        layer = model.model.layers[index]
-        x = layer.input_layernorm(hidden)
-        q = model.rotate(layer.self_attn.project_q(x), *self.q_rope)
-        new_kv = layer.self_attn.project_kv(x) if layer.owns_kv else None
+        """Layer `index` on hidden [B, n, hidden]: its new keys and values go into the cache before it
+        attends (after, with `attend_before_store`: the last pass of an LCKV target)."""
+        layer = self.model.model.layers[index]
+        return layer(hidden, *self.q_rope, lambda q, keys, values: self._attend(index, q, keys, values,
+                                                                               attend_before_store))
+
+    def _attend(self, index: int, q: torch.Tensor, keys, values, attend_before_store: bool) -> torch.Tensor:
+        new_kv = (keys, values) if keys is not None else None
         if new_kv is not None and not attend_before_store:
             self.store(index, *new_kv)
         if self.kernel is not None:
-            attn = _kernel_attention(self, index, q)
-            return model.after_attention(layer, hidden, attn)
-        source = model.config.kv_sources[index]
-        keys, values = self.kv(source)
-        diagonal = model.config.sees_diagonal(index)
+            return _kernel_attention(self, index, q)
+        config = self.model.config
+        source = config.kv_sources[index]
+        cached_keys, cached_values = self.kv(source)
+        diagonal = config.sees_diagonal(index)
         if attend_before_store and diagonal:
-            keys, values, mask = self._with_own_diagonal(keys, values, new_kv)
+            cached_keys, cached_values, mask = self._with_own_diagonal(cached_keys, cached_values, new_kv)
         else:
             mask = self.prepared_mask(diagonal, q)
-        hidden = model.attention(layer, hidden, q, keys, values, mask)
+        attn = self.model.attend(q, cached_keys, cached_values, mask)
         if new_kv is not None and attend_before_store:
             self.store(index, *new_kv)
         if self._last_reader.get(source) == index:
             self._rotated.pop(source, None)
-        return hidden
+        return attn
 
     def prepared_mask(self, diagonal: bool, q: torch.Tensor) -> PreparedMask:
         """The step's mask with or without the diagonal, prepared once for every layer that uses it."""

@@ -13,6 +13,7 @@ from torch import nn
 
 from .attention import attend
 from .config import ModelConfig
+from .layer_math import LayerMath, rms_norm
 from .rope import cos_sin, inverse_frequencies, rope_table, rotate
 
 
@@ -23,12 +24,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # the same arithmetic in one fused op (a decode step has 17 norms)
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        # Normalise in float32 like the reference implementation, then scale in the input dtype.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class MLP(nn.Module):
@@ -59,23 +55,11 @@ class Attention(nn.Module):
             self.v_proj = nn.Linear(hidden, kv_heads * dim, bias=False)
         self.o_proj = nn.Linear(heads * dim, hidden, bias=False)
 
-    def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, n, hidden] -> unrotated keys, values [B, Hkv, n, D]."""
-        B, n, _ = x.shape
-        k = self.k_proj(x).view(B, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        return k, v
-
-    def project_q(self, x: torch.Tensor) -> torch.Tensor:
-        B, n, _ = x.shape
-        return self.q_proj(x).view(B, n, self.heads, self.head_dim).transpose(1, 2)  # [B, H, n, D]
-
-    def output(self, attn: torch.Tensor) -> torch.Tensor:
-        B, _, n, _ = attn.shape
-        return self.o_proj(attn.transpose(1, 2).reshape(B, n, self.heads * self.head_dim))
-
 
 class DecoderLayer(nn.Module):
+    """One layer. Its arithmetic is `self.math`'s (eager, or compiled by `CausalLM.compile_layers`);
+    where its keys and values go and what it attends to is the caller's `attend`."""
+
     def __init__(self, config: ModelConfig, index: int):
         super().__init__()
         self.index = index
@@ -84,6 +68,57 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.math = LayerMath()
+        self._stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # see stacked_weights
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
+        """hidden [B, n, hidden] -> [B, n, hidden]. `attend(q, keys, values)` gets the rotated queries
+        [B, H, n, D] and this layer's new unrotated keys and values [B, Hkv, n, D] (None when it owns
+        none) and returns the attention output [B, H, n, D]."""
+        q, keys, values = self.attention_inputs(hidden, cos, sin)
+        return self.output(hidden, attend(q, keys, values))
+
+    def attention_inputs(self, hidden, cos, sin, *, queries: bool = True):
+        """(rotated queries or None when not `queries`, new keys, new values or None, None)."""
+        attn, norm = self.self_attn, self.input_layernorm
+        q_size = attn.heads * attn.head_dim if queries else 0
+        kv_size = attn.kv_heads * attn.head_dim if self.owns_kv else 0
+        qkv = self.stacked_weights()[0]
+        weight = qkv if queries else qkv[attn.heads * attn.head_dim :]
+        return self.math.attention_inputs(hidden, norm.weight, norm.eps, weight, q_size, kv_size, cos, sin,
+                                          attn.heads, attn.kv_heads, attn.head_dim)
+
+    def output(self, hidden: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Output projection, residual and MLP given the attention output attn [B, H, n, D]."""
+        norm = self.post_attention_layernorm
+        return self.math.layer_output(hidden, attn, self.self_attn.o_proj.weight, norm.weight, norm.eps,
+                                      self.stacked_weights()[1], self.mlp.down_proj.weight)
+
+    def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q, k, v projections stacked [q + 2 kv, hidden]; gate and up stacked [2 intermediate, hidden]).
+
+        Made once, the first time a step needs them: the projections' parameters then become views
+        of the stacked tensors (the same values and names, no second copy of the weights)."""
+        if self._stacked is None:
+            attn, mlp = self.self_attn, self.mlp
+            names = [(attn, "q_proj")] + ([(attn, "k_proj"), (attn, "v_proj")] if self.owns_kv else [])
+            self._stacked = (_stack(names), _stack([(mlp, "gate_proj"), (mlp, "up_proj")]))
+        return self._stacked
+
+
+def _stack(linears: list[tuple[nn.Module, str]]) -> torch.Tensor:
+    """Concatenate the weights of `linears` (parent module, attribute name) along the output dimension and
+    make each weight a view of the result."""
+    weights = [getattr(parent, name).weight for parent, name in linears]
+    if len(weights) == 1:
+        return weights[0]
+    stacked = torch.cat([w.detach() for w in weights])
+    start = 0
+    for (parent, name), weight in zip(linears, weights):
+        rows = weight.shape[0]
+        getattr(parent, name).weight = nn.Parameter(stacked[start : start + rows], requires_grad=weight.requires_grad)
+        start += rows
+    return stacked
 
 
 class LlamaBody(nn.Module):
@@ -117,21 +152,32 @@ class CausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: hidden [..., hidden] -> float32 logits [..., vocab]."""
-        hidden = self.model.norm(hidden)
         weight = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        norm = self.model.norm
+        return self.model.layers[0].math.final_logits(hidden, norm.weight, norm.eps, weight)
+
+    def compile_layers(self, compiled: bool = True) -> None:
+        """Run every layer's arithmetic (and the final norm + head) through `torch.compile`d functions
+        (one set shared by all layers), or back through the eager reference when False."""
+        math = LayerMath(compiled)
+        for layer in self.model.layers:
+            layer.math = math
+
+    def stack_weights(self) -> None:
+        """Stack every layer's q/k/v and gate/up projections now (see DecoderLayer.stacked_weights)."""
+        for layer in self.model.layers:
+            layer.stacked_weights()
+
+    @property
+    def layers_compiled(self) -> bool:
+        return self.model.layers[0].math.compiled
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return cos_sin(positions, self.inv_freq, dtype)
 
-    def attention(self, layer, hidden, q, keys, values, mask) -> torch.Tensor:
-        """One layer's attention block + MLP given rotated q [B,H,n,D], keys/values [B,Hkv,L,D]."""
-        return self.after_attention(layer, hidden, attend(q, keys, values, mask, impl=self.attention_impl))
-
-    def after_attention(self, layer, hidden, attn) -> torch.Tensor:
-        """Output projection, residual and MLP of a layer given its attention output attn [B,H,n,D]."""
-        hidden = hidden + layer.self_attn.output(attn)
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    def attend(self, q, keys, values, mask) -> torch.Tensor:
+        """Attention of rotated q [B,H,n,D] over keys/values [B,Hkv,L,D] with `self.attention_impl`."""
+        return attend(q, keys, values, mask, impl=self.attention_impl)
 
     def rope_table(self, slots: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [slots, D/2] float32 of in-cache positions 0..slots-1, built once per cache size."""
