@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import store_kernel
+
 
 @dataclass
 class StepPlan:
@@ -53,6 +55,8 @@ class KVBuffers:
         self.keys = {layer: torch.zeros(shape, dtype=dtype, device=device) for layer in self.kv_layers}
         self.values = {layer: torch.zeros(shape, dtype=dtype, device=device) for layer in self.kv_layers}
         self._heads = torch.arange(num_kv_heads, device=device)[None, :, None]  # [1, Hkv, 1]: write index
+        # Writes to addressed rows go through a Triton kernel where it runs (CUDA); False: index_put_.
+        self.store_kernel = bool(self.keys) and store_kernel.available(next(iter(self.keys.values())))
         # Tokens each row has seen since its start (its stream length).
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
 
@@ -75,6 +79,9 @@ class KVBuffers:
                                                     lambda t: t.gather(2, index), layer)
             self.keys[layer].scatter_(2, index, keys)
             self.values[layer].scatter_(2, index, values)
+            return
+        if plan.padding is None and self.store_kernel:  # one launch instead of two index_put_
+            store_kernel.store_rows(self.keys[layer], self.values[layer], plan.rows, plan.write_slots, keys, values)
             return
         # [B, 1, 1] x [1, Hkv, 1] x [B, 1, n] select [B, Hkv, n, D] of the addressed rows.
         index = (plan.rows[:, None, None], self._heads, plan.write_slots[:, None, :])

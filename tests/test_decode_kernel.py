@@ -117,3 +117,29 @@ def test_engine_with_kernel_equals_plain_path_over_256_steps(tmp_path, kind, ove
         if not more:
             break
     assert sum(compared) >= 1 and steps >= 256  # at least one stream compared over all its 256 tokens
+
+
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("splits", [2, 5, 16])
+def test_join_kernel_equals_reference_join(group, splits):
+    # Per-split partial results as the attention kernel leaves them, with splits that saw nothing
+    # (max -inf, sum 0) and one (row, head) where no split saw anything (its output must be zero).
+    device = "cuda" if ON_GPU else "cpu"
+    gen = torch.Generator().manual_seed(splits * 10 + group)
+    B, kv_heads, D, group_pad = 3, 2, 64, max(16, group)
+    mid_max = torch.randn(B, kv_heads, splits, group_pad, generator=gen) * 4
+    mid_sum = torch.rand(B, kv_heads, splits, group_pad, generator=gen) * 10 + 0.5
+    mid_acc = torch.randn(B, kv_heads, splits, group_pad, D, generator=gen) * 3
+    empty = torch.rand(B, kv_heads, splits, 1, generator=gen) < 0.3
+    empty[1, 0] = True
+    mid_max = mid_max.masked_fill(empty, float("-inf"))
+    mid_sum = mid_sum.masked_fill(empty, 0.0)
+    mid_acc = mid_acc.masked_fill(empty[..., None], 0.0)
+    args = [t.to(device) for t in (mid_acc, mid_max, mid_sum)]
+    for dtype in (torch.float32, torch.bfloat16):
+        ref = kernel.join_splits_reference(*args, group, dtype)
+        out = kernel.join_splits(*args, group, dtype)
+        assert out.shape == (B, kv_heads * group, D)
+        assert torch.equal(out[1, :group], torch.zeros_like(out[1, :group]))
+        torch.testing.assert_close(out.float(), ref.float(), rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                                   atol=1e-5 if dtype == torch.float32 else 1e-2)

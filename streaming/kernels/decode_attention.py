@@ -137,13 +137,14 @@ if triton is not None:
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
                      total: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, sinks: int, window: int,
                      diagonal: bool, block: int = BLOCK, num_warps: int = 4, num_stages: int | None = None,
-                     splits: int | None = None) -> torch.Tensor:
+                     splits: int | None = None, join: str = "triton") -> torch.Tensor:
     """One new token per row: q [B, H, D] rotated at its in-cache position; keys/values: a sink-window
     cache's whole buffers [R, Hkv, S+W, D] (keys unrotated); rows [B] long: the cache row of each query;
     total [B] long: tokens of the row after this step's write. `diagonal`: whether the query sees its
     own slot. Returns [B, H, D] in q's dtype; a query that sees no key gets exactly zero.
     `block`, `num_warps`, `num_stages`, `splits` (None: enough to fill the GPU) are tuning knobs
-    (benchmarks/decode_kernel.py sweeps them)."""
+    (benchmarks/decode_kernel.py sweeps them). `join`: how split results are combined, "triton" (one
+    kernel) or "torch" (the reference ops)."""
     B, H, D = q.shape
     kv_heads, slots = keys.shape[1], keys.shape[2]
     group = H // kv_heads
@@ -173,11 +174,61 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         num_warps=num_warps, num_stages=num_stages)
     if splits == 1:
         return out
-    # Join the splits: weights exp(m_s - m) of each split's partial softmax.
+    if join == "torch":
+        return join_splits_reference(mid_acc, mid_max, mid_sum, group, q.dtype)
+    _join_kernel[(B, kv_heads)](mid_acc, mid_max, mid_sum, out, out.stride(0), out.stride(1),
+                                SPLITS=splits, GROUP=group, GROUP_PAD=group_pad, D=D, num_warps=4)
+    return out
+
+
+def join_splits(mid_acc, mid_max, mid_sum, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """The Triton join of per-split partial softmaxes (what `decode_attention` runs): mid_* as
+    `join_splits_reference` takes them -> [B, H, D] in `dtype`."""
+    B, kv_heads, splits, group_pad, D = mid_acc.shape
+    out = torch.empty(B, kv_heads * group, D, dtype=dtype, device=mid_acc.device)
+    _join_kernel[(B, kv_heads)](mid_acc, mid_max, mid_sum, out, out.stride(0), out.stride(1),
+                                SPLITS=splits, GROUP=group, GROUP_PAD=group_pad, D=D, num_warps=4)
+    return out
+
+
+def join_splits_reference(mid_acc, mid_max, mid_sum, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """Join per-split partial softmaxes with torch ops (the reference for `_join_kernel`): mid_max,
+    mid_sum [B, Hkv, S, G] (running max and sum of each split; -inf / 0 where a split saw nothing),
+    mid_acc [B, Hkv, S, G, D] (unnormalised outputs) -> [B, H, D] in `dtype`; 0 where nothing was seen."""
+    B, kv_heads, _, _, D = mid_acc.shape
     best = mid_max.amax(dim=2, keepdim=True)  # [B, Hkv, 1, G]
     best = torch.where(best == float("-inf"), 0.0, best)
     weight = torch.exp(mid_max - best)  # [B, Hkv, S, G]; 0 for a split that saw nothing
     norm = (weight * mid_sum).sum(dim=2)  # [B, Hkv, G]
     acc = (weight[..., None] * mid_acc).sum(dim=2)  # [B, Hkv, G, D]
     out = torch.where(norm[..., None] > 0, acc / norm.clamp(min=1e-30)[..., None], 0.0)
-    return out[:, :, :group].reshape(B, H, D).to(q.dtype)
+    return out[:, :, :group].reshape(B, kv_heads * group, D).to(dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _join_kernel(MidAcc, MidMax, MidSum, Out, stride_ob, stride_oh,
+                     SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr):
+        # One program per (row, KV head): the weighted sum of its splits, in one launch (the torch
+        # join was eight small kernels per layer: at one row, five times the attention itself).
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        num_kv = tl.num_programs(1)
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, D)
+        first = (b * num_kv + kvh) * SPLITS * GROUP_PAD + g  # [G] split 0's index
+        best = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        for s in tl.static_range(SPLITS):
+            best = tl.maximum(best, tl.load(MidMax + first + s * GROUP_PAD))
+        best = tl.where(best == float("-inf"), 0.0, best)
+        norm = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, D], tl.float32)
+        for s in tl.static_range(SPLITS):
+            at = first + s * GROUP_PAD
+            weight = tl.exp(tl.load(MidMax + at) - best)  # 0 for a split that saw nothing
+            norm += weight * tl.load(MidSum + at)
+            acc += weight[:, None] * tl.load(MidAcc + at[:, None] * D + d[None, :])
+        out = tl.where(norm[:, None] > 0, acc / tl.maximum(norm, 1e-30)[:, None], 0.0)
+        o_base = Out + b * stride_ob + (kvh * GROUP + g)[:, None] * stride_oh
+        tl.store(o_base + d[None, :], out.to(Out.dtype.element_ty), mask=(g < GROUP)[:, None])

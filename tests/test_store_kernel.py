@@ -1,0 +1,33 @@
+"""The cache's store kernel (one launch for a step's keys and values) equals index_put_.
+GPU only (CI has no Triton); on CPU it runs under Triton's interpreter when TRITON_INTERPRET=1."""
+
+import os
+
+import pytest
+import torch
+
+from cache import store_kernel
+
+ON_GPU = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(store_kernel.triton is None or not (ON_GPU or os.environ.get("TRITON_INTERPRET") == "1"),
+                                reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 5])
+def test_store_kernel_equals_index_put(dtype, n):
+    device = "cuda" if ON_GPU else "cpu"
+    gen = torch.Generator().manual_seed(n)
+    R, kv_heads, L, D, B = 6, 2, 12, 64, 3
+    buffers = [torch.randn(R, kv_heads, L, D, generator=gen).to(device, dtype) for _ in range(2)]
+    expected = [b.clone() for b in buffers]
+    rows = torch.tensor([4, 0, 2], device=device)
+    slots = torch.stack([torch.randperm(L, generator=gen)[:n] for _ in range(B)]).to(device)  # [B, n]
+    # New keys/values as a projection leaves them: [B, n, Hkv, D] transposed to [B, Hkv, n, D].
+    keys, values = (torch.randn(B, n, kv_heads, D, generator=gen).to(device, dtype).transpose(1, 2) for _ in range(2))
+    index = (rows[:, None, None], torch.arange(kv_heads, device=device)[None, :, None], slots[:, None, :])
+    expected[0].index_put_(index, keys)
+    expected[1].index_put_(index, values)
+    store_kernel.store_rows(*buffers, rows, slots, keys, values)
+    assert torch.equal(buffers[0], expected[0]) and torch.equal(buffers[1], expected[1])
+    assert not torch.equal(buffers[0][1], expected[0][4])  # (rows outside the step kept their contents)
