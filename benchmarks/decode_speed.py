@@ -1,10 +1,19 @@
-"""Decode speed and KV memory: sinkstream vs Hugging Face transformers on the same weights, same process.
+"""Batch-1 decode and prefill speed: sinkstream's paths vs Hugging Face transformers on the same weights,
+in the same process, against the card's bandwidth roofline.
 
-Builds a TinyLlama-1.1B-shaped checkpoint with random weights (plain Llama and LCKV w=2), writes it to
-disk, loads it through sinkstream's loader and through transformers, checks that both give the same
-logits, then times greedy decode of the same prompt. Run on the GPU:
+Builds a TinyLlama-1.1B-shaped checkpoint with random weights (plain Llama, LCKV w=2), writes it to disk,
+loads it through sinkstream's loader and through transformers, checks that both give the same logits,
+then times greedy decode of the same prompt on every path:
+- eager (sdpa / plain attention): the reference steps, one kernel launch at a time;
+- CUDA graphs: every decode step and full prompt chunk replays one captured graph (decode attention in
+  the Triton kernel that applies RoPE where keys are read);
+- CUDA graphs + compiled layers: the same, each layer's arithmetic through `torch.compile`.
+For the graph paths it also times decode with the window full, the stream positioned at 100,000
+tokens seen (a sink-window step costs the same at 100k as at any length past S+W), and prefill at
+several chunk sizes. The roofline: bytes one step must read (weights + the window's keys and values)
+over the card's measured copy bandwidth. Run on the GPU:
 
-    PYTHONPATH=. python benchmarks/decode_speed.py --device cuda --new-tokens 256
+    PYTHONPATH=. python benchmarks/decode_speed.py --device cuda
 
 Prints a markdown table; the numbers go to benchmarks/RESULTS.md with the date, hardware and versions.
 """
@@ -14,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +37,13 @@ TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num
                  num_key_value_heads=4, head_dim=64, max_position_embeddings=2048, tie_word_embeddings=False)
 TINY = dict(TINYLLAMA, vocab_size=1000, hidden_size=128, intermediate_size=256, num_attention_heads=4,
             num_key_value_heads=2, head_dim=32)
+MODES = {  # name: (attention impl, CUDA graphs, compiled layers)
+    "eager-sdpa": ("sdpa", False, False),
+    "eager-plain": ("plain", False, False),
+    "graphs": ("sdpa", True, False),
+    "graphs-compiled": ("sdpa", True, True),
+    "eager-compiled": ("sdpa", False, True),  # CPU's fast path
+}
 
 
 def sync(device):
@@ -34,23 +51,78 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_ours(rt, prompt, new_tokens, sinks, window, impl, graphs):
+def copy_bandwidth(device) -> float:
+    """Bytes per second a device-to-device copy moves (read + write), best of 20 copies of 1 GiB."""
+    src = torch.empty(2**29, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(20):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * src.element_size() / best
+
+
+def step_bytes(rt, slots: int) -> int:
+    """Bytes a decode step must read: every weight but the embedding table (one row of it is read),
+    plus the keys and values of `slots` slots of every KV layer."""
+    config = rt.config
+    weights = sum(p.numel() * p.element_size() for name, p in rt.model.named_parameters()
+                  if not (name == "model.embed_tokens.weight" and not config.tie_word_embeddings))
+    kv = 2 * len(config.kv_layers) * slots * config.num_key_value_heads * config.head_dim * rt.model.inv_freq.new_empty(
+        0, dtype=rt.dtype).element_size()
+    return weights + kv
+
+
+def decode_rate(s, new_tokens, device) -> tuple[float, list[int]]:
+    sync(device)
+    t0 = time.perf_counter()
+    ids = [i for r in s.generate(max_new_tokens=new_tokens, temperature=0.0) for i in r.token_ids]
+    sync(device)
+    return len(ids) / (time.perf_counter() - t0), ids
+
+
+def prefill_rate(s, prompt, device, repeats: int = 3) -> float:
+    """Median tok/s of feeding `prompt` into a fresh stream (its graphs captured by a first feed)."""
+    s.reset()
+    s.feed(prompt)
+    rates = []
+    for _ in range(repeats):
+        s.reset()
+        sync(device)
+        t0 = time.perf_counter()
+        s.feed(prompt)
+        sync(device)
+        rates.append(len(prompt) / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def time_mode(rt, args, mode, prompt, device):
+    impl, graphs, compiled = MODES[mode]
     rt.model.attention_impl = impl
     rt.cuda_graphs = graphs
-    s = rt.session(sinks=sinks, window=window, chunk=min(256, window))
-    s.feed(prompt)  # warm-up (captures the chunk and decode graphs when they are on)
-    list(s.generate(max_new_tokens=8, temperature=0.0))
-    s.reset()
-    sync(rt.device)
+    rt.model.compile_layers(compiled)
+    row = {"mode": mode}
     t0 = time.perf_counter()
-    s.feed(prompt)
-    sync(rt.device)
-    t1 = time.perf_counter()
-    out = [r.token_ids for r in s.generate(max_new_tokens=new_tokens, temperature=0.0)]
-    sync(rt.device)
-    t2 = time.perf_counter()
-    ids = [i for ids in out for i in ids]
-    return len(prompt) / (t1 - t0), len(ids) / (t2 - t1), s.stats().cache_bytes, ids
+    s = rt.session(sinks=args.sinks, window=args.window, chunk=min(256, args.window))
+    s.feed(prompt)  # warm-up (captures the chunk and decode graphs, compiles when asked)
+    list(s.generate(max_new_tokens=8, temperature=0.0))
+    row["warm-up s"] = time.perf_counter() - t0
+    row["prefill tok/s"] = prefill_rate(s, prompt, device, repeats=1 if not graphs else 3)
+    row["decode tok/s"], ids = decode_rate(s, args.new_tokens, device)
+    row["cache bytes"] = s.stats().cache_bytes
+    if graphs:
+        s.engine.cache.lengths[s.row] = 100_000  # a long stream: window full, positions unchanged by length
+        s.engine.seen[s.row] = 100_000
+        row["decode at 100k tok/s"], _ = decode_rate(s, args.new_tokens, device)
+        for chunk in args.chunks:
+            c = rt.session(sinks=args.sinks, window=args.window, chunk=chunk)
+            row[f"prefill chunk {chunk} tok/s"] = prefill_rate(c, prompt, device)
+            del c
+    rt.model.compile_layers(False)
+    return row, ids
 
 
 def time_hf(path, device, dtype, prompt, new_tokens):
@@ -82,20 +154,28 @@ def main():
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--hf-tokens", type=int, default=64, help="greedy tokens transformers generates")
+    parser.add_argument("--prompt-tokens", type=int, default=2048)
     parser.add_argument("--sinks", type=int, default=4)
     parser.add_argument("--window", type=int, default=2044)
     parser.add_argument("--layers", type=int, default=22)
+    parser.add_argument("--kinds", default="plain,lckv")
+    parser.add_argument("--modes", default="eager-sdpa,eager-plain,graphs,graphs-compiled")
+    parser.add_argument("--chunks", type=int, nargs="*", default=[256, 512, 1024, 2044],
+                        help="prefill chunk sizes timed on the graph paths")
     parser.add_argument("--tiny", action="store_true", help="a small shape, for a smoke run on CPU")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
+    modes = [m for m in args.modes.split(",") if device.type == "cuda" or not MODES[m][1]]
     torch.manual_seed(0)
     base = TINY if args.tiny else TINYLLAMA
     prompt = torch.randint(3, base["vocab_size"], (args.prompt_tokens,)).tolist()
-    rows = []
+    bandwidth = copy_bandwidth(device)
+    print(f"copy bandwidth {bandwidth / 1e9:,.0f} GB/s (read + write)")
+    rows, roofline = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in ("plain", "lckv"):
+        for kind in args.kinds.split(","):
             if kind == "plain":
                 config = plain_config(layers=args.layers, **base)
             else:
@@ -105,39 +185,40 @@ def main():
             path = write_checkpoint(Path(tmp) / kind, config, weights, shards=2)
             del weights
             rt = streaming.load(path, device=device, dtype=dtype)
-            modes = [("sdpa", False), ("plain", False)] + ([("sdpa", True)] if device.type == "cuda" else [])
-            for impl, graphs in modes:
-                prefill, decode, cache_bytes, ids = time_ours(rt, prompt, args.new_tokens, args.sinks, args.window,
-                                                              impl, graphs)
-                engine = "CUDA graphs" if graphs else "eager"
-                rows.append((kind, f"sinkstream {engine} ({impl} attention)", prefill, decode, cache_bytes))
-                if (impl, graphs) == ("sdpa", False):
-                    ours = ids
-                elif graphs:
-                    print(f"{kind}: graph vs eager greedy ids agree {sum(a == b for a, b in zip(ours, ids))}/{len(ids)}")
-            rt.model.attention_impl = "sdpa"
-            rt.cuda_graphs = True
+            roofline[kind] = bandwidth / step_bytes(rt, args.sinks + args.window)
             if kind == "plain":
-                hf_rate, hf_ids, hf = time_hf(path, device, dtype, prompt, args.new_tokens)
-                agree = sum(a == b for a, b in zip(ours, hf_ids))
-                rel = parity(rt, hf, prompt[:256], device)
-                rows.append(("plain", "transformers generate (dynamic cache)", float("nan"), hf_rate, float("nan")))
-                print(f"parity vs transformers: last-256 logits rel diff {rel:.2e}; greedy ids agree {agree}/{len(hf_ids)}")
+                hf_rate, hf_ids, hf = time_hf(path, device, dtype, prompt[:512], args.hf_tokens)
+                print(f"parity vs transformers: 256-token prefill logits rel diff {parity(rt, hf, prompt[:256], device):.2e}")
+            reference = None
+            for mode in modes:
+                row, ids = time_mode(rt, args, mode, prompt, device)
+                row["kind"] = kind
+                rows.append(row)
+                if reference is None:
+                    reference = ids
+                else:
+                    row["greedy ids as the first mode"] = f"{sum(a == b for a, b in zip(reference, ids))}/{len(ids)}"
+                print(json.dumps(row), flush=True)
+            if kind == "plain":
+                rows.append({"kind": "plain", "mode": "transformers generate (dynamic cache)", "decode tok/s": hf_rate})
+                print(f"parity vs transformers after every path: {parity(rt, hf, prompt[:256], device):.2e}")
                 del hf
             del rt
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     print()
-    print(f"{platform.node()} {torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor()}, "
-          f"torch {torch.__version__}, {args.dtype}, batch 1, prompt {args.prompt_tokens}, "
-          f"{args.new_tokens} new tokens, cache {args.sinks}+{args.window}, {args.layers} layers")
-    print("| model | engine | prefill tok/s | decode tok/s | KV bytes per stream |")
-    print("|---|---|---|---|---|")
-    for kind, engine, prefill, decode, nbytes in rows:
-        kv = "-" if nbytes != nbytes else f"{nbytes / 2**20:.1f} MiB"
-        pf = "-" if prefill != prefill else f"{prefill:,.0f}"
-        print(f"| {kind} | {engine} | {pf} | {decode:,.1f} | {kv} |")
-    print(json.dumps([list(r) for r in rows]))
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
+    print(f"{platform.node()} {name}, torch {torch.__version__}, {args.dtype}, batch 1, prompt {args.prompt_tokens}, "
+          f"{args.new_tokens} new tokens, cache {args.sinks}+{args.window}, {args.layers} layers; roofline "
+          + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in roofline.items()))
+    keys = ["prefill tok/s", "decode tok/s", "decode at 100k tok/s"] + [f"prefill chunk {c} tok/s" for c in args.chunks]
+    print("| model | path | " + " | ".join(keys) + " | decode / roofline | warm-up s |")
+    print("|---" * (len(keys) + 4) + "|")
+    for row in rows:
+        cells = [f"{row[k]:,.0f}" if k in row else "-" for k in keys]
+        share = f"{row['decode tok/s'] / roofline[row['kind']]:.0%}"
+        warm = f"{row['warm-up s']:.1f}" if "warm-up s" in row else "-"
+        print(f"| {row['kind']} | {row['mode']} | " + " | ".join(cells) + f" | {share} | {warm} |")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,19 @@
 """Where an engine decode step spends its time: torch.profiler's top CUDA kernels for one batch.
 
-    PYTHONPATH=. python benchmarks/engine_profile.py --streams 256 --kind plain [--steady]
+    PYTHONPATH=. python benchmarks/engine_profile.py --streams 256 --kind plain [--steady] [--graphs] [--compiled]
 
-TinyLlama-1.1B shape, random bf16 weights, 4 + 1020 slots; eager steps (no graph) so kernels are
-attributed; prints the kernels sorted by total CUDA time over `--steps` steps.
+TinyLlama-1.1B shape, random bf16 weights, 4 + 1020 slots (`--window`); eager steps by default so
+kernels are attributed to ops (`--graphs`: the replayed graphs, as served); `--compiled` runs the
+layers' arithmetic through torch.compile. Prints the kernels sorted by total CUDA time over `--steps`
+steps, then kernels per step, their summed time per step and the step's wall time: the difference is
+time the GPU sat between kernels.
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -28,14 +32,18 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--steady", action="store_true",
                         help="profile with every window full (streams put at 10^6 tokens seen after the prompt)")
+    parser.add_argument("--graphs", action="store_true", help="replay captured graphs (as served)")
+    parser.add_argument("--compiled", action="store_true", help="layers through torch.compile")
+    parser.add_argument("--window", type=int, default=1020)
     args = parser.parse_args()
     config = (plain_config(layers=22, **TINYLLAMA) if args.kind == "plain"
               else lckv_config(layers=22, m=7, b=2, **TINYLLAMA))
     with tempfile.TemporaryDirectory() as tmp:
         weights = {k: (v * 0.1 if v.dim() > 1 else v).to(torch.bfloat16) for k, v in random_weights(config).items()}
         rt = streaming.load(write_checkpoint(Path(tmp), config, weights), device="cuda", dtype="bf16")
-    rt.cuda_graphs = False
-    engine = Engine(rt, args.streams, sinks=4, window=1020, chunk=128, prefill_budget=128 * 64)
+    rt.cuda_graphs = args.graphs
+    rt.model.compile_layers(args.compiled)
+    engine = Engine(rt, args.streams, sinks=4, window=args.window, chunk=128, prefill_budget=128 * 64)
     jobs = [engine.submit(engine.open_row(), list(range(3, 131)), params=SamplingParams(), max_new_tokens=None)
             for _ in range(args.streams)]
     while any(j.prefilling for j in jobs):
@@ -51,7 +59,17 @@ def main():
         for _ in range(args.steps):
             engine.step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(e.device_time for e in kernels) / args.steps
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        engine.step()
+    torch.cuda.synchronize()
+    wall_us = (time.perf_counter() - t0) / args.steps * 1e6
+    print(f"per step: {len(kernels) / args.steps:.0f} kernels, {busy_us:,.0f} us of kernel time, "
+          f"{wall_us:,.0f} us wall ({busy_us / wall_us:.0%} busy)")
 
 
 if __name__ == "__main__":
