@@ -10,7 +10,7 @@ import signal
 import sys
 
 from apps.cluster.cli import add_ray_args
-from apps.common import add_model_args, eprint, load_runtime
+from apps.common import add_model_args, eprint, load_runtime, wants_compile
 from apps.protocol import Limits
 
 D = Limits()
@@ -111,9 +111,10 @@ def run(args: argparse.Namespace) -> int:
 
         from apps.server.engine_spec import ModelSource
 
-        rt = ModelSource(model=args.model, device=args.device, dtype=args.dtype, threads=torch.get_num_threads())
+        rt = ModelSource(model=args.model, device=args.device, dtype=args.dtype, threads=torch.get_num_threads(),
+                         compile=wants_compile(args, serving=True))
     else:
-        rt = load_runtime(args)
+        rt = load_runtime(args, serving=True)
         if rt.tokenizer is None:
             raise SystemExit("error: this checkpoint has no tokenizer; `serve` needs one")
     return asyncio.run(serve_until_signal(ChatServer(rt, cfg), args.token))

@@ -54,3 +54,31 @@ def test_default_reply_length_is_the_checkpoints(tmp_path):
     explicit = sinkstream("generate", "The river", "--model", ckpt, "--device", "cpu",
                           "--temperature", 0, "-n", 9, "-v")
     assert "generation: 9 tokens" in explicit.stderr, explicit.stderr
+
+
+def test_compiled_layers_default_on_for_a_gpu_server_only(monkeypatch):
+    import argparse
+
+    import streaming.runtime
+    from apps.common import add_model_args, wants_compile
+
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    for device, serving, expected in [("cpu", True, False), ("cpu", False, False), ("cuda", True, True),
+                                      ("cuda", False, False)]:
+        monkeypatch.setattr(streaming.runtime, "resolve_device", lambda d, device=device: __import__("torch").device(device))
+        assert wants_compile(parser.parse_args([]), serving=serving) is expected, (device, serving)
+        assert wants_compile(parser.parse_args(["--compile"]), serving=serving) is True
+        assert wants_compile(parser.parse_args(["--no-compile"]), serving=serving) is False
+
+
+def test_load_with_compile_marks_every_layer_and_the_engine_process_gets_it(tmp_path):
+    import streaming
+    from apps.server.engine_spec import ModelSource
+    from tests.tiny_checkpoint import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(tmp_path / "m", "lckv", with_tokenizer=False)
+    rt = streaming.load(path, device="cpu", compile=True)  # torch.compile is lazy: nothing runs yet
+    assert all(layer.math.compiled for layer in rt.model.model.layers)
+    assert ModelSource.of(rt).compile is True
+    assert ModelSource.of(streaming.load(path, device="cpu")).compile is False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -140,7 +141,9 @@ class ChatServer(Listening):
         if source is not None:
             import streaming
 
-            self.rt = await self.worker.run(streaming.load, source.model, device=source.device, dtype=source.dtype)
+            load = functools.partial(streaming.load, source.model, device=source.device, dtype=source.dtype,
+                                     compile=source.compile)
+            self.rt = await self.worker.run(load)
         return LocalEngine(self.rt, settings, self.worker)
 
     def _engine_died(self, why: str) -> None:

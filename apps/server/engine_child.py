@@ -61,7 +61,8 @@ class EngineChild:
         self.conn = conn
         if source.threads:
             torch.set_num_threads(source.threads)
-        self.rt = rt = streaming.load(source.model, device=source.device, dtype=source.dtype)
+        self.rt = rt = streaming.load(source.model, device=source.device, dtype=source.dtype,
+                                             compile=source.compile)
         if rt.device.type == "cpu" and settings.cpu_mmap_threshold is not None:
             native_heap.map_large_blocks(settings.cpu_mmap_threshold)
         self.pool = rt.pool(settings.rows, sinks=settings.sinks, window=settings.window, chunk=settings.chunk,

@@ -15,6 +15,7 @@ class ModelSource:
     device: str | None = None
     dtype: str | None = None
     threads: int | None = None
+    compile: bool = False  # streaming.load's: layers through torch.compile
 
     @classmethod
     def of(cls, rt) -> "ModelSource":
@@ -22,7 +23,7 @@ class ModelSource:
         import torch
 
         return cls(model=str(rt.path), device=str(rt.device), dtype=str(rt.dtype).removeprefix("torch."),
-                   threads=torch.get_num_threads())
+                   threads=torch.get_num_threads(), compile=rt.model.layers_compiled)
 
 
 @dataclass(frozen=True)
