@@ -32,7 +32,7 @@ class ReplicaSpec:
     threads: int | None = None  # CPU threads for torch (None: torch's default)
     model_name: str = "model"
     engine_process: bool | None = None  # ServerConfig.engine_process (None: apart on a GPU)
-    compile: bool | None = None  # layers through torch.compile (None: on a GPU)
+    compile: bool | None = None  # layers through torch.compile (None: off, see apps.common.wants_compile)
 
 
 class ReplicaServer:
@@ -73,11 +73,8 @@ class ReplicaServer:
         if spec.threads:
             torch.set_num_threads(spec.threads)
         # Loaded by the server: on a GPU in its engine process, on CPU in this one.
-        from streaming.runtime import resolve_device
-
-        compile_layers = spec.compile if spec.compile is not None else resolve_device(spec.device).type == "cuda"
         source = ModelSource(model=spec.model, device=spec.device, dtype=spec.dtype, threads=torch.get_num_threads(),
-                             compile=compile_layers)
+                             compile=bool(spec.compile))
         limits = Limits(**{**spec.limits, "max_requests_per_minute": 1 << 30})
         cfg = ServerConfig(host=spec.host, port=0, limits=limits, chunk=spec.chunk, token=spec.token,
                            allowed_hosts=(spec.host,), model_name=spec.model_name, state_dir=spec.state_dir,
