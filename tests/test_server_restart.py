@@ -154,7 +154,7 @@ def test_a_failed_state_write_never_breaks_the_chat(checkpoint, tmp_path, monkey
 
                 # The disk stays full until the server has stopped: the park on disconnect writes too
                 # (restoring the real write here raced with that park and made the test flaky).
-                monkeypatch.setattr(StateDir, "write", full_disk)
+                monkeypatch.setattr(StateDir, "_write_temp", full_disk)  # (what every write path calls)
                 text = await _say(ws, sid, "Name a river.")
                 return sid, before, text
 

@@ -24,6 +24,7 @@ from apps.server.loop_lag import LoopLag
 from apps.server.sessions import ON_DISK, ChatState, ModelWorker, Registry
 from apps.server.rate_limit import RateLimiter
 from apps.server.state_dir import SESSION_ID, StateDir, conversation_of
+from apps.server.state_writer import StateWriter
 from streaming import PoolFullError
 from streaming.session import SessionStats
 
@@ -81,6 +82,7 @@ class ChatServer(Listening):
         self.server = None
         self._reaper: asyncio.Task | None = None
         self.store = StateDir(cfg.state_dir) if cfg.state_dir else None
+        self.writer = StateWriter(self.store) if self.store is not None else None  # its writes and deletes
         self.rate = RateLimiter(cfg.limits.max_requests_per_minute)
         self.stopping = False  # stop() has begun: no more parking (the model worker is going away)
         self._writers: dict = {}  # connection -> its FrameWriter (batched frames for the --ray front door)
@@ -165,6 +167,8 @@ class ChatServer(Listening):
         if self.server:
             self.server.close()
             await self.server.wait_closed()
+        if self.writer is not None:
+            await self.writer.close()
         self.worker.shutdown()
         gc.unfreeze()  # (start froze what existed then; an embedding process goes on collecting it)
 
@@ -336,8 +340,7 @@ class ChatServer(Listening):
             return
         try:
             snapshot = await self.engine.snapshot(st.session)
-            await self.worker.run(self.store.write, st.id, snapshot,
-                                  conversation_of(st.history, st.sampling, st.seq))
+            await self.writer.write(st.id, snapshot, conversation_of(st.history, st.sampling, st.seq))
         except (OSError, EngineProcessError) as exc:  # a full or read-only disk must not break the chat: the last good file stays
             log.error("could not save session %s to %s: %s", st.id[:8], self.store.path, exc)
 
@@ -530,7 +533,7 @@ class ChatServer(Listening):
                 if st.session is not None:
                     await self.engine.release(st.session)
                 if self.store is not None:  # closed or expired: the conversation is over
-                    await self.worker.run(self.store.delete, st.id)
+                    await self.writer.delete(st.id)
 
     # ---- sending ----
 

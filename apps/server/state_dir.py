@@ -12,6 +12,7 @@ a corrupt, truncated or foreign file is reported and skipped, never half-loaded.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -48,14 +49,54 @@ class StateDir:
 
     def write(self, session_id: str, snapshot: tuple[dict, dict, dict], conversation: dict) -> None:
         """Atomically replace the session's file with this state (temp file, fsync, rename, fsync dir)."""
+        temp, target = self._write_temp(session_id, snapshot, conversation)
+        os.replace(temp, target)
+        _fsync_dir(self.path)
+
+    def apply(self, ops: list[tuple[str, str, tuple]], pool=None) -> list[BaseException | None]:
+        """Carry out ops ("write", session id, (snapshot, conversation)) or ("delete", session id, ())
+        as one group commit; return each op's failure or None.
+
+        Only the last op of each session counts (a later write supersedes an earlier one, a delete
+        removes it; the earlier ops report the last one's result). Each file is written to its temp
+        file and fsynced (on `pool`'s threads when given: concurrent fsyncs share journal commits),
+        renamed over the old one, and the directory is fsynced once for all of them. Durable when
+        this returns, as `write` is, for a fraction of the fsyncs."""
+        last = {sid: i for i, (_, sid, _) in enumerate(ops)}
+        results: list[BaseException | None] = [None] * len(ops)
+        prepared = {}
+        for sid, i in last.items():
+            if ops[i][0] == "write":
+                call = functools.partial(self._write_temp, sid, *ops[i][2])
+                prepared[i] = pool.submit(call) if pool is not None else _Done(call)
+        changed = False
+        for sid, i in last.items():
+            try:
+                if ops[i][0] == "write":
+                    temp, target = prepared[i].result()
+                    os.replace(temp, target)
+                elif ops[i][0] == "delete":
+                    self.file(sid).unlink(missing_ok=True)
+                else:
+                    raise ValueError(f"unknown state-dir operation {ops[i][0]!r}")
+                changed = True
+            except Exception as exc:  # this session's file only: the last good one stays
+                results[i] = exc
+        if changed:
+            try:
+                _fsync_dir(self.path)
+            except OSError as exc:
+                results = [exc if r is None else r for r in results]
+        return [results[last[sid]] for _, sid, _ in ops]
+
+    def _write_temp(self, session_id: str, snapshot: tuple[dict, dict, dict], conversation: dict) -> tuple[Path, Path]:
         tensors, meta, extra = snapshot
         target = self.file(session_id)
         temp = target.with_name(target.name + ".tmp")
         cache_state.save(temp, tensors, meta, {**extra, "server": conversation})
         with open(temp, "rb") as handle:
             os.fsync(handle.fileno())
-        os.replace(temp, target)
-        _fsync_dir(self.path)
+        return temp, target
 
     def read(self, session_id: str) -> tuple[dict, dict, dict]:
         """(tensors, cache meta, extra) of a saved session (CacheStateError when unreadable)."""
@@ -98,6 +139,21 @@ class StateDir:
             log.warning("skipping saved session %s: %s", path, exc)
             return None
         return SavedConversation(session_id, history, sampling, seq)
+
+
+class _Done:
+    """A call made now, with a Future's `result()` (`apply` without a thread pool)."""
+
+    def __init__(self, call) -> None:
+        try:
+            self.value, self.error = call(), None
+        except Exception as exc:
+            self.value, self.error = None, exc
+
+    def result(self):
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 def _fsync_dir(path: Path) -> None:
