@@ -66,17 +66,19 @@ def final_logits(hidden, norm_weight, eps: float, head_weight):
 
 
 class LayerMath:
-    """The three functions a step calls, eager (the reference) or compiled with `torch.compile`."""
+    """The three functions a step calls, eager (the reference) or compiled with `torch.compile`
+    (`mode`: torch.compile's, e.g. "max-autotune-no-cudagraphs" to let Inductor time its own GEMM
+    templates against cuBLAS for these shapes; the step's own CUDA graphs do the rest)."""
 
-    def __init__(self, compiled: bool = False):
-        self.compiled = compiled
-        wrap: Callable = _compile if compiled else (lambda fn: fn)
+    def __init__(self, compiled: bool = False, mode: str | None = None):
+        self.compiled, self.mode = compiled, mode
+        wrap: Callable = (lambda fn: _compile(fn, mode)) if compiled else (lambda fn: fn)
         self.attention_inputs = wrap(attention_inputs)
         self.layer_output = wrap(layer_output)
         self.final_logits = wrap(final_logits)
 
 
-def _compile(fn: Callable) -> Callable:
+def _compile(fn: Callable, mode: str | None = None) -> Callable:
     # Shapes vary by batch bucket and chunk length: after the first recompile dynamo treats the
     # changing sizes as dynamic. The limit counts those variants (and with/without q or KV weights).
     import torch._dynamo.config as dynamo_config
@@ -84,4 +86,4 @@ def _compile(fn: Callable) -> Callable:
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(dynamo_config, name):
             setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
-    return torch.compile(fn, fullgraph=True)
+    return torch.compile(fn, fullgraph=True, mode=mode)

@@ -156,10 +156,11 @@ class CausalLM(nn.Module):
         norm = self.model.norm
         return self.model.layers[0].math.final_logits(hidden, norm.weight, norm.eps, weight)
 
-    def compile_layers(self, compiled: bool = True) -> None:
+    def compile_layers(self, compiled: bool = True, mode: str | None = None) -> None:
         """Run every layer's arithmetic (and the final norm + head) through `torch.compile`d functions
-        (one set shared by all layers), or back through the eager reference when False."""
-        math = LayerMath(compiled)
+        (one set shared by all layers; `mode` as torch.compile's), or back through the eager
+        reference when False."""
+        math = LayerMath(compiled, mode)
         for layer in self.model.layers:
             layer.math = math
 
