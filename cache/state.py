@@ -49,6 +49,43 @@ def capture(cache: KVBuffers, row: int = 0) -> tuple[dict[str, torch.Tensor], di
     return tensors, layout(cache)
 
 
+CAPTURE_GROUP_BYTES = 64 << 20  # device memory one gather of `capture_rows` may take
+
+
+def capture_rows(cache: KVBuffers, rows: list[int]) -> list[tuple[dict[str, torch.Tensor], dict]]:
+    """`capture` of many rows, reading the device a few times per group of rows instead of 1 + 2 x
+    KV layers times per row (on a GPU each read waits for the stream: a thousand sessions saved at
+    the end of their replies paid thousands of waits). Equal to [capture(cache, row) for row in rows]."""
+    if not rows:
+        return []
+    index = torch.tensor(rows, dtype=torch.long, device=cache.lengths.device)
+    lengths = cache.lengths.index_select(0, index).tolist()
+    per_slot = 2 * len(cache.kv_layers) * cache.num_kv_heads * cache.head_dim * torch.empty(0, dtype=cache.dtype).element_size()
+    meta = layout(cache)
+    out = []
+    start = 0
+    while start < len(rows):
+        # Rows are read up to the group's longest, so a group is as many rows as fit the byte cap.
+        stop, longest = start, 0
+        while stop < len(rows):
+            longest_next = max(longest, min(lengths[stop], cache.slots))
+            if stop > start and (stop - start + 1) * max(longest_next, 1) * per_slot > CAPTURE_GROUP_BYTES:
+                break
+            longest, stop = longest_next, stop + 1
+        group = index[start:stop]
+        gathered = {f"{kv}.{layer}": buffer[layer].index_select(0, group)[:, :, :longest].to("cpu")
+                    for layer in cache.kv_layers for kv, buffer in (("k", cache.keys), ("v", cache.values))}
+        for i in range(start, stop):
+            used = min(lengths[i], cache.slots)
+            tensors = {"length": torch.tensor([lengths[i]], dtype=torch.long)}
+            for layer in cache.kv_layers:
+                for kv in "kv":
+                    tensors[f"{kv}.{layer}"] = gathered[f"{kv}.{layer}"][i - start, :, :used].clone()
+            out.append((tensors, dict(meta)))
+        start = stop
+    return out
+
+
 def check(cache: KVBuffers, tensors: dict[str, torch.Tensor], meta: dict) -> int:
     """Raise CacheStateError unless the state fits `cache` completely (layout, length, every tensor's
     presence, shape and dtype); returns the saved length. Nothing is written."""

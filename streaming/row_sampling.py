@@ -175,6 +175,15 @@ class RowSampling:
         ring, head = self.ring[row].tolist(), int(self.head[row])
         return [i for i in ring[head:] + ring[:head] if i >= 0]
 
+    def history_ids_many(self, rows: list[int]) -> list[list[int]]:
+        """`history_ids` of many rows with two device reads for all of them."""
+        for row in rows:
+            self._check_row(row)
+        index = torch.tensor(rows, dtype=torch.long, device=self.ring.device)
+        rings = self.ring.index_select(0, index).tolist()
+        heads = self.head.index_select(0, index).tolist()
+        return [[i for i in ring[head:] + ring[:head] if i >= 0] for ring, head in zip(rings, heads)]
+
     # -- device work (capturable: fixed shapes, no host reads) ----------------------------------------
 
     def observe(self, rows: torch.Tensor, ids: torch.Tensor) -> None:

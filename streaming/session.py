@@ -358,9 +358,11 @@ class Session:
             if self.next_logits is not None:
                 tensors["next_logits"] = self.next_logits.float().cpu()
             tensors["recent_ids"] = torch.tensor(self.recent_ids(), dtype=torch.long)
-            extra = {**self._chat.as_extra(), "chunk": self.chunk, "sequential": self.sequential,
-                     "model": self.runtime.fingerprint}
-            return tensors, meta, extra
+            return tensors, meta, self._snapshot_extra()
+
+    def _snapshot_extra(self) -> dict:
+        return {**self._chat.as_extra(), "chunk": self.chunk, "sequential": self.sequential,
+                "model": self.runtime.fingerprint}
 
     def restore(self, tensors: dict, meta: dict, extra: dict) -> None:
         """Load a state produced by `save` (used by `Runtime.restore_session`)."""
@@ -380,6 +382,42 @@ class Session:
             if len(recent):
                 engine.sampling.observe(torch.tensor([row], device=engine.device), recent[None])
             self._chat = chat
+
+
+def snapshot_many(sessions: Sequence[Session]) -> list[tuple[dict, dict, dict] | BaseException]:
+    """`Session.snapshot()` of many sessions of one engine, reading the device a few times for all of
+    them instead of about ten times each (a server saving a thousand sessions at the end of their
+    replies). Each result equals that session's `snapshot()`; a session that cannot be snapshotted
+    now (busy, released) gets its error in its place instead."""
+    results: list = [None] * len(sessions)
+    held = []
+    for i, session in enumerate(sessions):
+        try:
+            session._acquire()
+            held.append(i)
+        except Exception as exc:
+            results[i] = exc
+    try:
+        if not held:
+            return results
+        engine = sessions[held[0]].engine
+        if any(sessions[i].engine is not engine for i in held):
+            raise InvalidInputError("snapshot_many takes sessions of one engine")
+        rows = [sessions[i].row for i in held]
+        captured = cache_state.capture_rows(engine.cache, rows)
+        logits = engine.next_logits.index_select(0, torch.tensor(rows, device=engine.device)).float().cpu()
+        histories = engine.sampling.history_ids_many(rows)
+        for j, i in enumerate(held):
+            session = sessions[i]
+            tensors, meta = captured[j]
+            if engine.seen[session.row]:
+                tensors["next_logits"] = logits[j].clone()
+            tensors["recent_ids"] = torch.tensor(histories[j], dtype=torch.long)
+            results[i] = (tensors, meta, session._snapshot_extra())
+    finally:
+        for i in held:
+            sessions[i]._lock.release()
+    return results
 
 
 def check_state(runtime, cache, tensors: dict, meta: dict, extra: dict) -> ChatProgress:

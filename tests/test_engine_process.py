@@ -237,3 +237,40 @@ def test_a_start_that_fails_to_listen_leaves_no_engine_process(rt):
             return app.engine.process.poll()
 
     assert run(main()) is not None  # the engine process has exited
+
+
+def test_snapshots_asked_together_cross_as_one_call_and_equal_the_saved_states(rt, monkeypatch):
+    from apps.server.engine_spec import EngineSettings
+    from tests.test_snapshot_many import _same
+
+    # States made in this process (different lengths: fresh, short, a wrapped window), restored into
+    # rows of the engine process, then snapshotted all at once: the same states come back.
+    pool = rt.pool(4, sinks=2, window=30, chunk=8)
+    local = [pool.session() for _ in range(4)]
+    for session, text in zip(local, ["", "A short one.", "x" * 200, "Name a river. " * 12]):
+        if text:
+            session.feed(text)
+    states = [s.snapshot() for s in local]
+    calls = []
+
+    async def main():
+        engine = EngineProcess(ModelSource.of(rt), EngineSettings(rows=4, sinks=2, window=30, chunk=8,
+                                                                  prefill_budget=None))
+        await engine.start()
+        try:
+            real_call = engine.call
+            monkeypatch.setattr(engine, "call", lambda op, *args: calls.append(op) or real_call(op, *args))
+            handles = [await engine.open_row() for _ in states]
+            await asyncio.gather(*(engine.restore(h, s) for h, s in zip(handles, states)))
+            calls.clear()
+            return await asyncio.gather(*(engine.snapshot(h) for h in handles)), \
+                await asyncio.gather(engine.snapshot(handles[0]), engine.snapshot(10**6), return_exceptions=True)
+        finally:
+            await engine.stop()
+
+    together, with_unknown = asyncio.run(main())
+    assert calls.count("snapshot_many") == 2 and "snapshot" not in calls
+    for got, want in zip(together, states):
+        _same(got, want)
+    _same(with_unknown[0], states[0])  # an unknown handle fails alone
+    assert isinstance(with_unknown[1], Exception) and "no session" in str(with_unknown[1])

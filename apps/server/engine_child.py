@@ -61,8 +61,7 @@ class EngineChild:
         self.conn = conn
         if source.threads:
             torch.set_num_threads(source.threads)
-        self.rt = rt = streaming.load(source.model, device=source.device, dtype=source.dtype,
-                                             compile=source.compile)
+        self.rt = rt = streaming.load(source.model, device=source.device, dtype=source.dtype, compile=source.compile)
         if rt.device.type == "cpu" and settings.cpu_mmap_threshold is not None:
             native_heap.map_large_blocks(settings.cpu_mmap_threshold)
         self.pool = rt.pool(settings.rows, sinks=settings.sinks, window=settings.window, chunk=settings.chunk,
@@ -173,6 +172,19 @@ class EngineChild:
 
     def op_snapshot(self, handle: int):
         return pack_state(self.sessions[handle].snapshot())
+
+    def op_snapshot_many(self, handles: list[int]) -> list[tuple[bool, object]]:
+        """(True, packed state) or (False, the error) of each session, their device reads shared
+        (streaming.session.snapshot_many)."""
+        from streaming.session import snapshot_many
+
+        known = [h for h in handles if h in self.sessions]
+        states = dict(zip(known, snapshot_many([self.sessions[h] for h in known])))
+        out = []
+        for handle in handles:
+            state = states.get(handle, KeyError(f"no session {handle} in the engine process"))
+            out.append((False, portable(state)) if isinstance(state, BaseException) else (True, pack_state(state)))
+        return out
 
     def op_restore(self, handle: int, packed) -> None:
         self.sessions[handle].restore(*unpack_state(packed))

@@ -76,6 +76,7 @@ class EngineProcess:
         self._calls = itertools.count(1)
         self._job_ids = itertools.count(1)
         self._pending: dict[int, Future] = {}
+        self._snapshots: list[tuple[int, asyncio.Future]] = []  # asked this loop iteration (see snapshot)
         self._jobs: dict[int, RemoteJob] = {}
         self._lock = threading.Lock()  # sends, the pending calls and the jobs
         self._stopping = False
@@ -176,7 +177,38 @@ class EngineProcess:
     # (Packing runs off the event loop: a thousand sessions parking at once are megabytes each.)
 
     async def snapshot(self, handle: int) -> tuple[dict, dict, dict]:
-        return await asyncio.to_thread(unpack_state, await self._acall("snapshot", handle))
+        """The session's state. Snapshots asked for in the same event-loop iteration (a thousand
+        replies ending in one step, each saving its session) cross as one call whose device reads
+        the engine process shares (op_snapshot_many)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._snapshots.append((handle, future))
+        if len(self._snapshots) == 1:
+            loop.call_soon(self._send_snapshots)
+        ok, value = await future
+        if not ok:
+            raise value
+        return await asyncio.to_thread(unpack_state, value)
+
+    def _send_snapshots(self) -> None:
+        batch, self._snapshots = self._snapshots, []
+
+        def answered(call: Future) -> None:
+            error = call.exception() if not call.cancelled() else EngineProcessError("the call was cancelled")
+            results = [(False, error)] * len(batch) if error is not None else call.result()
+            for (_, future), result in zip(batch, results):
+                if not future.done():
+                    future.set_result(result)
+
+        loop = asyncio.get_running_loop()
+
+        def from_any_thread(call: Future) -> None:  # (the reader thread answers calls)
+            try:
+                loop.call_soon_threadsafe(answered, call)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+        self.call("snapshot_many", [handle for handle, _ in batch]).add_done_callback(from_any_thread)
 
     async def restore(self, handle: int, state: tuple[dict, dict, dict]) -> None:
         await self._acall("restore", handle, await asyncio.to_thread(pack_state, state))
