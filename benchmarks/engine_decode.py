@@ -102,6 +102,7 @@ def main():
     parser.add_argument("--steady-streams", type=int, nargs="*", default=[256, 1024])
     parser.add_argument("--plain-path-streams", type=int, nargs="*", default=[1, 256])
     parser.add_argument("--hf-streams", type=int, nargs="*", default=[1, 64])
+    parser.add_argument("--compile", action="store_true", help="layers through torch.compile (streaming.load's)")
     args = parser.parse_args()
     lines = []
 
@@ -117,7 +118,7 @@ def main():
                        for k, v in random_weights(config, std=0.2).items()}
             path = write_checkpoint(Path(tmp) / kind, config, weights)
             del weights
-            rt = streaming.load(path, device="cuda", dtype="bf16")
+            rt = streaming.load(path, device="cuda", dtype="bf16", compile=args.compile)
             for streams in args.streams:
                 adm, pre, dec = engine_run(rt, streams, 128, args.new_tokens)
                 report(f"| {kind} | engine | {streams} | {adm:.3f} | {pre:,.0f} | {dec:,.0f} |")

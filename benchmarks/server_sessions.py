@@ -203,7 +203,9 @@ async def load(url: str, args, text: str = ""):
 async def main_async(args):
     # With the engine in its own process the model loads there; here only the tokenizer is used.
     rt = streaming.load(args.model, device="cpu" if args.engine_process else args.device)
-    source = ModelSource(model=args.model, device=args.device) if args.engine_process else rt
+    if args.compile and not args.engine_process:
+        rt.model.compile_layers()
+    source = ModelSource(model=args.model, device=args.device, compile=args.compile) if args.engine_process else rt
     text = ""
     if args.long_prompt_tokens:
         from benchmarks.server_long_prompt import long_prompt as make_prompt
@@ -265,6 +267,7 @@ def main():
     parser.add_argument("--switch-interval", type=float, default=None,
                         help="the server process's GIL switch interval in seconds (sys.setswitchinterval; "
                              "Python's default is 0.005)")
+    parser.add_argument("--compile", action="store_true", help="layers through torch.compile")
     parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                         help="the server's engine in a process of its own (default) or in the server's")
     parser.add_argument("--py-spy", metavar="DIR", default=None,
