@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -21,7 +22,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 log = logging.getLogger("sinkstream.server")
-SLOW_STEP_S = 0.1  # steps longer than this are logged (INFO)
+# Steps longer than this are logged (INFO); $SINKSTREAM_SLOW_STEP_MS changes it (diagnosing gaps).
+SLOW_STEP_S = float(os.environ.get("SINKSTREAM_SLOW_STEP_MS", "100")) / 1e3
 
 
 @dataclass
