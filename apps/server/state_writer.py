@@ -40,6 +40,7 @@ class StateWriter:
 
     async def _submit(self, op: tuple) -> None:
         future = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_retrieved)  # a caller cancelled meanwhile leaves no "never retrieved" log
         self._pending.append((op, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
@@ -69,3 +70,8 @@ class StateWriter:
             await asyncio.shield(self._flusher)
         self._coordinator.shutdown(wait=True)
         self._files.shutdown(wait=True)
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
