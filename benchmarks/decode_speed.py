@@ -190,6 +190,15 @@ def main():
             if kind == "plain":
                 hf_rate, hf_ids, hf = time_hf(path, device, dtype, prompt[:512], args.hf_tokens)
                 print(f"parity vs transformers: 256-token prefill logits rel diff {parity(rt, hf, prompt[:256], device):.2e}")
+                if device.type == "cuda":  # the same with cuDNN's attention allowed first, as transformers' call may use
+                    from torch.nn.attention import SDPBackend
+
+                    from streaming import attention
+
+                    preferred = attention._CUDA_BACKENDS
+                    attention._CUDA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, *preferred]
+                    print(f"parity vs transformers, cuDNN attention first: {parity(rt, hf, prompt[:256], device):.2e}")
+                    attention._CUDA_BACKENDS = preferred
             reference = None
             for mode in modes:
                 row, ids = time_mode(rt, args, mode, prompt, device)
