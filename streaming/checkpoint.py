@@ -84,6 +84,9 @@ def load_model(directory: str | Path, *, device: torch.device, dtype: torch.dtyp
             raise CheckpointError(f"tensor '{name}' has non-float dtype {tensor.dtype}")
         state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
     model.load_state_dict(state, strict=True, assign=True)
+    # The model holds the weights now: without these references, stacking a layer's projections
+    # frees its originals before the next layer's are stacked (else the peak is 1.6x the weights).
+    del state, handles
     model.inv_freq = inverse_frequencies(config.rope, config.head_dim).to(device)
     model.eval().requires_grad_(False)
     model.stack_weights()

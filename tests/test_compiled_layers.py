@@ -103,3 +103,19 @@ def test_fast_step_matches_reference_in_bfloat16_on_the_bundled_model():
     scale = reference[0].abs().max()
     assert (fast[0] - reference[0]).abs().max() <= 0.03 * scale  # measured on CPU: bf16 vs float32 0.6 %
     assert fast[1] == reference[1] and len(fast[1]) > 16
+
+
+@GPU
+def test_stacking_at_load_frees_each_layers_originals_as_it_goes(tmp_path):
+    # q/k/v and gate/up are most of a layer: holding every original until the load returned would
+    # peak at ~1.6x the weights on the GPU; freed layer by layer it stays within one layer of them.
+    path = make_tiny_checkpoint(tmp_path / "m", "plain", with_tokenizer=False, layers=8, hidden_size=512,
+                                intermediate_size=2048, num_attention_heads=8, num_key_value_heads=8,
+                                head_dim=64, vocab_size=2048)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    rt = streaming.load(path, device="cuda", dtype="float32")
+    weights = sum(p.numel() * p.element_size() for p in rt.model.parameters())
+    peak = torch.cuda.max_memory_allocated() - start
+    assert peak <= weights * (1 + 1.5 / 8), (peak, weights)  # one layer's stacked copy at most, and slack
