@@ -38,6 +38,8 @@ from streaming.tokenizer import Tokenizer
 log = logging.getLogger("sinkstream.server")
 
 
+SNAPSHOT_BATCH = 64  # sessions per snapshot call (see EngineProcess._send_snapshots)
+
 class EngineProcessError(RuntimeError):
     """The engine process failed to start, or stopped."""
 
@@ -191,7 +193,13 @@ class EngineProcess:
         return await asyncio.to_thread(unpack_state, value)
 
     def _send_snapshots(self) -> None:
-        batch, self._snapshots = self._snapshots, []
+        pending, self._snapshots = self._snapshots, []
+        # In calls of at most SNAPSHOT_BATCH sessions: one answer holding a thousand states (hundreds
+        # of MB) took longer to pickle, send and read than a thousand small ones, and held the reader.
+        for start in range(0, len(pending), SNAPSHOT_BATCH):
+            self._send_snapshot_call(pending[start : start + SNAPSHOT_BATCH])
+
+    def _send_snapshot_call(self, batch: list[tuple[int, asyncio.Future]]) -> None:
 
         def answered(call: Future) -> None:
             error = call.exception() if not call.cancelled() else EngineProcessError("the call was cancelled")
