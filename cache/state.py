@@ -40,22 +40,17 @@ def layout(cache: KVBuffers) -> dict:
 
 def capture(cache: KVBuffers, row: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
     """Copy row `row`'s keys, values and length to host memory."""
-    length = int(cache.lengths[row])
-    used = min(length, cache.slots)  # a full cache holds `length` slots; a ring all of them once full
-    tensors = {"length": torch.tensor([length], dtype=torch.long)}
-    for layer in cache.kv_layers:
-        tensors[f"k.{layer}"] = cache.keys[layer][row, :, :used].to("cpu", copy=True)
-        tensors[f"v.{layer}"] = cache.values[layer][row, :, :used].to("cpu", copy=True)
-    return tensors, layout(cache)
+    return capture_rows(cache, [row])[0]
 
 
 CAPTURE_GROUP_BYTES = 64 << 20  # device memory one gather of `capture_rows` may take
 
 
 def capture_rows(cache: KVBuffers, rows: list[int]) -> list[tuple[dict[str, torch.Tensor], dict]]:
-    """`capture` of many rows, reading the device a few times per group of rows instead of 1 + 2 x
-    KV layers times per row (on a GPU each read waits for the stream: a thousand sessions saved at
-    the end of their replies paid thousands of waits). Equal to [capture(cache, row) for row in rows]."""
+    """`capture` of many rows, reading the device a few times per group of rows, not 1 + 2 x KV layers
+    times per row (on a GPU each read waits for the stream: a thousand sessions saved at the end of
+    their replies paid thousands of waits). A full cache holds `length` slots of a row; a ring, all of
+    its slots once full."""
     if not rows:
         return []
     index = torch.tensor(rows, dtype=torch.long, device=cache.lengths.device)

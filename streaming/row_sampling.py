@@ -171,9 +171,7 @@ class RowSampling:
 
     def history_ids(self, row: int) -> list[int]:
         """The ids in a row's penalty history, oldest first (reads the device: not for the hot path)."""
-        self._check_row(row)
-        ring, head = self.ring[row].tolist(), int(self.head[row])
-        return [i for i in ring[head:] + ring[:head] if i >= 0]
+        return self.history_ids_many([row])[0]
 
     def history_ids_many(self, rows: list[int]) -> list[list[int]]:
         """`history_ids` of many rows with two device reads for all of them."""

@@ -353,16 +353,10 @@ class Session:
     def snapshot(self) -> tuple[dict, dict, dict]:
         """This session's cache and conversation state in host memory: (tensors, cache meta, extra), what
         `save` writes and `restore` takes (e.g. to give the row back while a user is away)."""
-        with self._exclusive():
-            tensors, meta = cache_state.capture(self.engine.cache, self.row)
-            if self.next_logits is not None:
-                tensors["next_logits"] = self.next_logits.float().cpu()
-            tensors["recent_ids"] = torch.tensor(self.recent_ids(), dtype=torch.long)
-            return tensors, meta, self._snapshot_extra()
-
-    def _snapshot_extra(self) -> dict:
-        return {**self._chat.as_extra(), "chunk": self.chunk, "sequential": self.sequential,
-                "model": self.runtime.fingerprint}
+        (state,) = snapshot_many([self])
+        if isinstance(state, BaseException):
+            raise state
+        return state
 
     def restore(self, tensors: dict, meta: dict, extra: dict) -> None:
         """Load a state produced by `save` (used by `Runtime.restore_session`)."""
@@ -413,7 +407,9 @@ def snapshot_many(sessions: Sequence[Session]) -> list[tuple[dict, dict, dict] |
             if engine.seen[session.row]:
                 tensors["next_logits"] = logits[j].clone()
             tensors["recent_ids"] = torch.tensor(histories[j], dtype=torch.long)
-            results[i] = (tensors, meta, session._snapshot_extra())
+            extra = {**session._chat.as_extra(), "chunk": session.chunk, "sequential": session.sequential,
+                     "model": session.runtime.fingerprint}
+            results[i] = (tensors, meta, extra)
     finally:
         for i in held:
             sessions[i]._lock.release()

@@ -10,6 +10,25 @@ from streaming.session import snapshot_many
 from tests.tiny_checkpoint import make_tiny_checkpoint
 
 
+def _read_directly(session):
+    """A session's state read straight from its engine's buffers, one tensor at a time (the reference)."""
+    engine, row = session.engine, session.row
+    cache = engine.cache
+    length = int(cache.lengths[row])
+    used = min(length, cache.slots)
+    tensors = {"length": torch.tensor([length])}
+    for layer in cache.kv_layers:
+        tensors[f"k.{layer}"] = cache.keys[layer][row, :, :used].clone()
+        tensors[f"v.{layer}"] = cache.values[layer][row, :, :used].clone()
+    if engine.seen[row]:
+        tensors["next_logits"] = engine.next_logits[row].float().clone()
+    ring, head = engine.sampling.ring[row].tolist(), int(engine.sampling.head[row])
+    tensors["recent_ids"] = torch.tensor([i for i in ring[head:] + ring[:head] if i >= 0], dtype=torch.long)
+    extra = {**session._chat.as_extra(), "chunk": session.chunk, "sequential": session.sequential,
+             "model": session.runtime.fingerprint}
+    return tensors, cache_state.layout(cache), extra
+
+
 def _same(a, b):
     (ta, ma, ea), (tb, mb, eb) = a, b
     assert ma == mb and ea == eb
@@ -37,6 +56,7 @@ def test_snapshot_many_equals_each_snapshot(tmp_path, monkeypatch, group_bytes):
     assert isinstance(results[1], Exception) and "released" in str(results[1])
     busy.close()
     for i in (0, 2, 3, 4):
+        _same(results[i], _read_directly(sessions[i]))
         _same(results[i], sessions[i].snapshot())
     assert "next_logits" not in results[0][0] and results[4][0]["k.0"].shape[1] == 32  # the ring's capacity
     # And it restores: a new session from the batch's state answers as the original.

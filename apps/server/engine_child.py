@@ -170,9 +170,6 @@ class EngineChild:
         self.pool.release(self.sessions[handle])
         del self.sessions[handle]
 
-    def op_snapshot(self, handle: int):
-        return pack_state(self.sessions[handle].snapshot())
-
     def op_snapshot_many(self, handles: list[int]) -> list[tuple[bool, object]]:
         """(True, packed state) or (False, the error) of each session, their device reads shared
         (streaming.session.snapshot_many)."""
