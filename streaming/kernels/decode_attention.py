@@ -137,14 +137,14 @@ if triton is not None:
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
                      total: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, sinks: int, window: int,
                      diagonal: bool, block: int = BLOCK, num_warps: int = 4, num_stages: int | None = None,
-                     splits: int | None = None, join: str = "triton") -> torch.Tensor:
+                     splits: int | None = None) -> torch.Tensor:
     """One new token per row: q [B, H, D] rotated at its in-cache position; keys/values: a sink-window
     cache's whole buffers [R, Hkv, S+W, D] (keys unrotated); rows [B] long: the cache row of each query;
     total [B] long: tokens of the row after this step's write. `diagonal`: whether the query sees its
     own slot. Returns [B, H, D] in q's dtype; a query that sees no key gets exactly zero.
     `block`, `num_warps`, `num_stages`, `splits` (None: enough to fill the GPU) are tuning knobs
-    (benchmarks/decode_kernel.py sweeps them). `join`: how split results are combined, "triton" (one
-    kernel) or "torch" (the reference ops)."""
+    (benchmarks/decode_kernel.py sweeps them). Several splits are combined by `_join_kernel`
+    (`join_splits_reference` is its torch reference)."""
     B, H, D = q.shape
     kv_heads, slots = keys.shape[1], keys.shape[2]
     group = H // kv_heads
@@ -174,18 +174,19 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         num_warps=num_warps, num_stages=num_stages)
     if splits == 1:
         return out
-    if join == "torch":
-        return join_splits_reference(mid_acc, mid_max, mid_sum, group, q.dtype)
-    _join_kernel[(B, kv_heads)](mid_acc, mid_max, mid_sum, out, out.stride(0), out.stride(1),
-                                SPLITS=splits, GROUP=group, GROUP_PAD=group_pad, D=D, num_warps=4)
-    return out
+    return _join(mid_acc, mid_max, mid_sum, out, group)
 
 
 def join_splits(mid_acc, mid_max, mid_sum, group: int, dtype: torch.dtype) -> torch.Tensor:
     """The Triton join of per-split partial softmaxes (what `decode_attention` runs): mid_* as
     `join_splits_reference` takes them -> [B, H, D] in `dtype`."""
+    B, kv_heads, _, _, D = mid_acc.shape
+    return _join(mid_acc, mid_max, mid_sum, torch.empty(B, kv_heads * group, D, dtype=dtype, device=mid_acc.device),
+                 group)
+
+
+def _join(mid_acc, mid_max, mid_sum, out: torch.Tensor, group: int) -> torch.Tensor:
     B, kv_heads, splits, group_pad, D = mid_acc.shape
-    out = torch.empty(B, kv_heads * group, D, dtype=dtype, device=mid_acc.device)
     _join_kernel[(B, kv_heads)](mid_acc, mid_max, mid_sum, out, out.stride(0), out.stride(1),
                                 SPLITS=splits, GROUP=group, GROUP_PAD=group_pad, D=D, num_warps=4)
     return out
