@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,9 +50,9 @@ class StateDir:
 
     def write(self, session_id: str, snapshot: tuple[dict, dict, dict], conversation: dict) -> None:
         """Atomically replace the session's file with this state (temp file, fsync, rename, fsync dir)."""
-        temp, target = self._write_temp(session_id, snapshot, conversation)
-        os.replace(temp, target)
-        _fsync_dir(self.path)
+        (error,) = self.apply([("write", session_id, (snapshot, conversation))])
+        if error is not None:
+            raise error
 
     def apply(self, ops: list[tuple[str, str, tuple]], pool=None) -> list[BaseException | None]:
         """Carry out ops ("write", session id, (snapshot, conversation)) or ("delete", session id, ())
@@ -68,7 +69,7 @@ class StateDir:
         for sid, i in last.items():
             if ops[i][0] == "write":
                 call = functools.partial(self._write_temp, sid, *ops[i][2])
-                prepared[i] = pool.submit(call) if pool is not None else _Done(call)
+                prepared[i] = pool.submit(call) if pool is not None else _call_now(call)
         changed = False
         for sid, i in last.items():
             try:
@@ -101,12 +102,6 @@ class StateDir:
     def read(self, session_id: str) -> tuple[dict, dict, dict]:
         """(tensors, cache meta, extra) of a saved session (CacheStateError when unreadable)."""
         return cache_state.load(self.file(session_id))
-
-    def delete(self, session_id: str) -> None:
-        try:
-            self.file(session_id).unlink()
-        except FileNotFoundError:
-            pass
 
     def scan(self, check) -> list[SavedConversation]:
         """Every readable session file whose state passes `check(tensors, meta, extra)` (which raises
@@ -141,19 +136,14 @@ class StateDir:
         return SavedConversation(session_id, history, sampling, seq)
 
 
-class _Done:
-    """A call made now, with a Future's `result()` (`apply` without a thread pool)."""
-
-    def __init__(self, call) -> None:
-        try:
-            self.value, self.error = call(), None
-        except Exception as exc:
-            self.value, self.error = None, exc
-
-    def result(self):
-        if self.error is not None:
-            raise self.error
-        return self.value
+def _call_now(call) -> Future:
+    """`call` run here and now, its outcome as a finished Future (`apply` without a thread pool)."""
+    future: Future = Future()
+    try:
+        future.set_result(call())
+    except Exception as exc:
+        future.set_exception(exc)
+    return future
 
 
 def _fsync_dir(path: Path) -> None:
