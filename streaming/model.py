@@ -148,21 +148,22 @@ class CausalLM(nn.Module):
         # Decode steps on CUDA read the sink-window cache in a Triton kernel (RoPE where keys are
         # read, rows by index) when Triton is present; False keeps the plain path everywhere.
         self.decode_kernel = True
+        self.math = LayerMath()  # the final norm + head's; compile_layers gives every layer the same
         self._rope_tables: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: hidden [..., hidden] -> float32 logits [..., vocab]."""
         weight = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
         norm = self.model.norm
-        return self.model.layers[0].math.final_logits(hidden, norm.weight, norm.eps, weight)
+        return self.math.final_logits(hidden, norm.weight, norm.eps, weight)
 
     def compile_layers(self, compiled: bool = True, mode: str | None = None) -> None:
         """Run every layer's arithmetic (and the final norm + head) through `torch.compile`d functions
         (one set shared by all layers; `mode` as torch.compile's), or back through the eager
         reference when False."""
-        math = LayerMath(compiled, mode)
+        self.math = LayerMath(compiled, mode)
         for layer in self.model.layers:
-            layer.math = math
+            layer.math = self.math
 
     def stack_weights(self) -> None:
         """Stack every layer's q/k/v and gate/up projections now (see DecoderLayer.stacked_weights)."""
@@ -171,7 +172,7 @@ class CausalLM(nn.Module):
 
     @property
     def layers_compiled(self) -> bool:
-        return self.model.layers[0].math.compiled
+        return self.math.compiled
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return cos_sin(positions, self.inv_freq, dtype)
