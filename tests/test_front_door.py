@@ -57,6 +57,13 @@ class Dying(LocalBackend):
         asyncio.run_coroutine_threadsafe(drop(), server.loop).result(10)
 
 
+async def _stop(door, servers) -> None:
+    """Stop the front door, then every replica server behind it."""
+    await door.stop()
+    for server in servers:
+        server.shutdown()
+
+
 def _cluster(checkpoint, state_dir, names=("a", "b"), engine_process=None):
     token = secrets.token_urlsafe(16)
     spec = ReplicaSpec(model=checkpoint, device="cpu", dtype="float32", limits=LIMITS.__dict__.copy(),
@@ -116,9 +123,7 @@ def test_sessions_spread_over_replicas_and_equal_the_single_server(checkpoint, t
             placed = {r.name: len(r.sessions) for r in door.table.replicas}
             return replies, health, placed
         finally:
-            await door.stop()
-            for server in servers:
-                server.shutdown()
+            await _stop(door, servers)
 
     replies, health, placed = _run(main())
     assert placed["a"] > 0 and placed["b"] > 0 and sum(placed.values()) == 8  # both replicas used
@@ -149,9 +154,7 @@ def test_drain_moves_sessions_and_their_replies_are_unchanged(checkpoint, tmp_pa
                     fresh = await create(other)
                 return replies, on_a, moved, after, door.replica("b").sessions, fresh, servers[0].app.health()
         finally:
-            await door.stop()
-            for server in servers:
-                server.shutdown()
+            await _stop(door, servers)
 
     replies, on_a, moved, after, on_b, fresh, a_health = _run(main())
     assert moved == len(on_a) and not after["a"] and on_a <= after["b"]
@@ -181,9 +184,7 @@ def test_a_failed_replica_ends_its_reply_with_an_error_and_its_sessions_resume_e
                 health = door.health()
                 return first, second, events[-1], errors, victim.name, survivors, health, took
         finally:
-            await door.stop()
-            for server in servers:
-                server.shutdown()
+            await _stop(door, servers)
 
     first, second, done, errors, victim, survivors, health, took = _run(main())
     assert done["finish_reason"] == "error" and errors and errors[0]["code"] == "replica_failed"
@@ -228,9 +229,7 @@ def test_drain_over_http_needs_the_token_and_names_a_replica(checkpoint, tmp_pat
                 reply, _ = await _say(ws, sid, "Still there?")
                 return no_token, unknown, started, health, holder, reply
         finally:
-            await door.stop()
-            for server in servers:
-                server.shutdown()
+            await _stop(door, servers)
 
     no_token, unknown, started, health, holder, reply = _run(main())
     assert no_token[0] == 401 and unknown[0] == 404 and unknown[1]["replicas"] == ["a", "b"]
@@ -307,9 +306,7 @@ def test_scaler_adds_a_replica_under_load_and_drains_one_when_quiet(checkpoint, 
                 return grown, on_new, shrunk, reply, sorted(deployer.servers)
         finally:
             scaler.cancel()
-            await door.stop()
-            for server in deployer.servers.values():
-                server.shutdown()
+            await _stop(door, deployer.servers.values())
 
     grown, on_new, shrunk, reply, left = _run(main())
     assert grown == ["r0", "r1"] and on_new
@@ -375,9 +372,7 @@ def test_a_create_refused_for_want_of_rows_goes_to_another_replica(checkpoint, t
                     answers.append(await recv(ws))
             placed = [len(r.sessions) for r in door.table.replicas]
         finally:
-            await door.stop()
-            for server in servers:
-                server.shutdown()
+            await _stop(door, servers)
         return answers, placed
 
     answers, placed = _run(main())
@@ -412,9 +407,7 @@ def test_a_restarted_front_door_sends_each_resume_to_the_replica_that_holds_the_
             holders = {sid: [name for name, s in zip("ab", servers) if sid in s.app.sessions.by_id] for sid in sids}
             return replies, placed, holders
         finally:
-            await door.stop()
-            for server in servers:
-                server.shutdown()
+            await _stop(door, servers)
 
     replies, placed, holders = _run(main())
     assert set(placed.values()) == {"a", "b"}  # the sessions were on both replicas
