@@ -56,17 +56,25 @@ def test_default_reply_length_is_the_checkpoints(tmp_path):
     assert "generation: 9 tokens" in explicit.stderr, explicit.stderr
 
 
-def test_compiled_layers_only_when_asked():
+def test_compiled_layers_by_default_only_for_a_server_on_a_gpu(monkeypatch):
     import argparse
+
+    import torch
 
     from apps.common import add_model_args, wants_compile
 
     parser = argparse.ArgumentParser()
     add_model_args(parser)
-    for serving in (True, False):
-        assert wants_compile(parser.parse_args([]), serving=serving) is False
-        assert wants_compile(parser.parse_args(["--compile"]), serving=serving) is True
-        assert wants_compile(parser.parse_args(["--no-compile"]), serving=serving) is False
+    for gpu in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda gpu=gpu: gpu)
+        for serving in (True, False):
+            assert wants_compile(parser.parse_args(["--compile"]), serving=serving) is True
+            assert wants_compile(parser.parse_args(["--no-compile"]), serving=serving) is False
+            assert wants_compile(parser.parse_args(["--device", "cpu"]), serving=serving) is False
+        # Unset: a server on a GPU (the default device there, or named) compiles; a one-off command not.
+        assert wants_compile(parser.parse_args([]), serving=True) is gpu
+        assert wants_compile(parser.parse_args(["--device", "cuda:0"]), serving=True) is gpu
+        assert wants_compile(parser.parse_args([]), serving=False) is False
 
 
 def test_load_with_compile_marks_every_layer_and_the_engine_process_gets_it(tmp_path):

@@ -32,7 +32,7 @@ class ReplicaSpec:
     threads: int | None = None  # CPU threads for torch (None: torch's default)
     model_name: str = "model"
     engine_process: bool | None = None  # ServerConfig.engine_process (None: apart on a GPU)
-    compile: bool | None = None  # layers through torch.compile (None: off, see apps.common.wants_compile)
+    compile: bool | None = None  # layers through torch.compile (None: apps.common.compile_by_default)
 
 
 class ReplicaServer:
@@ -62,6 +62,7 @@ class ReplicaServer:
     async def _serve(self) -> None:
         import torch
 
+        from apps.common import compile_by_default
         from apps.server.app import ChatServer, ServerConfig
         from apps.server.engine_spec import ModelSource
 
@@ -73,8 +74,9 @@ class ReplicaServer:
         if spec.threads:
             torch.set_num_threads(spec.threads)
         # Loaded by the server: on a GPU in its engine process, on CPU in this one.
+        compile_layers = spec.compile if spec.compile is not None else compile_by_default(spec.device, serving=True)
         source = ModelSource(model=spec.model, device=spec.device, dtype=spec.dtype, threads=torch.get_num_threads(),
-                             compile=bool(spec.compile))
+                             compile=bool(compile_layers))
         limits = Limits(**{**spec.limits, "max_requests_per_minute": 1 << 30})
         cfg = ServerConfig(host=spec.host, port=0, limits=limits, chunk=spec.chunk, token=spec.token,
                            allowed_hosts=(spec.host,), model_name=spec.model_name, state_dir=spec.state_dir,
