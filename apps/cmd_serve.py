@@ -69,6 +69,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="step the model in a process of its own, apart from the websockets (default: "
                         "yes on a GPU, where one process's GIL would make every stream wait on the "
                         "websockets' work; no on CPU)")
+    p.add_argument("--pipelined", action=argparse.BooleanOptionalAction, default=False,
+                   help="queue each decode step before reading the last one's ids, so the host's work "
+                        "on them overlaps the GPU's next step (a reply that ends has its one queued "
+                        "token taken back; default: off until measured on a GPU)")
     p.add_argument("--verbose", "-v", action="store_true", help="log sessions to stderr")
     add_model_args(p)
     add_ray_args(p)
@@ -101,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
                        allowed_hosts=tuple(args.allow_host), token=args.token,
                        model_name=os.path.basename(os.path.normpath(args.model or "bundled")),
                        state_dir=args.state_dir, engine_process=args.engine_process,
-                       compression=args.compression)
+                       compression=args.compression, pipelined=args.pipelined)
     if args.ray:  # the model loads in the replicas, not here
         from apps.cluster import cli as cluster
 

@@ -35,12 +35,13 @@ def prompts(count, length, vocab):
     return torch.randint(3, vocab, (count, length), generator=gen).tolist()
 
 
-def engine_run(rt, streams, prompt_len, new_tokens, steady=False):
+def engine_run(rt, streams, prompt_len, new_tokens, steady=False, pipelined=False):
     """(admission ms/stream, prompt tok/s, decode tok/s) with `streams` live streams. `steady`: after
     the prompt, every row is positioned as a long-running stream (its window full, 10**6 tokens seen),
     so each decode step reads all 4 + 1020 slots of every stream, as it does forever after the first
-    thousand tokens. The slots hold random KV left from earlier runs; timing does not depend on values."""
-    engine = Engine(rt, streams, sinks=SINKS, window=WINDOW, chunk=128, prefill_budget=128 * 64)
+    thousand tokens. The slots hold random KV left from earlier runs; timing does not depend on values.
+    `pipelined`: each decode step is queued before the last one's ids are read (Engine's option)."""
+    engine = Engine(rt, streams, sinks=SINKS, window=WINDOW, chunk=128, prefill_budget=128 * 64, pipelined=pipelined)
     greedy = SamplingParams()
     # Warm-up: capture the decode graphs of every bucket once (what a server does at start).
     engine.graphs.capture_decode(engine.sampling.features([0]))
@@ -58,7 +59,7 @@ def engine_run(rt, streams, prompt_len, new_tokens, steady=False):
             engine.seen[job.row] = 10**6
         engine.cache.lengths[[job.row for job in jobs]] = 10**6
     engine.step()  # every stream's first token
-    start = sum(len(j.generated) for j in jobs)
+    start = sum(j.launched for j in jobs)  # tokens whose step ran before the clock (read or not yet)
     sync(rt.device)
     t3 = time.perf_counter()
     while engine.step():
@@ -103,7 +104,10 @@ def main():
     parser.add_argument("--plain-path-streams", type=int, nargs="*", default=[1, 256])
     parser.add_argument("--hf-streams", type=int, nargs="*", default=[1, 64])
     parser.add_argument("--compile", action="store_true", help="layers through torch.compile (streaming.load's)")
+    parser.add_argument("--pipelined", action="store_true",
+                        help="every engine row also with the pipelined engine (next step queued before the ids are read)")
     args = parser.parse_args()
+    modes = [(False, "")] + ([(True, ", pipelined")] if args.pipelined else [])
     lines = []
 
     def report(line):
@@ -119,23 +123,26 @@ def main():
             path = write_checkpoint(Path(tmp) / kind, config, weights)
             del weights
             rt = streaming.load(path, device="cuda", dtype="bf16", compile=args.compile)
-            for streams in args.streams:
-                adm, pre, dec = engine_run(rt, streams, 128, args.new_tokens)
-                report(f"| {kind} | engine | {streams} | {adm:.3f} | {pre:,.0f} | {dec:,.0f} |")
-            for streams in args.steady_streams:
-                adm, pre, dec = engine_run(rt, streams, 128, args.new_tokens, steady=True)
-                report(f"| {kind} | engine, windows full | {streams} | {adm:.3f} | {pre:,.0f} | {dec:,.0f} |")
+            for pipelined, label in modes:
+                for streams in args.streams:
+                    adm, pre, dec = engine_run(rt, streams, 128, args.new_tokens, pipelined=pipelined)
+                    report(f"| {kind} | engine{label} | {streams} | {adm:.3f} | {pre:,.0f} | {dec:,.0f} |")
+                for streams in args.steady_streams:
+                    adm, pre, dec = engine_run(rt, streams, 128, args.new_tokens, steady=True, pipelined=pipelined)
+                    report(f"| {kind} | engine{label}, windows full | {streams} | {adm:.3f} | {pre:,.0f} | {dec:,.0f} |")
             rt.model.decode_kernel = False  # the plain attention path (gather, rotate, SDPA) for comparison
             for streams in args.plain_path_streams:
                 adm, pre, dec = engine_run(rt, streams, 128, args.new_tokens)
                 report(f"| {kind} | engine, plain attention path | {streams} | {adm:.3f} | {pre:,.0f} | {dec:,.0f} |")
             rt.model.decode_kernel = True
             budget = int(args.budget_gib * 2**30 // row_bytes(rt))
-            adm, pre, dec = engine_run(rt, budget, 8, args.new_tokens)
-            report(f"| {kind} | engine, {args.budget_gib:g} GiB KV budget | {budget} | {adm:.3f} | {pre:,.0f} | {dec:,.0f} |")
-            adm, pre, dec = engine_run(rt, budget, 8, args.new_tokens, steady=True)
-            report(f"| {kind} | engine, {args.budget_gib:g} GiB KV budget, windows full | {budget} | {adm:.3f} | "
-                   f"{pre:,.0f} | {dec:,.0f} |")
+            for pipelined, label in modes:
+                adm, pre, dec = engine_run(rt, budget, 8, args.new_tokens, pipelined=pipelined)
+                report(f"| {kind} | engine{label}, {args.budget_gib:g} GiB KV budget | {budget} | {adm:.3f} | {pre:,.0f} | "
+                       f"{dec:,.0f} |")
+                adm, pre, dec = engine_run(rt, budget, 8, args.new_tokens, steady=True, pipelined=pipelined)
+                report(f"| {kind} | engine{label}, {args.budget_gib:g} GiB KV budget, windows full | {budget} | "
+                       f"{adm:.3f} | {pre:,.0f} | {dec:,.0f} |")
             del rt
             torch.cuda.empty_cache()
             if kind == "plain":

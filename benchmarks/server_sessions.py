@@ -215,7 +215,8 @@ async def main_async(args):
                     max_requests_per_minute=10**9,  # all clients share one address here
                     max_prompt_tokens=max(4096, 2 * args.long_prompt_tokens),
                     max_message_bytes=max(65536, 8 * len(text)))
-    cfg = ServerConfig(port=0, limits=limits, model_name="bench", engine_process=args.engine_process)
+    cfg = ServerConfig(port=0, limits=limits, model_name="bench", engine_process=args.engine_process,
+                       pipelined=args.pipelined)
     async with running(source, cfg) as app:
         lags: list = []
         lag_task = asyncio.create_task(loop_lag(lags))
@@ -257,6 +258,8 @@ def main():
     parser.add_argument("--model", default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--sessions", type=int, default=1000)
+    parser.add_argument("--pipelined", action="store_true", help="the server's engine queues each decode step "
+                        "before reading the last one's ids (serve --pipelined)")
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--client-processes", type=int, default=4)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from . import store_kernel
+from .take_back import LastStepLog
 
 
 @dataclass
@@ -59,6 +60,14 @@ class KVBuffers:
         self.store_kernel = bool(self.keys) and store_kernel.available(next(iter(self.keys.values())))
         # Tokens each row has seen since its start (its stream length).
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.last_step: LastStepLog | None = None  # see keep_last_step
+
+    def keep_last_step(self, max_rows: int) -> LastStepLog:
+        """From now on, while `last_step.recording`, one-token steps of up to `max_rows` addressed
+        rows keep what they overwrite, so `last_step.take_back` can undo them (a pipelined engine)."""
+        if self.last_step is None:
+            self.last_step = LastStepLog(self, max_rows)
+        return self.last_step
 
     @property
     def slots(self) -> int:
@@ -72,6 +81,8 @@ class KVBuffers:
     def write(self, layer: int, plan: StepPlan, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store keys/values [B, Hkv, n, D] of the new tokens at `plan.write_slots`, in place."""
         keys, values = keys.to(self.dtype), values.to(self.dtype)
+        if self.last_step is not None and self.last_step.recording:
+            self.last_step.record(layer, plan)
         if plan.rows is None:
             index = plan.write_slots[:, None, :, None].expand_as(keys)
             if plan.padding is not None:  # a padding token writes back what its slot holds

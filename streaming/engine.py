@@ -7,7 +7,8 @@ row's next-token logits. Each iteration of the loop (`Engine.step`):
 - every decoding row samples its next token from its stored logits (per-row settings, on the device:
   `RowSampling`), ingests it in one batched decode step whose rows are addressed in place, and stores
   the new logits; the host reads the sampled ids with one device->host copy and turns them into
-  text deltas, stop checks and finish reasons;
+  text deltas, stop checks and finish reasons (pipelined: after queuing the next step, whose token
+  is taken back for a row whose reply turned out to have ended);
 - then a bounded budget of prompt tokens goes to the rows still ingesting, one chunk each, round
   robin, chunks of equal length batched into one step; so no live stream waits longer than about
   one chunk, and a cancel takes effect between chunks.
@@ -79,6 +80,7 @@ class Job:
     ingested: int = 0  # how many of `ids` are in the cache
     responses: deque = field(default_factory=deque)  # produced, not yet taken by the consumer
     generated: list[int] = field(default_factory=list)
+    launched: int = 0  # decode steps queued for this reply (the host reads their ids a step later when pipelined)
     finished: bool = False
     cancelled: bool = False
     error: BaseException | None = None
@@ -91,17 +93,36 @@ class Job:
         return self.ingested < len(self.ids)
 
 
+@dataclass(eq=False)
+class _Launched:
+    """A decode step queued on the device: its jobs in batch order, and its sampled ids on their way
+    to the host (`ready`, a CUDA event, marks the copy done; None: already there)."""
+
+    jobs: list[Job]
+    rows: list[int]
+    ids: torch.Tensor  # [k] long on the host
+    ready: torch.cuda.Event | None
+
+    def tokens(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.ids.tolist()
+
+
 class Engine:
     """`rows` streams' worth of sink-window KV memory, allocated now, and the loop that advances them.
 
     `prefill_budget`: prompt tokens ingested per iteration at most (at least one chunk); default one
-    chunk on CPU, four on CUDA. Thread-safe: any thread may call `step()` (or iterate `responses()`),
+    chunk on CPU, four on CUDA. `pipelined`: queue each decode step before reading the previous
+    one's ids, so the host's work on them (text, stops) overlaps the device's next step; a row whose
+    reply turns out to have ended has its speculative step taken back (cache slot, length, logits,
+    sampling state), so what every stream holds and emits equals the plain loop's. Thread-safe: any thread may call `step()` (or iterate `responses()`),
     one iteration runs at a time and advances every stream.
     """
 
     def __init__(self, runtime: "Runtime", rows: int, *, sinks: int = 4, window: int = 1020,
                  chunk: int | None = None, prefill: str = "iterative", prefill_budget: int | None = None,
-                 unbounded: bool = False):
+                 unbounded: bool = False, pipelined: bool = False):
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
             raise InvalidInputError(f"rows must be an integer >= 1, got {rows!r}")
         if unbounded:
@@ -134,6 +155,11 @@ class Engine:
                                     history=min(self.capacity or PENALTY_HISTORY, PENALTY_HISTORY))
         self.next_logits = torch.zeros(allocated, config.vocab_size, dtype=torch.float32, device=device)  # [R, V]
         self.seen = [0] * allocated  # tokens each row has ingested (host copy: no device read)
+        self.pipelined = bool(pipelined)
+        self._launched: _Launched | None = None  # the decode step whose ids the host has not read yet
+        if self.pipelined:  # what a decode step overwrites, kept so it can be taken back per row
+            self._last_step = self.cache.keep_last_step(allocated)
+            self._overwritten_logits = torch.zeros_like(self.next_logits)  # [R, V]
         self._free = list(range(rows))  # a heap: the lowest free row first
         # Rows and jobs are registered under a short lock of their own, never held across a step: a
         # submit is queued in the inbox and admitted at the start of the next step, so it never waits
@@ -296,28 +322,47 @@ class Engine:
 
     def step(self) -> bool:
         """One iteration: a decode step of every decoding row, then a budget of prompt chunks.
-        Returns whether work is left. Where its time went: `last_step`."""
+        Returns whether work is left. Where its time went: `last_step`.
+
+        Pipelined, the decode step is queued first and the previous step's ids are read after it
+        (their jobs' Responses come one iteration later)."""
         t0 = time.perf_counter()
         with self._lock:
             times = StepTimes(lock_wait_s=time.perf_counter() - t0)
             self.last_step = times
             t = time.perf_counter()
             admitted = self._admit()
+            earlier = self._launched
+            waiting = set(earlier.jobs) if earlier is not None else set()
+            # A cancelled job whose last token is still on its way keeps it (as if the cancel came
+            # after that step): it finishes once the token is read.
             cancelled = [j for j in (*self._decoding, *self._prefilling) if j.cancelled]
             for job in cancelled:
-                self._finish(job, cancelled=True)
-            stepping = list(self._decoding) + list(self._prefilling)
+                if job not in waiting:
+                    self._finish(job, cancelled=True)
+            stepping = list(dict.fromkeys((*self._decoding, *self._prefilling, *waiting)))
             times.admit_s, times.decode_rows, times.prompt_jobs = time.perf_counter() - t, len(self._decoding), len(self._prefilling)
             try:
-                if self._decoding:
-                    t = time.perf_counter()
-                    self._decode_step()
-                    times.decode_s = time.perf_counter() - t
+                t = time.perf_counter()
+                self._launched = None
+                launching = [job for job in self._decoding if not job.cancelled and job.reply.may_take(job.launched)]
+                launched = self._launch_decode(launching) if launching else None
+                if earlier is not None:
+                    self._read_decoded(earlier, then=launched)
+                if launched is not None:
+                    if self.pipelined:
+                        self._launched = launched
+                    else:
+                        self._read_decoded(launched, then=None)
+                for job in cancelled:
+                    self._finish(job, cancelled=True)
+                times.decode_s = time.perf_counter() - t
                 if self._prefilling:
                     t = time.perf_counter()
                     self._prefill_step()
                     times.prefill_s = time.perf_counter() - t
             except BaseException as exc:  # every job that took part sees the failure
+                self._launched = None
                 for job in stepping:
                     job.error = exc
                     self._finish(job)
@@ -326,7 +371,7 @@ class Engine:
                 for job in dict.fromkeys((*admitted, *cancelled, *stepping)):
                     if job.notify is not None and (job.responses or job.finished):
                         job.notify()
-            return bool(self._decoding or self._prefilling or self._inbox)
+            return bool(self._decoding or self._prefilling or self._inbox or self._launched)
 
     def _admit(self) -> list[Job]:
         """Move the jobs submitted since the last step into the schedule (their rows' settings set)."""
@@ -348,17 +393,33 @@ class Engine:
 
     # ---- the decode step ---------------------------------------------------------------------------
 
-    def _decode_step(self) -> None:
-        jobs = list(self._decoding)
+    def _launch_decode(self, jobs: list[Job]) -> _Launched:
+        """Queue one decode step of these jobs' rows; its ids start on their way to the host."""
         rows = [job.row for job in jobs]
         features = self.sampling.features(rows)
         with torch.inference_mode():
             if self.graphs is not None:
                 tokens = self.graphs.decode(rows, features)
             else:
-                tokens = self.decode_rows(torch.tensor(rows, device=self.device), features)
-            sampled = tokens.tolist()  # the one device->host copy of the step
-        for job, token in zip(jobs, sampled):
+                tokens = self.decode_rows(self.index_tensor(rows), features)
+            if self.pipelined and tokens.is_cuda:  # the one device->host copy of the step, not waited for
+                ids = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+                ids.copy_(tokens, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
+            else:
+                ids, ready = tokens.cpu(), None
+        for job in jobs:
+            job.launched += 1
+        return _Launched(jobs, rows, ids, ready)
+
+    def _read_decoded(self, step: _Launched, *, then: _Launched | None) -> None:
+        """The host's part of a decode step: ids -> Responses, stops, finishes. A job that ends here
+        but already has a token in `then` (the step queued after) gets that step taken back."""
+        ended = []
+        for job, token in zip(step.jobs, step.tokens()):
+            if job.finished:  # its row was closed meanwhile (and reset after this step)
+                continue
             self.seen[job.row] += 1
             job.generated.append(token)
             job.responses.append(job.reply.push(token))
@@ -366,15 +427,55 @@ class Engine:
                 job.responses.append(job.reply.end())
             if job.reply.finished:
                 self._finish(job)
+                ended.append(job)
+        if then is not None and ended:
+            position = {job: i for i, job in enumerate(then.jobs)}
+            undo = [(position[job], job.row) for job in ended if job in position]
+            if undo:
+                self._take_back(then, undo)
+
+    def index_tensor(self, values: list) -> torch.Tensor:
+        """A long tensor (of a list, or a list of equal-length lists) on the engine's device. Pipelined on CUDA, copied from pinned memory without
+        waiting: a plain copy would wait for every queued step and undo the pipelining."""
+        if self.pipelined and self.device.type == "cuda":
+            return torch.tensor(values, dtype=torch.long, pin_memory=True).to(self.device, non_blocking=True)
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _take_back(self, step: _Launched, undo: list[tuple[int, int]]) -> None:
+        """Undo a queued decode step for some of its rows: (position in its batch, row) pairs."""
+        positions, rows = self.index_tensor([p for p, _ in undo]), self.index_tensor([r for _, r in undo])
+        with torch.inference_mode():
+            self._last_step.take_back(positions, rows)
+            self.sampling.take_back(positions, rows)
+            self.next_logits.index_copy_(0, rows, self._overwritten_logits.index_select(0, positions))
+        for job in step.jobs:
+            if job.row in {r for _, r in undo}:
+                job.launched -= 1
 
     def decode_rows(self, rows: torch.Tensor, features) -> torch.Tensor:
         """Device work of one decode step for rows [k]: sample from the stored logits, ingest the
         tokens in place, store the new logits. Returns the tokens [k]. (Captured by StepGraphs.)"""
-        tokens = self.sampling.sample(rows, self.next_logits.index_select(0, rows), features=features)
-        self.sampling.observe(rows, tokens[:, None])
-        logits = forward_step(self.model, self.cache, tokens[:, None], passes=1, all_logits=False, rows=rows)
+        current = self.next_logits.index_select(0, rows)  # [k, V]
+        tokens = self.sampling.sample(rows, current, features=features)
+        with self._recording():
+            if self.pipelined:
+                self._overwritten_logits[: rows.shape[0]] = current
+            self.sampling.observe(rows, tokens[:, None])
+            logits = forward_step(self.model, self.cache, tokens[:, None], passes=1, all_logits=False, rows=rows)
         self.next_logits.index_copy_(0, rows, logits[:, 0])
         return tokens
+
+    @contextmanager
+    def _recording(self):
+        """Pipelined: the step's cache writes and penalty ring keep what they overwrite (take-back)."""
+        if not self.pipelined:
+            yield
+            return
+        self._last_step.recording = self.sampling.recording = True
+        try:
+            yield
+        finally:
+            self._last_step.recording = self.sampling.recording = False
 
     # ---- prompt chunks -----------------------------------------------------------------------------
 
@@ -409,23 +510,22 @@ class Engine:
     def _ingest_chunk(self, jobs: list[Job], n: int, all_logits: bool) -> None:
         """The next n prompt tokens of every job, as one step of len(jobs) rows."""
         rows = [job.row for job in jobs]
-        ids = torch.tensor([job.ids[job.ingested : job.ingested + n] for job in jobs], dtype=torch.long,
-                           device=self.device)  # [k, n]
+        ids = self.index_tensor([job.ids[job.ingested : job.ingested + n] for job in jobs])  # [k, n]
         one_step = runs_as_one_step(self.model.config, n, sequential=self.sequential)
         length = self._padded_length(n, all_logits)
         if self.graphs is not None and n == self.chunk and one_step:
             logits = self.graphs.prefill(rows, ids, all_logits)
         elif length is not None and (one_step or not self._evicts(rows, n)):
             logits = self.graphs.prefill_padded(rows, ids, length)  # [k, 1, V]
-            self.sampling.observe(torch.tensor(rows, device=self.device), ids)  # (the real ids only)
+            self.sampling.observe(self.index_tensor(rows), ids)  # (the real ids only)
         elif length is not None:
             # An LCKV chunk within the prefill passes runs token by token (forward_tokens); where it
             # evicts, one padded step would not equal that (its first tokens would miss the evicted
             # ones), so: a replay of the one-token graph per token, the same steps as the eager path.
             logits = self.graphs.prefill_tokens(rows, ids)
-            self.sampling.observe(torch.tensor(rows, device=self.device), ids)
+            self.sampling.observe(self.index_tensor(rows), ids)
         else:
-            logits = self.prefill_rows(torch.tensor(rows, device=self.device), ids, all_logits)  # [k, n or 1, V]
+            logits = self.prefill_rows(self.index_tensor(rows), ids, all_logits)  # [k, n or 1, V]
         for i, job in enumerate(jobs):
             job.ingested += n
             self.seen[job.row] += n

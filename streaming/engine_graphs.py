@@ -65,6 +65,7 @@ class _Graph:
         filler = engine.scratch if engine.scratch is not None else 0
         self.rows = torch.full((size,), filler, dtype=torch.long, device=device)
         self.inputs = inputs
+        self.pinned = engine.pipelined
         # Warm-up and capture run the step on the filler row; for a one-row engine that is the live
         # row, so its state is saved first and put back after.
         saved = _row_state(engine, filler)
@@ -81,9 +82,10 @@ class _Graph:
 
     def __call__(self, rows: list[int], scratch: int | None, *inputs: torch.Tensor) -> torch.Tensor:
         padded = rows + [scratch] * (self.rows.numel() - len(rows))
-        self.rows.copy_(torch.tensor(padded, dtype=torch.long))
+        # Pipelined: from pinned memory without waiting (a plain copy waits for every queued step).
+        self.rows.copy_(torch.tensor(padded, dtype=torch.long, pin_memory=self.pinned), non_blocking=self.pinned)
         for static, given in zip(self.inputs, inputs):
-            static[: given.shape[0]].copy_(given)
+            static[: given.shape[0]].copy_(given, non_blocking=self.pinned)
         self.graph.replay()
         return self.output[: len(rows)]
 
@@ -179,7 +181,7 @@ class StepGraphs:
         k, n = ids.shape
         padded = torch.zeros(k, length, dtype=torch.long, device=ids.device)  # padding: token 0
         padded[:, :n] = ids
-        real = torch.tensor([n], dtype=torch.long)
+        real = torch.tensor([n], dtype=torch.long, pin_memory=self.engine.pipelined)
         pieces = []
         for lo in range(0, k, MOST_PADDED_ROWS):
             part = rows[lo : lo + MOST_PADDED_ROWS]

@@ -43,7 +43,11 @@ class Reply:
         self.finished = False
 
     def wants_token(self) -> bool:
-        return not self.finished and (self.max_new_tokens is None or self.generated < self.max_new_tokens)
+        return self.may_take(self.generated)
+
+    def may_take(self, tokens: int) -> bool:
+        """Whether a reply not yet finished, with `tokens` generated or queued, may have one more."""
+        return not self.finished and (self.max_new_tokens is None or tokens < self.max_new_tokens)
 
     def push(self, token: int) -> Response:
         self.generated += 1

@@ -94,6 +94,9 @@ class RowSampling:
         self._offsets = torch.arange(history, dtype=torch.long, **kw)  # ring slots after the start
         # host mirrors of the settings, for `features` (no device reads)
         self._host = [SamplingParams() for _ in range(rows)]
+        # While `recording`: the ring id each row's one-token `observe` overwrote (see `take_back`).
+        self.recording = False
+        self._overwritten = torch.full((rows,), -1, dtype=torch.int32, **kw)
 
     @property
     def has_counts(self) -> bool:
@@ -200,6 +203,10 @@ class RowSampling:
         start = self.head[rows] + (n - m)  # [k] slot of tail[:, 0]
         slots = (start[:, None] + self._offsets[:m]) % self.history  # [k, m], distinct within a row
         r = rows[:, None]
+        if self.recording:  # a pipelined engine's decode step: keep what it overwrites
+            if n != 1:
+                raise InvalidInputError("only a one-token observe can be recorded for taking back")
+            self._overwritten[:k] = self.ring[r, slots][:, 0]
         if self.counts is not None:
             old = self.ring[r, slots].long()  # [k, m] ids leaving, -1 = empty slot
             base = r * self.vocab  # flat index of each row's counts
@@ -209,6 +216,21 @@ class RowSampling:
             self.counts.view(-1).index_add_(0, index, delta)  # duplicates accumulate
         self.ring[r, slots] = tail.to(torch.int32)
         self.head[rows] = (self.head[rows] + n) % self.history
+
+    def take_back(self, positions: torch.Tensor, rows: torch.Tensor) -> None:
+        """Undo the last recorded `sample` + `observe` (one token) of rows [j] at positions [j] of its
+        batch: the draw counter, the ring slot (its old id back), the head and the counts."""
+        self.counters.index_add_(0, rows, torch.full_like(rows, -1))
+        head = torch.remainder(self.head.index_select(0, rows) - 1, self.history)  # [j] the token's slot
+        old = self._overwritten.index_select(0, positions)  # [j] int32, -1 = the slot was empty
+        if self.counts is not None:
+            token = self.ring[rows, head].long()
+            base = rows * self.vocab
+            index = torch.cat([base + token, base + old.long().clamp(min=0)])
+            delta = torch.cat([-torch.ones_like(token), (old >= 0).long()]).to(self._count_dtype)
+            self.counts.view(-1).index_add_(0, index, delta)
+        self.ring[rows, head] = old
+        self.head[rows] = head
 
     def uniforms(self, rows: torch.Tensor) -> torch.Tensor:
         """The uniforms [k, V] the next `sample` of these rows uses (does not advance the counters)."""

@@ -125,7 +125,7 @@ class Runtime:
         return self._fingerprint
 
     def session(self, sinks: int = 4, window: int = 1020, chunk: int | None = None, prefill: str = "iterative",
-                seed: int | None = None, *, unbounded_cache: bool = False) -> Session:
+                seed: int | None = None, *, unbounded_cache: bool = False, pipelined: bool = False) -> Session:
         """A new stream with its own KV memory: `sinks` + `window` slots per KV-owning layer (an engine
         with one row).
 
@@ -133,25 +133,28 @@ class Runtime:
         tokens including itself. `chunk` tokens are ingested per step (at most `window`; default
         min(256, window)). `prefill` "iterative" uses the LCKV parallel prefill, "sequential" feeds
         token by token (exact). `unbounded_cache=True` keeps every token instead (finite contexts).
-        `seed` makes sampled replies reproducible (each reply's seed derives from it).
+        `seed` makes sampled replies reproducible (each reply's seed derives from it). `pipelined`:
+        queue each token's step before the host reads the last one (see `streaming.engine.Engine`).
         """
         _check_seed(seed)
-        engine = Engine(self, 1, sinks=sinks, window=window, chunk=chunk, prefill=prefill, unbounded=unbounded_cache)
+        engine = Engine(self, 1, sinks=sinks, window=window, chunk=chunk, prefill=prefill, unbounded=unbounded_cache,
+                        pipelined=pipelined)
         return Session(engine, engine.open_row(), seed=seed)
 
     def pool(self, slots: int, sinks: int = 4, window: int = 1020, chunk: int | None = None,
-             prefill: str = "iterative", *, prefill_budget: int | None = None) -> SessionPool:
+             prefill: str = "iterative", *, prefill_budget: int | None = None, pipelined: bool = False) -> SessionPool:
         """A pool of `slots` sessions on the rows of one engine: their steps run batched. Memory:
-        `slots` x (sinks + window) slots per KV layer (plus one scratch row), allocated now."""
+        `slots` x (sinks + window) slots per KV layer (plus one scratch row), allocated now.
+        `pipelined`: see `streaming.engine.Engine`."""
         engine = Engine(self, slots, sinks=sinks, window=window, chunk=chunk, prefill=prefill,
-                        prefill_budget=prefill_budget)
+                        prefill_budget=prefill_budget, pipelined=pipelined)
         return SessionPool(engine)
 
     def engine(self, rows: int, sinks: int = 4, window: int = 1020, chunk: int | None = None,
-               prefill: str = "iterative", *, prefill_budget: int | None = None) -> Engine:
+               prefill: str = "iterative", *, prefill_budget: int | None = None, pipelined: bool = False) -> Engine:
         """An engine of `rows` streams (see `streaming.engine.Engine`), for schedulers of their own."""
         return Engine(self, rows, sinks=sinks, window=window, chunk=chunk, prefill=prefill,
-                      prefill_budget=prefill_budget)
+                      prefill_budget=prefill_budget, pipelined=pipelined)
 
     def restore_session(self, path) -> Session:
         """Re-open a session saved with `Session.save(path)`."""

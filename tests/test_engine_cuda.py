@@ -14,9 +14,9 @@ SETTINGS = [dict(temperature=0.0), dict(temperature=0.9, top_k=20, seed=5), dict
             dict(temperature=0.0, repetition_penalty=1.3), dict(temperature=1.0, seed=9)]
 
 
-def _run(rt, graphs: bool):
+def _run(rt, graphs: bool, pipelined: bool = False):
     rt.cuda_graphs = graphs
-    engine = Engine(rt, 6, sinks=2, window=24, chunk=8)
+    engine = Engine(rt, 6, sinks=2, window=24, chunk=8, pipelined=pipelined)
     assert (engine.graphs is not None) == graphs
     jobs = []
     gen = torch.Generator().manual_seed(0)
@@ -47,6 +47,32 @@ def test_bucketed_decode_graphs_equal_eager_engine(tmp_path, kind):
     for layer in rt.config.kv_layers:
         torch.testing.assert_close(graphed.cache.keys[layer][rows], eager.cache.keys[layer][rows], rtol=1e-4, atol=1e-4)
     assert torch.equal(graphed.cache.lengths[rows], eager.cache.lengths[rows])
+
+
+@pytest.mark.parametrize("kind", ["plain", "lckv"])
+def test_pipelined_graphs_equal_the_plain_eager_engine_with_replies_ending_early(tmp_path, kind, monkeypatch):
+    # Replies end on an "EOS" the streams actually write (their speculative next step is taken back
+    # inside the graphed engine: cache slot and length, logits, penalty ring and counts, draw counter).
+    rt = streaming.load(make_tiny_checkpoint(tmp_path / kind, kind, with_tokenizer=False), device="cuda",
+                        dtype="float32")
+    _, first = _run(rt, False)
+    made = first[0].generated
+    monkeypatch.setattr(rt, "eos_ids", {next(t for i, t in enumerate(made) if i >= 8 and t not in made[:i])})
+    eager, eager_jobs = _run(rt, False)
+    piped, piped_jobs = _run(rt, True, pipelined=True)
+    assert any(job.responses[-1].finish_reason == "eos" for job in eager_jobs)
+    for a, b in zip(piped_jobs, eager_jobs):
+        assert a.generated == b.generated
+        assert [r.finish_reason for r in a.responses if r.finish_reason] == [r.finish_reason for r in b.responses if r.finish_reason]
+    rows = list(range(eager.rows))
+    torch.testing.assert_close(piped.next_logits[rows], eager.next_logits[rows], rtol=1e-4, atol=1e-4)
+    for layer in rt.config.kv_layers:
+        torch.testing.assert_close(piped.cache.keys[layer][rows], eager.cache.keys[layer][rows], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(piped.cache.values[layer][rows], eager.cache.values[layer][rows], rtol=1e-4, atol=1e-4)
+    assert torch.equal(piped.cache.lengths[rows], eager.cache.lengths[rows])
+    for name in ("counters", "ring", "head"):
+        assert torch.equal(getattr(piped.sampling, name)[rows], getattr(eager.sampling, name)[rows]), name
+    assert torch.equal(piped.sampling.counts[rows], eager.sampling.counts[rows])
 
 
 def test_warm_up_captures_every_graph_the_steps_replay(tmp_path):

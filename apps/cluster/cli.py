@@ -70,7 +70,8 @@ def run(args: argparse.Namespace, cfg) -> int:
                        dtype=args.dtype, limits=limits, state_dir=os.path.abspath(state_dir),
                        token=secrets.token_urlsafe(24), chunk=args.chunk,
                        host="auto" if args.address else "127.0.0.1",  # (a shared cluster: each node's own)
-                       model_name=cfg.model_name, compile=args.compile)
+                       model_name=cfg.model_name, compile=args.compile,
+                       pipelined=cfg.pipelined)
     deployer = Deployer(spec, Placement(gpus=gpus, cpus=args.cpus_per_replica))
     try:
         return asyncio.run(_serve(cfg, deployer, least, most, args.token))

@@ -33,6 +33,7 @@ class ReplicaSpec:
     model_name: str = "model"
     engine_process: bool | None = None  # ServerConfig.engine_process (None: apart on a GPU)
     compile: bool | None = None  # layers through torch.compile (None: apps.common.compile_by_default)
+    pipelined: bool = False  # ServerConfig.pipelined
 
 
 class ReplicaServer:
@@ -80,7 +81,8 @@ class ReplicaServer:
         limits = Limits(**{**spec.limits, "max_requests_per_minute": 1 << 30})
         cfg = ServerConfig(host=spec.host, port=0, limits=limits, chunk=spec.chunk, token=spec.token,
                            allowed_hosts=(spec.host,), model_name=spec.model_name, state_dir=spec.state_dir,
-                           scan_state_dir=False, engine_process=spec.engine_process)
+                           scan_state_dir=False, engine_process=spec.engine_process,
+                           pipelined=spec.pipelined)
         self.app = ChatServer(source, cfg)
         await self.app.start()
         self.loop, self._stop = asyncio.get_running_loop(), asyncio.Event()

@@ -48,6 +48,8 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     chunk: int | None = None               # prompt tokens per engine step (None: 64 on CPU, 256 on GPU)
     prefill_budget: int | None = None      # prompt tokens per step, all prompts (None: 1 chunk CPU, 4096 GPU)
+    # Queue each decode step before reading the last one's ids (streaming.engine.Engine's `pipelined`).
+    pipelined: bool = False
     allowed_origins: tuple[str, ...] = ()  # besides same-origin and localhost; "*" = any
     allowed_hosts: tuple[str, ...] = ()    # Host names accepted besides loopback; "*" = any
     token: str | None = None               # required as ?token= or Authorization: Bearer
@@ -136,7 +138,8 @@ class ChatServer(Listening):
         if budget is None and device.type == "cuda":
             budget = SERVER_PREFILL_BUDGET_GPU
         settings = EngineSettings(rows=self.limits.max_sessions, sinks=self.limits.sinks, window=self.limits.window,
-                                  chunk=chunk, prefill_budget=budget, cpu_mmap_threshold=self.cfg.cpu_mmap_threshold)
+                                  chunk=chunk, prefill_budget=budget, cpu_mmap_threshold=self.cfg.cpu_mmap_threshold,
+                                  pipelined=self.cfg.pipelined)
         in_process = self.cfg.engine_process if self.cfg.engine_process is not None else device.type == "cuda"
         if in_process:
             return EngineProcess(source or ModelSource.of(self.rt), settings, on_death=self._engine_died)

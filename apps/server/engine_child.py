@@ -65,7 +65,7 @@ class EngineChild:
         if rt.device.type == "cpu" and settings.cpu_mmap_threshold is not None:
             native_heap.map_large_blocks(settings.cpu_mmap_threshold)
         self.pool = rt.pool(settings.rows, sinks=settings.sinks, window=settings.window, chunk=settings.chunk,
-                            prefill_budget=settings.prefill_budget)
+                            prefill_budget=settings.prefill_budget, pipelined=settings.pipelined)
         self.graphs = 0
         if rt.device.type == "cuda":  # every step graph now, not in the first requests
             self.graphs = self.pool.engine.warm_up([rt.sampling_defaults, SamplingParams()])

@@ -41,7 +41,7 @@ class LocalEngine:
         if self.rt.device.type == "cpu" and s.cpu_mmap_threshold is not None:
             native_heap.map_large_blocks(s.cpu_mmap_threshold)
         self.pool = await self.worker.run(self.rt.pool, s.rows, sinks=s.sinks, window=s.window, chunk=s.chunk,
-                                          prefill_budget=s.prefill_budget)
+                                          prefill_budget=s.prefill_budget, pipelined=s.pipelined)
         if self.rt.device.type == "cuda":  # capture the step graphs now, not in the first requests
             self.graphs = await self.worker.run(self.pool.engine.warm_up,
                                                 [self.rt.sampling_defaults, SamplingParams()])

@@ -1,0 +1,57 @@
+"""Taking back the last one-token step of chosen rows: what it wrote over, kept so it can be put back.
+
+A pipelined engine queues the next decode step before it has read the last one's ids, so a row whose
+reply just ended (EOS, a stop string) has already ingested one token nobody will see. Undoing that
+step restores the row exactly: its length, and the slot the token went into in every KV layer (once
+a window has wrapped, that slot held the oldest window token: the step evicted it).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .buffers import KVBuffers, StepPlan
+
+
+class LastStepLog:
+    """The slots a one-token step of up to `max_rows` addressed rows overwrote, per KV layer.
+
+    `recording` on: every `KVBuffers.write` of such a step keeps the slots' old contents first (in
+    place, fixed shapes: it replays inside a CUDA graph). `take_back(positions, rows)` then puts them
+    back for the rows at those positions of the step's batch and steps their lengths back by one.
+    Only the last recorded step can be taken back, once.
+    """
+
+    def __init__(self, buffers: "KVBuffers", max_rows: int):
+        self.buffers = buffers
+        shape = (max_rows, buffers.num_kv_heads, 1, buffers.head_dim)
+        kw = {"dtype": buffers.dtype, "device": buffers.device}
+        self.keys = {layer: torch.zeros(shape, **kw) for layer in buffers.kv_layers}  # [R, Hkv, 1, D]
+        self.values = {layer: torch.zeros(shape, **kw) for layer in buffers.kv_layers}
+        self.slots = torch.zeros(max_rows, 1, dtype=torch.long, device=buffers.device)  # [R, 1]
+        self.recording = False
+
+    def record(self, layer: int, plan: "StepPlan") -> None:
+        """Keep what `plan`'s write to `layer` is about to overwrite (call before writing)."""
+        if plan.rows is None or plan.n != 1 or plan.padding is not None:
+            raise ValueError("only a one-token step of addressed rows can be recorded for taking back")
+        k = plan.rows.shape[0]
+        index = self._index(plan.rows, plan.write_slots)
+        self.keys[layer][:k] = self.buffers.keys[layer][index]
+        self.values[layer][:k] = self.buffers.values[layer][index]
+        self.slots[:k] = plan.write_slots
+
+    def take_back(self, positions: torch.Tensor, rows: torch.Tensor) -> None:
+        """Undo the recorded step for rows [j] (long), at positions [j] of its batch."""
+        index = self._index(rows, self.slots.index_select(0, positions))
+        for layer in self.buffers.kv_layers:
+            self.buffers.keys[layer].index_put_(index, self.keys[layer].index_select(0, positions))
+            self.buffers.values[layer].index_put_(index, self.values[layer].index_select(0, positions))
+        self.buffers.lengths.index_add_(0, rows, torch.full_like(rows, -1))
+
+    def _index(self, rows: torch.Tensor, slots: torch.Tensor):
+        # [j, 1, 1] x [1, Hkv, 1] x [j, 1, 1] select [j, Hkv, 1, D]: each row's one slot, every head.
+        return rows[:, None, None], self.buffers._heads, slots[:, None, :]

@@ -1,0 +1,163 @@
+"""The pipelined engine: each decode step is queued before the previous step's ids are read.
+
+A reply that ends (EOS, a stop string, a cancel) has already had one more token queued; that step is
+taken back for its row (cache slot and length, logits, sampling state). References: each stream run
+alone (`reference_tokens`, a standalone Session) and the plain engine loop on the same work.
+"""
+
+import pytest
+import torch
+
+from streaming.engine import Engine
+from streaming.sampling import SamplingParams
+from tests.test_engine import CHUNK, PROMPTS, SETTINGS, SINKS, WINDOW, _ids, reference_tokens, runtime  # noqa: F401
+
+
+def _engine(runtime, rows, pipelined):
+    return Engine(runtime, rows, sinks=SINKS, window=WINDOW, chunk=CHUNK, pipelined=pipelined)
+
+
+def _row_state(engine, row):
+    """Everything a stream's row holds, copied: (exact parts, float parts)."""
+    cache, sampling = engine.cache, engine.sampling
+    exact = [cache.lengths[row].item(), engine.seen[row], sampling.counters[row].item(), sampling.head[row].item(),
+             sampling.ring[row].tolist()]
+    if sampling.counts is not None:
+        exact.append(sampling.counts[row].tolist())
+    floats = [engine.next_logits[row].clone()] + [t[row].clone() for t in (*cache.keys.values(), *cache.values.values())]
+    return exact, floats
+
+
+def _assert_same_row(a, row_a, b, row_b):
+    exact_a, floats_a = _row_state(a, row_a)
+    exact_b, floats_b = _row_state(b, row_b)
+    assert exact_a == exact_b
+    for x, y in zip(floats_a, floats_b):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+
+def _run(engine, jobs, limit=400):
+    for _ in range(limit):
+        if not engine.step() and all(job.finished for job in jobs):
+            return
+    raise AssertionError("the engine did not finish its jobs")
+
+
+def test_a_step_is_queued_before_the_last_ones_ids_are_read(runtime):
+    engine = _engine(runtime, 2, pipelined=True)
+    row = engine.open_row()
+    job = engine.submit(row, _ids(runtime, PROMPTS[0]), params=SamplingParams(), max_new_tokens=5)
+    while job.prefilling:
+        engine.step()
+    prompt = engine.seen[row]
+    engine.step()  # the first decode step: queued, its id not read yet
+    assert job.generated == [] and job.launched == 1
+    assert engine.cache.lengths[row].item() == prompt + 1
+    engine.step()  # the second queued, the first read
+    assert len(job.generated) == 1 and job.launched == 2
+    _run(engine, [job])
+    assert job.generated == reference_tokens(runtime, _ids(runtime, PROMPTS[0]), SamplingParams(), 5)
+    assert engine.cache.lengths[row].item() == engine.seen[row] == prompt + 5  # no step left over
+
+
+def test_pipelined_streams_equal_streams_alone_with_joins_and_leaves(runtime):
+    engine = _engine(runtime, 4, pipelined=True)
+    lengths = [40, 12, 25]  # 40 tokens through a 32-slot row: every row evicts while batched
+    jobs = {}
+    join_at = {0: 0, 1: 3, 2: 10}
+    for iteration in range(200):
+        for i, at in join_at.items():
+            if at == iteration:
+                jobs[i] = engine.submit(engine.open_row(), _ids(runtime, PROMPTS[i]),
+                                        params=SamplingParams(**SETTINGS[i]), max_new_tokens=lengths[i])
+        if not engine.step() and len(jobs) == 3:
+            break
+    for i, job in jobs.items():
+        assert job.finished and not job.cancelled
+        want = reference_tokens(runtime, _ids(runtime, PROMPTS[i]), SamplingParams(**SETTINGS[i]), lengths[i])
+        assert job.generated == want, f"stream {i}"
+        assert engine.seen[job.row] == engine.cache.lengths[job.row].item()
+
+
+def _greedy_alone(runtime, prompt, n, **settings):
+    session = runtime.session(sinks=SINKS, window=WINDOW, chunk=CHUNK)
+    responses = list(session.generate(prompt, max_new_tokens=n, temperature=0.0, **settings))
+    return [t for r in responses for t in r.token_ids], "".join(r.text for r in responses), session
+
+
+@pytest.mark.parametrize("end", ["eos", "stop"])
+def test_a_reply_that_ends_has_its_queued_step_taken_back(runtime, monkeypatch, end):
+    # The reply ends after 12+ of its tokens; the prompt alone (39 tokens) wraps the 32-slot window, so the queued
+    # step overwrote the oldest window token, which must come back. The stream then continues.
+    prompt = PROMPTS[2]
+    settings = dict(repetition_penalty=1.3)  # the penalty's counts and ring are undone too
+    ids, text, _ = _greedy_alone(runtime, prompt, 40, **settings)
+    if end == "eos":
+        eos = next(t for i, t in enumerate(ids) if i >= 12 and t not in ids[:i])
+        monkeypatch.setattr(runtime, "eos_ids", runtime.eos_ids | {eos})
+        stop = None
+    else:
+        stop = [text[len(text) // 2 : len(text) // 2 + 3]]
+    want, want_text, session = _greedy_alone(runtime, prompt, 40, stop=stop, **settings)
+    assert 0 < len(want) < 40
+    more, more_text = zip(*[(r.token_ids, r.text) for r in session.generate(max_new_tokens=12, temperature=0.0, **settings)])
+
+    results = {}
+    for pipelined in (False, True):
+        engine = _engine(runtime, 3, pipelined=pipelined)
+        other = engine.submit(engine.open_row(), _ids(runtime, PROMPTS[0]), params=SamplingParams(), max_new_tokens=60)
+        row = engine.open_row()
+        job = engine.submit(row, _ids(runtime, prompt), params=SamplingParams(temperature=0.0, **settings),
+                            max_new_tokens=40, stop=stop)
+        _run(engine, [job])
+        assert job.generated == want and "".join(r.text for r in job.responses) == want_text
+        assert job.responses[-1].finish_reason == end
+        after = _row_state(engine, row)
+        follow = engine.submit(row, [], params=SamplingParams(temperature=0.0, **settings), max_new_tokens=12)
+        _run(engine, [follow, other])
+        assert follow.generated == [t for ids in more for t in ids]
+        assert "".join(r.text for r in follow.responses) == "".join(more_text)
+        results[pipelined] = engine, row, after
+    (plain, row_p, after_p), (piped, row_q, after_q) = results[False], results[True]
+    # The row as the reply left it, exactly: the slot the taken-back token overwrote holds the oldest
+    # window token again (no later step attends to it, but snapshots and inspection read it).
+    assert after_p[0] == after_q[0]
+    for x, y in zip(after_p[1], after_q[1]):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+    _assert_same_row(plain, row_p, piped, row_q)
+
+
+def test_cancel_keeps_the_token_on_its_way_and_takes_back_the_next(runtime):
+    prompt, n = _ids(runtime, PROMPTS[1]), 20
+    engine = _engine(runtime, 2, pipelined=True)
+    row = engine.open_row()
+    job = engine.submit(row, prompt, params=SamplingParams(**SETTINGS[0]), max_new_tokens=n)
+    while len(job.generated) < 6:
+        engine.step()
+    engine.cancel(job)
+    _run(engine, [job])
+    assert job.cancelled and len(job.generated) == 7  # the token queued before the cancel is kept
+    # The row holds exactly what was reported: the plain loop stopped at 7 tokens has the same row.
+    plain = _engine(runtime, 2, pipelined=False)
+    same = plain.submit(plain.open_row(), prompt, params=SamplingParams(**SETTINGS[0]), max_new_tokens=7)
+    _run(plain, [same])
+    assert same.generated == job.generated
+    _assert_same_row(plain, same.row, engine, row)
+
+
+def test_closing_a_row_with_a_step_on_its_way_frees_it_cleanly(runtime):
+    engine = _engine(runtime, 2, pipelined=True)
+    keep = engine.submit(engine.open_row(), _ids(runtime, PROMPTS[0]), params=SamplingParams(**SETTINGS[1]),
+                         max_new_tokens=30)
+    row = engine.open_row()
+    job = engine.submit(row, _ids(runtime, PROMPTS[2]), params=SamplingParams(), max_new_tokens=30)
+    while len(job.generated) < 3:
+        engine.step()
+    engine.close_row(row)  # its next token is queued on the device
+    assert job.finished and job.cancelled
+    reused = engine.open_row()
+    assert reused == row
+    fresh = engine.submit(reused, _ids(runtime, PROMPTS[1]), params=SamplingParams(**SETTINGS[2]), max_new_tokens=15)
+    _run(engine, [keep, fresh])
+    assert fresh.generated == reference_tokens(runtime, _ids(runtime, PROMPTS[1]), SamplingParams(**SETTINGS[2]), 15)
+    assert keep.generated == reference_tokens(runtime, _ids(runtime, PROMPTS[0]), SamplingParams(**SETTINGS[1]), 30)
