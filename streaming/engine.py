@@ -158,6 +158,7 @@ class Engine:
         self.pipelined = bool(pipelined)
         self._launched: _Launched | None = None  # the decode step whose ids the host has not read yet
         if self.pipelined:  # what a decode step overwrites, kept so it can be taken back per row
+            self.sampling.pinned_copies = True
             self._last_step = self.cache.keep_last_step(allocated)
             self._overwritten_logits = torch.zeros_like(self.next_logits)  # [R, V]
         self._free = list(range(rows))  # a heap: the lowest free row first

@@ -96,6 +96,9 @@ class RowSampling:
         self._host = [SamplingParams() for _ in range(rows)]
         # While `recording`: the ring id each row's one-token `observe` overwrote (see `take_back`).
         self.recording = False
+        # Settings go to the device from pinned memory without waiting for the queued steps (a
+        # pipelined engine: a plain copy would wait for every step on the device first).
+        self.pinned_copies = False
         self._overwritten = torch.full((rows,), -1, dtype=torch.int32, **kw)
 
     @property
@@ -119,10 +122,15 @@ class RowSampling:
             p.validate()
         if not rows:
             return
-        index = torch.tensor(rows, dtype=torch.long).to(self.device)
+        pinned = self.pinned_copies and self.device.type == "cuda"
+
+        def device_tensor(values: list, dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, pin_memory=pinned).to(self.device, non_blocking=pinned)
+
+        index = device_tensor(rows, torch.long)
 
         def put(target: torch.Tensor, values: list) -> None:
-            target.index_copy_(0, index, torch.tensor(values, dtype=target.dtype).to(self.device))
+            target.index_copy_(0, index, device_tensor(values, target.dtype))
 
         put(self.temperature, [float(p.temperature) for p in params])
         put(self.top_k, [int(p.top_k) for p in params])
