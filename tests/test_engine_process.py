@@ -274,3 +274,34 @@ def test_snapshots_asked_together_cross_as_one_call_and_equal_the_saved_states(r
         _same(got, want)
     _same(with_unknown[0], states[0])  # an unknown handle fails alone
     assert isinstance(with_unknown[1], Exception) and "no session" in str(with_unknown[1])
+
+
+def test_calls_made_in_one_loop_iteration_cross_as_one_message_in_order(rt, monkeypatch):
+    from apps.server.engine_spec import EngineSettings
+
+    calls = []
+
+    async def main():
+        engine = EngineProcess(ModelSource.of(rt), EngineSettings(rows=4, sinks=2, window=30, chunk=8,
+                                                                  prefill_budget=None))
+        await engine.start()
+        try:
+            real_call = engine.call
+            monkeypatch.setattr(engine, "call", lambda op, *args: calls.append((op, args)) or real_call(op, *args))
+            handles = await asyncio.gather(*(engine.open_row() for _ in range(4)))
+            # Stats of every row, an unknown handle among them, and a release then stats of the same
+            # row: the answers match the calls, the error stays with its call, the order holds.
+            got = await asyncio.gather(*(engine.session_stats(h) for h in handles), engine.session_stats(10**6),
+                                       engine.release(handles[3]), engine.session_stats(handles[3]),
+                                       return_exceptions=True)
+            return handles, got
+        finally:
+            await engine.stop()
+
+    handles, got = asyncio.run(main())
+    assert [op for op, _ in calls] == ["many", "many"]  # one message per loop iteration's calls
+    assert [op for op, _ in calls[0][1][0]] == ["open"] * 4
+    assert len(set(handles)) == 4
+    assert all(s.tokens_seen == 0 and s.cache_bytes > 0 for s in got[:4])
+    assert isinstance(got[4], KeyError)  # only the unknown handle's call failed
+    assert got[5] is None and isinstance(got[6], KeyError)  # released before its stats were asked

@@ -191,6 +191,17 @@ class EngineChild:
 
         check_state(self.rt, self.pool.engine.cache, *unpack_state(packed))
 
+    def op_many(self, calls: list[tuple[str, tuple]]) -> list[tuple[bool, object]]:
+        """Several calls in order (those the server made in one event-loop iteration): (True, value)
+        or (False, the error) of each."""
+        out = []
+        for op, args in calls:
+            try:
+                out.append((True, getattr(self, f"op_{op}")(*args)))
+            except BaseException as exc:
+                out.append((False, portable(exc)))
+        return out
+
     def op_begin_chat(self, jid: int, handle: int, history: list[dict], kw: dict) -> None:
         self.jobs[jid] = PENDING
         try:

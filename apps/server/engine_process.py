@@ -39,6 +39,7 @@ log = logging.getLogger("sinkstream.server")
 
 
 SNAPSHOT_BATCH = 64  # sessions per snapshot call (see EngineProcess._send_snapshots)
+CALL_BATCH = 256  # calls per op_many message at most (see EngineProcess._acall)
 
 class EngineProcessError(RuntimeError):
     """The engine process failed to start, or stopped."""
@@ -79,6 +80,7 @@ class EngineProcess:
         self._job_ids = itertools.count(1)
         self._pending: dict[int, Future] = {}
         self._snapshots: list[tuple[int, asyncio.Future]] = []  # asked this loop iteration (see snapshot)
+        self._calls_now: list[tuple[tuple, asyncio.Future]] = []  # made this loop iteration (see _acall)
         self._jobs: dict[int, RemoteJob] = {}
         self._lock = threading.Lock()  # sends, the pending calls and the jobs
         self._stopping = False
@@ -167,7 +169,25 @@ class EngineProcess:
         return future
 
     async def _acall(self, op: str, *args):
-        return await asyncio.wrap_future(self.call(op, *args))
+        """A call from the event loop. The calls made in one loop iteration (a thousand replies
+        beginning or ending in the same step) cross as one message, answered by one (op_many), in
+        their order: not a send, an answer and a wake-up of the loop per call, which made a burst of
+        endings hold the loop for tens of ms while other streams waited."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._calls_now.append(((op, args), future))
+        if len(self._calls_now) == 1:
+            loop.call_soon(self._send_calls_now)
+        ok, value = await future
+        if not ok:
+            raise value
+        return value
+
+    def _send_calls_now(self) -> None:
+        pending, self._calls_now = self._calls_now, []
+        for start in range(0, len(pending), CALL_BATCH):
+            part = pending[start : start + CALL_BATCH]
+            self._send_coalesced("many", [call for call, _ in part], [future for _, future in part])
 
     async def open_row(self) -> int:
         return await self._acall("open")
@@ -197,14 +217,17 @@ class EngineProcess:
         # In calls of at most SNAPSHOT_BATCH sessions: one answer holding a thousand states (hundreds
         # of MB) took longer to pickle, send and read than a thousand small ones, and held the reader.
         for start in range(0, len(pending), SNAPSHOT_BATCH):
-            self._send_snapshot_call(pending[start : start + SNAPSHOT_BATCH])
+            part = pending[start : start + SNAPSHOT_BATCH]
+            self._send_coalesced("snapshot_many", [handle for handle, _ in part], [future for _, future in part])
 
-    def _send_snapshot_call(self, batch: list[tuple[int, asyncio.Future]]) -> None:
+    def _send_coalesced(self, op: str, items: list, futures: list[asyncio.Future]) -> None:
+        """One call `op(items)` answering [(ok, value)] per item; each future gets its pair (all
+        (False, error) when the call itself fails), set on this event loop in one callback."""
 
         def answered(call: Future) -> None:
             error = call.exception() if not call.cancelled() else EngineProcessError("the call was cancelled")
-            results = [(False, error)] * len(batch) if error is not None else call.result()
-            for (_, future), result in zip(batch, results):
+            results = [(False, error)] * len(futures) if error is not None else call.result()
+            for future, result in zip(futures, results):
                 if not future.done():
                     future.set_result(result)
 
@@ -216,10 +239,11 @@ class EngineProcess:
             except RuntimeError:  # the loop is closed: nobody waits any more
                 pass
 
-        self.call("snapshot_many", [handle for handle, _ in batch]).add_done_callback(from_any_thread)
+        self.call(op, items).add_done_callback(from_any_thread)
 
     async def restore(self, handle: int, state: tuple[dict, dict, dict]) -> None:
-        await self._acall("restore", handle, await asyncio.to_thread(pack_state, state))
+        # Alone, not in a loop iteration's batch: a packed state is megabytes (see _send_snapshots).
+        await asyncio.wrap_future(self.call("restore", handle, await asyncio.to_thread(pack_state, state)))
 
     def check_saved(self, tensors: dict, meta: dict, extra: dict) -> None:
         """Raises unless a saved state fits the engine's model and cache (blocks: call from a worker thread)."""
@@ -250,6 +274,8 @@ class EngineProcess:
 
     def cancel(self, job: RemoteJob) -> None:
         """Stop a job before the engine's next step (does not wait)."""
+        if self._calls_now:  # calls made before it go first (its begin_chat among them)
+            self._send_calls_now()
         with self._lock:
             if self.dead is None:
                 try:
