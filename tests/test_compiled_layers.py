@@ -118,32 +118,20 @@ def test_fast_step_matches_reference_in_float32(tmp_path, layout):
 
 
 @GPU
-def test_fast_step_matches_reference_in_float32_on_the_bundled_model():
-    # Trained LCKV w=2 (GQA 6/2 heads): no near-ties, so the same 256 greedy tokens, strictly.
-    rt = streaming.load(device="cuda", dtype="float32")
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-3), ("bfloat16", 0.03)])
+def test_fast_step_matches_reference_on_the_bundled_model(dtype, tolerance):
+    # A trained model (LCKV w=2, GQA 6/2 heads): its greedy choices are not near-ties, so rounding
+    # differences between the paths leave them alone: the same greedy tokens, strictly (random
+    # weights flip within a few tokens even between bf16 and float32 on one path). Logits: float32
+    # reassociation; bf16 (measured on CPU: bf16 vs float32 0.6 % of the largest logit).
+    rt = streaming.load(device="cuda", dtype=dtype)
     prompt = rt.tokenizer.encode("The old house at the end of the lane had been empty for years, and the "
                                  "children of the village said") * 3
     session = dict(sinks=4, window=124, chunk=64)
     reference = _run_path(rt, True, prompt, 256, **session)
     fast = _run_path(rt, False, prompt, 256, **session)
     scale = reference[0].abs().max()
-    assert (fast[0] - reference[0]).abs().max() <= 1e-3 * scale
-    assert fast[1] == reference[1] and len(fast[1]) > 16
-
-
-@GPU
-def test_fast_step_matches_reference_in_bfloat16_on_the_bundled_model():
-    # A trained model (LCKV, GQA 6/2 heads): its greedy choices are not near-ties, so bf16 rounding
-    # differences between the paths leave them alone (random weights flip within a few tokens even
-    # between bf16 and float32 on the same path).
-    rt = streaming.load(device="cuda", dtype="bfloat16")
-    prompt = rt.tokenizer.encode("The old house at the end of the lane had been empty for years, and the "
-                                 "children of the village said") * 3
-    session = dict(sinks=4, window=124, chunk=64)
-    reference = _run_path(rt, True, prompt, 256, **session)
-    fast = _run_path(rt, False, prompt, 256, **session)
-    scale = reference[0].abs().max()
-    assert (fast[0] - reference[0]).abs().max() <= 0.03 * scale  # measured on CPU: bf16 vs float32 0.6 %
+    assert (fast[0] - reference[0]).abs().max() <= tolerance * scale
     assert fast[1] == reference[1] and len(fast[1]) > 16
 
 

@@ -62,8 +62,10 @@ SETTINGS = [
 ]
 
 
-def test_batched_streams_equal_streams_alone_with_joins_and_leaves(runtime):
-    engine = Engine(runtime, 4, sinks=SINKS, window=WINDOW, chunk=CHUNK)
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_batched_streams_equal_streams_alone_with_joins_and_leaves(runtime, pipelined):
+    # Pipelined (tests/test_engine_pipelined.py): each decode step queued before the last one's ids are read.
+    engine = Engine(runtime, 4, sinks=SINKS, window=WINDOW, chunk=CHUNK, pipelined=pipelined)
     lengths = [40, 12, 25]  # 40 tokens through a 32-slot row: every row evicts while batched
     jobs = {}
     # Stream 0 starts alone; stream 1 joins after 3 iterations; stream 2 after 10 (stream 1 leaves at 12 tokens).
@@ -82,6 +84,7 @@ def test_batched_streams_equal_streams_alone_with_joins_and_leaves(runtime):
         assert job.generated == want, f"stream {i}"
         reasons = [r.finish_reason for r in job.responses if r.finish_reason]
         assert reasons == ["eos" if want[-1] in runtime.eos_ids else "length"]
+        assert engine.seen[job.row] == engine.cache.lengths[job.row].item()  # no queued step left in the row
 
 
 def test_greedy_with_penalty_equals_standalone_session(runtime):

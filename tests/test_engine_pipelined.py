@@ -3,6 +3,7 @@
 A reply that ends (EOS, a stop string, a cancel) has already had one more token queued; that step is
 taken back for its row (cache slot and length, logits, sampling state). References: each stream run
 alone (`reference_tokens`, a standalone Session) and the plain engine loop on the same work.
+Streams joining and leaving a pipelined engine: tests/test_engine.py (parametrized).
 """
 
 import pytest
@@ -58,25 +59,6 @@ def test_a_step_is_queued_before_the_last_ones_ids_are_read(runtime):
     _run(engine, [job])
     assert job.generated == reference_tokens(runtime, _ids(runtime, PROMPTS[0]), SamplingParams(), 5)
     assert engine.cache.lengths[row].item() == engine.seen[row] == prompt + 5  # no step left over
-
-
-def test_pipelined_streams_equal_streams_alone_with_joins_and_leaves(runtime):
-    engine = _engine(runtime, 4, pipelined=True)
-    lengths = [40, 12, 25]  # 40 tokens through a 32-slot row: every row evicts while batched
-    jobs = {}
-    join_at = {0: 0, 1: 3, 2: 10}
-    for iteration in range(200):
-        for i, at in join_at.items():
-            if at == iteration:
-                jobs[i] = engine.submit(engine.open_row(), _ids(runtime, PROMPTS[i]),
-                                        params=SamplingParams(**SETTINGS[i]), max_new_tokens=lengths[i])
-        if not engine.step() and len(jobs) == 3:
-            break
-    for i, job in jobs.items():
-        assert job.finished and not job.cancelled
-        want = reference_tokens(runtime, _ids(runtime, PROMPTS[i]), SamplingParams(**SETTINGS[i]), lengths[i])
-        assert job.generated == want, f"stream {i}"
-        assert engine.seen[job.row] == engine.cache.lengths[job.row].item()
 
 
 def _greedy_alone(runtime, prompt, n, **settings):

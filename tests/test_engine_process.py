@@ -7,6 +7,7 @@ server dying."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -239,8 +240,22 @@ def test_a_start_that_fails_to_listen_leaves_no_engine_process(rt):
     assert run(main()) is not None  # the engine process has exited
 
 
-def test_snapshots_asked_together_cross_as_one_call_and_equal_the_saved_states(rt, monkeypatch):
+@contextlib.asynccontextmanager
+async def engine_recording_calls(rt, monkeypatch, calls: list):
+    """An engine process of four rows for rt's checkpoint, each call it sends recorded as (op, args)."""
     from apps.server.engine_spec import EngineSettings
+
+    engine = EngineProcess(ModelSource.of(rt), EngineSettings(rows=4, sinks=2, window=30, chunk=8, prefill_budget=None))
+    await engine.start()
+    try:
+        real_call = engine.call
+        monkeypatch.setattr(engine, "call", lambda op, *args: calls.append((op, args)) or real_call(op, *args))
+        yield engine
+    finally:
+        await engine.stop()
+
+
+def test_snapshots_asked_together_cross_as_one_call_and_equal_the_saved_states(rt, monkeypatch):
     from tests.test_snapshot_many import _same
 
     # States made in this process (different lengths: fresh, short, a wrapped window), restored into
@@ -254,22 +269,16 @@ def test_snapshots_asked_together_cross_as_one_call_and_equal_the_saved_states(r
     calls = []
 
     async def main():
-        engine = EngineProcess(ModelSource.of(rt), EngineSettings(rows=4, sinks=2, window=30, chunk=8,
-                                                                  prefill_budget=None))
-        await engine.start()
-        try:
-            real_call = engine.call
-            monkeypatch.setattr(engine, "call", lambda op, *args: calls.append(op) or real_call(op, *args))
+        async with engine_recording_calls(rt, monkeypatch, calls) as engine:
             handles = [await engine.open_row() for _ in states]
             await asyncio.gather(*(engine.restore(h, s) for h, s in zip(handles, states)))
             calls.clear()
             return await asyncio.gather(*(engine.snapshot(h) for h in handles)), \
                 await asyncio.gather(engine.snapshot(handles[0]), engine.snapshot(10**6), return_exceptions=True)
-        finally:
-            await engine.stop()
 
     together, with_unknown = asyncio.run(main())
-    assert calls.count("snapshot_many") == 2 and "snapshot" not in calls
+    ops = [op for op, _ in calls]
+    assert ops.count("snapshot_many") == 2 and "snapshot" not in ops
     for got, want in zip(together, states):
         _same(got, want)
     _same(with_unknown[0], states[0])  # an unknown handle fails alone
@@ -277,17 +286,10 @@ def test_snapshots_asked_together_cross_as_one_call_and_equal_the_saved_states(r
 
 
 def test_calls_made_in_one_loop_iteration_cross_as_one_message_in_order(rt, monkeypatch):
-    from apps.server.engine_spec import EngineSettings
-
     calls = []
 
     async def main():
-        engine = EngineProcess(ModelSource.of(rt), EngineSettings(rows=4, sinks=2, window=30, chunk=8,
-                                                                  prefill_budget=None))
-        await engine.start()
-        try:
-            real_call = engine.call
-            monkeypatch.setattr(engine, "call", lambda op, *args: calls.append((op, args)) or real_call(op, *args))
+        async with engine_recording_calls(rt, monkeypatch, calls) as engine:
             handles = await asyncio.gather(*(engine.open_row() for _ in range(4)))
             # Stats of every row, an unknown handle among them, and a release then stats of the same
             # row: the answers match the calls, the error stays with its call, the order holds.
@@ -295,8 +297,6 @@ def test_calls_made_in_one_loop_iteration_cross_as_one_message_in_order(rt, monk
                                        engine.release(handles[3]), engine.session_stats(handles[3]),
                                        return_exceptions=True)
             return handles, got
-        finally:
-            await engine.stop()
 
     handles, got = asyncio.run(main())
     assert [op for op, _ in calls] == ["many", "many"]  # one message per loop iteration's calls
