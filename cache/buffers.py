@@ -63,8 +63,8 @@ class KVBuffers:
         self.last_step: LastStepLog | None = None  # see keep_last_step
 
     def keep_last_step(self, max_rows: int) -> LastStepLog:
-        """From now on, while `last_step.recording`, one-token steps of up to `max_rows` addressed
-        rows keep what they overwrite, so `last_step.take_back` can undo them (a pipelined engine)."""
+        """From now on one-token steps of up to `max_rows` addressed rows keep what they overwrite,
+        so `last_step.take_back` can undo the last of them (a pipelined engine)."""
         if self.last_step is None:
             self.last_step = LastStepLog(self, max_rows)
         return self.last_step
@@ -81,7 +81,7 @@ class KVBuffers:
     def write(self, layer: int, plan: StepPlan, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store keys/values [B, Hkv, n, D] of the new tokens at `plan.write_slots`, in place."""
         keys, values = keys.to(self.dtype), values.to(self.dtype)
-        if self.last_step is not None and self.last_step.recording:
+        if self.last_step is not None:
             self.last_step.record(layer, plan)
         if plan.rows is None:
             index = plan.write_slots[:, None, :, None].expand_as(keys)
@@ -94,12 +94,16 @@ class KVBuffers:
         if plan.padding is None and self.store_kernel:  # one launch instead of two index_put_
             store_kernel.store_rows(self.keys[layer], self.values[layer], plan.rows, plan.write_slots, keys, values)
             return
-        # [B, 1, 1] x [1, Hkv, 1] x [B, 1, n] select [B, Hkv, n, D] of the addressed rows.
-        index = (plan.rows[:, None, None], self._heads, plan.write_slots[:, None, :])
+        index = self.slot_index(plan.rows, plan.write_slots)
         if plan.padding is not None:
             keys, values = self._unless_padding(plan, keys, values, lambda t: t[index], layer)
         self.keys[layer].index_put_(index, keys)
         self.values[layer].index_put_(index, values)
+
+    def slot_index(self, rows: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Advanced index of slots [B, n] of rows [B] in a [R, Hkv, L, D] buffer, every head:
+        [B, 1, 1] x [1, Hkv, 1] x [B, 1, n] select [B, Hkv, n, D]."""
+        return rows[:, None, None], self._heads, slots[:, None, :]
 
     def _unless_padding(self, plan: StepPlan, keys, values, held, layer: int):
         """The new keys/values [B, Hkv, n, D], with the slots' current contents (`held(buffer)`) at

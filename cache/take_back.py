@@ -17,12 +17,13 @@ if TYPE_CHECKING:
 
 
 class LastStepLog:
-    """The slots a one-token step of up to `max_rows` addressed rows overwrote, per KV layer.
+    """The slots the last one-token step of up to `max_rows` addressed rows overwrote, per KV layer.
 
-    `recording` on: every `KVBuffers.write` of such a step keeps the slots' old contents first (in
-    place, fixed shapes: it replays inside a CUDA graph). `take_back(positions, rows)` then puts them
-    back for the rows at those positions of the step's batch and steps their lengths back by one.
-    Only the last recorded step can be taken back, once.
+    `KVBuffers.write` calls `record` before every write; a one-token write of addressed rows (a
+    decode step) keeps the slots' old contents (in place, fixed shapes: it replays inside a CUDA
+    graph), any other write is no decode step and is ignored. `take_back(positions, rows)` then puts
+    them back for the rows at those positions of the step's batch and steps their lengths back by one.
+    Only the last one-token step can be taken back, once, before the next one.
     """
 
     def __init__(self, buffers: "KVBuffers", max_rows: int):
@@ -32,26 +33,21 @@ class LastStepLog:
         self.keys = {layer: torch.zeros(shape, **kw) for layer in buffers.kv_layers}  # [R, Hkv, 1, D]
         self.values = {layer: torch.zeros(shape, **kw) for layer in buffers.kv_layers}
         self.slots = torch.zeros(max_rows, 1, dtype=torch.long, device=buffers.device)  # [R, 1]
-        self.recording = False
 
     def record(self, layer: int, plan: "StepPlan") -> None:
-        """Keep what `plan`'s write to `layer` is about to overwrite (call before writing)."""
+        """Keep what `plan`'s write to `layer` is about to overwrite, if it is a one-token step."""
         if plan.rows is None or plan.n != 1 or plan.padding is not None:
-            raise ValueError("only a one-token step of addressed rows can be recorded for taking back")
+            return
         k = plan.rows.shape[0]
-        index = self._index(plan.rows, plan.write_slots)
+        index = self.buffers.slot_index(plan.rows, plan.write_slots)
         self.keys[layer][:k] = self.buffers.keys[layer][index]
         self.values[layer][:k] = self.buffers.values[layer][index]
         self.slots[:k] = plan.write_slots
 
     def take_back(self, positions: torch.Tensor, rows: torch.Tensor) -> None:
         """Undo the recorded step for rows [j] (long), at positions [j] of its batch."""
-        index = self._index(rows, self.slots.index_select(0, positions))
+        index = self.buffers.slot_index(rows, self.slots.index_select(0, positions))
         for layer in self.buffers.kv_layers:
             self.buffers.keys[layer].index_put_(index, self.keys[layer].index_select(0, positions))
             self.buffers.values[layer].index_put_(index, self.values[layer].index_select(0, positions))
         self.buffers.lengths.index_add_(0, rows, torch.full_like(rows, -1))
-
-    def _index(self, rows: torch.Tensor, slots: torch.Tensor):
-        # [j, 1, 1] x [1, Hkv, 1] x [j, 1, 1] select [j, Hkv, 1, D]: each row's one slot, every head.
-        return rows[:, None, None], self.buffers._heads, slots[:, None, :]

@@ -39,6 +39,7 @@ from .engine_graphs import StepGraphs
 from .errors import InvalidInputError, PoolFullError
 from .forward import forward_step, forward_tokens, runs_as_one_step
 from .generate import Reply, Response
+from .host_copy import to_device
 from .row_sampling import RowSampling
 from .sampling import SamplingParams
 
@@ -99,7 +100,6 @@ class _Launched:
     to the host (`ready`, a CUDA event, marks the copy done; None: already there)."""
 
     jobs: list[Job]
-    rows: list[int]
     ids: torch.Tensor  # [k] long on the host
     ready: torch.cuda.Event | None
 
@@ -116,8 +116,9 @@ class Engine:
     chunk on CPU, four on CUDA. `pipelined`: queue each decode step before reading the previous
     one's ids, so the host's work on them (text, stops) overlaps the device's next step; a row whose
     reply turns out to have ended has its speculative step taken back (cache slot, length, logits,
-    sampling state), so what every stream holds and emits equals the plain loop's. Thread-safe: any thread may call `step()` (or iterate `responses()`),
-    one iteration runs at a time and advances every stream.
+    sampling state), so what every stream holds and emits equals the plain loop's. Thread-safe: any
+    thread may call `step()` (or iterate `responses()`), one iteration runs at a time and advances
+    every stream.
     """
 
     def __init__(self, runtime: "Runtime", rows: int, *, sinks: int = 4, window: int = 1020,
@@ -158,9 +159,9 @@ class Engine:
         self.pipelined = bool(pipelined)
         self._launched: _Launched | None = None  # the decode step whose ids the host has not read yet
         if self.pipelined:  # what a decode step overwrites, kept so it can be taken back per row
-            self.sampling.pinned_copies = True
+            self.sampling.pinned_copies = self.sampling.keeps_last_step = True
             self._last_step = self.cache.keep_last_step(allocated)
-            self._overwritten_logits = torch.zeros_like(self.next_logits)  # [R, V]
+            self._overwritten_logits = torch.zeros_like(self.next_logits)  # [R, V]: the logits it sampled from
         self._free = list(range(rows))  # a heap: the lowest free row first
         # Rows and jobs are registered under a short lock of their own, never held across a step: a
         # submit is queued in the inbox and admitted at the start of the next step, so it never waits
@@ -334,12 +335,13 @@ class Engine:
             t = time.perf_counter()
             admitted = self._admit()
             earlier = self._launched
-            waiting = set(earlier.jobs) if earlier is not None else set()
+            waiting = earlier.jobs if earlier is not None else []
             # A cancelled job whose last token is still on its way keeps it (as if the cancel came
             # after that step): it finishes once the token is read.
             cancelled = [j for j in (*self._decoding, *self._prefilling) if j.cancelled]
+            keep = set(waiting) if cancelled and waiting else ()
             for job in cancelled:
-                if job not in waiting:
+                if job not in keep:
                     self._finish(job, cancelled=True)
             stepping = list(dict.fromkeys((*self._decoding, *self._prefilling, *waiting)))
             times.admit_s, times.decode_rows, times.prompt_jobs = time.perf_counter() - t, len(self._decoding), len(self._prefilling)
@@ -412,7 +414,7 @@ class Engine:
                 ids, ready = tokens.cpu(), None
         for job in jobs:
             job.launched += 1
-        return _Launched(jobs, rows, ids, ready)
+        return _Launched(jobs, ids, ready)
 
     def _read_decoded(self, step: _Launched, *, then: _Launched | None) -> None:
         """The host's part of a decode step: ids -> Responses, stops, finishes. A job that ends here
@@ -431,52 +433,36 @@ class Engine:
                 ended.append(job)
         if then is not None and ended:
             position = {job: i for i, job in enumerate(then.jobs)}
-            undo = [(position[job], job.row) for job in ended if job in position]
+            undo = [job for job in ended if job in position]
             if undo:
-                self._take_back(then, undo)
+                self._take_back([position[job] for job in undo], undo)
 
     def index_tensor(self, values: list) -> torch.Tensor:
-        """A long tensor (of a list, or a list of equal-length lists) on the engine's device. Pipelined on CUDA, copied from pinned memory without
-        waiting: a plain copy would wait for every queued step and undo the pipelining."""
-        if self.pipelined and self.device.type == "cuda":
-            return torch.tensor(values, dtype=torch.long, pin_memory=True).to(self.device, non_blocking=True)
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+        """A long tensor (of a list, or a list of equal-length lists) on the engine's device; pipelined,
+        queued behind the steps on the device instead of waiting for them (`streaming.host_copy`)."""
+        return to_device(values, torch.long, self.device, without_waiting=self.pipelined)
 
-    def _take_back(self, step: _Launched, undo: list[tuple[int, int]]) -> None:
-        """Undo a queued decode step for some of its rows: (position in its batch, row) pairs."""
-        positions, rows = self.index_tensor([p for p, _ in undo]), self.index_tensor([r for _, r in undo])
+    def _take_back(self, positions: list[int], jobs: list[Job]) -> None:
+        """Undo the queued decode step for these jobs, at these positions of its batch."""
+        index, rows = self.index_tensor(positions), self.index_tensor([job.row for job in jobs])
         with torch.inference_mode():
-            self._last_step.take_back(positions, rows)
-            self.sampling.take_back(positions, rows)
-            self.next_logits.index_copy_(0, rows, self._overwritten_logits.index_select(0, positions))
-        for job in step.jobs:
-            if job.row in {r for _, r in undo}:
-                job.launched -= 1
+            self._last_step.take_back(index, rows)
+            self.sampling.take_back(index, rows)
+            self.next_logits.index_copy_(0, rows, self._overwritten_logits.index_select(0, index))
+        for job in jobs:
+            job.launched -= 1
 
     def decode_rows(self, rows: torch.Tensor, features) -> torch.Tensor:
         """Device work of one decode step for rows [k]: sample from the stored logits, ingest the
         tokens in place, store the new logits. Returns the tokens [k]. (Captured by StepGraphs.)"""
-        current = self.next_logits.index_select(0, rows)  # [k, V]
+        # Pipelined, the logits sampled from are gathered into the kept buffer (for a take-back).
+        kept = self._overwritten_logits[: rows.shape[0]] if self.pipelined else None
+        current = torch.index_select(self.next_logits, 0, rows, out=kept)  # [k, V]
         tokens = self.sampling.sample(rows, current, features=features)
-        with self._recording():
-            if self.pipelined:
-                self._overwritten_logits[: rows.shape[0]] = current
-            self.sampling.observe(rows, tokens[:, None])
-            logits = forward_step(self.model, self.cache, tokens[:, None], passes=1, all_logits=False, rows=rows)
+        self.sampling.observe(rows, tokens[:, None])
+        logits = forward_step(self.model, self.cache, tokens[:, None], passes=1, all_logits=False, rows=rows)
         self.next_logits.index_copy_(0, rows, logits[:, 0])
         return tokens
-
-    @contextmanager
-    def _recording(self):
-        """Pipelined: the step's cache writes and penalty ring keep what they overwrite (take-back)."""
-        if not self.pipelined:
-            yield
-            return
-        self._last_step.recording = self.sampling.recording = True
-        try:
-            yield
-        finally:
-            self._last_step.recording = self.sampling.recording = False
 
     # ---- prompt chunks -----------------------------------------------------------------------------
 

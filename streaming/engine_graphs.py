@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from .forward import runs_as_one_step
+from .host_copy import host_tensor
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -82,8 +83,8 @@ class _Graph:
 
     def __call__(self, rows: list[int], scratch: int | None, *inputs: torch.Tensor) -> torch.Tensor:
         padded = rows + [scratch] * (self.rows.numel() - len(rows))
-        # Pipelined: from pinned memory without waiting (a plain copy waits for every queued step).
-        self.rows.copy_(torch.tensor(padded, dtype=torch.long, pin_memory=self.pinned), non_blocking=self.pinned)
+        # Pipelined: queued behind the steps on the device, not waiting for them (streaming.host_copy).
+        self.rows.copy_(host_tensor(padded, torch.long, pinned=self.pinned), non_blocking=self.pinned)
         for static, given in zip(self.inputs, inputs):
             static[: given.shape[0]].copy_(given, non_blocking=self.pinned)
         self.graph.replay()
@@ -181,7 +182,7 @@ class StepGraphs:
         k, n = ids.shape
         padded = torch.zeros(k, length, dtype=torch.long, device=ids.device)  # padding: token 0
         padded[:, :n] = ids
-        real = torch.tensor([n], dtype=torch.long, pin_memory=self.engine.pipelined)
+        real = host_tensor([n], torch.long, pinned=self.engine.pipelined)
         pieces = []
         for lo in range(0, k, MOST_PADDED_ROWS):
             part = rows[lo : lo + MOST_PADDED_ROWS]

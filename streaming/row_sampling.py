@@ -35,6 +35,7 @@ import torch
 
 from .counter_noise import hash_uniforms, seed_words, vocab_codes
 from .errors import InvalidInputError
+from .host_copy import to_device
 from .sampling import SamplingParams
 
 NEG_INF = float("-inf")
@@ -94,10 +95,10 @@ class RowSampling:
         self._offsets = torch.arange(history, dtype=torch.long, **kw)  # ring slots after the start
         # host mirrors of the settings, for `features` (no device reads)
         self._host = [SamplingParams() for _ in range(rows)]
-        # While `recording`: the ring id each row's one-token `observe` overwrote (see `take_back`).
-        self.recording = False
-        # Settings go to the device from pinned memory without waiting for the queued steps (a
-        # pipelined engine: a plain copy would wait for every step on the device first).
+        # `keeps_last_step`: the ring id each row's last one-token `observe` overwrote (see `take_back`).
+        self.keeps_last_step = False
+        # Settings go to the device queued behind the steps, not waiting for them (a pipelined
+        # engine's; streaming.host_copy).
         self.pinned_copies = False
         self._overwritten = torch.full((rows,), -1, dtype=torch.int32, **kw)
 
@@ -122,10 +123,8 @@ class RowSampling:
             p.validate()
         if not rows:
             return
-        pinned = self.pinned_copies and self.device.type == "cuda"
-
         def device_tensor(values: list, dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, pin_memory=pinned).to(self.device, non_blocking=pinned)
+            return to_device(values, dtype, self.device, without_waiting=self.pinned_copies)
 
         index = device_tensor(rows, torch.long)
 
@@ -211,9 +210,7 @@ class RowSampling:
         start = self.head[rows] + (n - m)  # [k] slot of tail[:, 0]
         slots = (start[:, None] + self._offsets[:m]) % self.history  # [k, m], distinct within a row
         r = rows[:, None]
-        if self.recording:  # a pipelined engine's decode step: keep what it overwrites
-            if n != 1:
-                raise InvalidInputError("only a one-token observe can be recorded for taking back")
+        if self.keeps_last_step and n == 1:  # (a pipelined engine's decode step: see take_back)
             self._overwritten[:k] = self.ring[r, slots][:, 0]
         if self.counts is not None:
             old = self.ring[r, slots].long()  # [k, m] ids leaving, -1 = empty slot
@@ -226,8 +223,9 @@ class RowSampling:
         self.head[rows] = (self.head[rows] + n) % self.history
 
     def take_back(self, positions: torch.Tensor, rows: torch.Tensor) -> None:
-        """Undo the last recorded `sample` + `observe` (one token) of rows [j] at positions [j] of its
-        batch: the draw counter, the ring slot (its old id back), the head and the counts."""
+        """Undo the last one-token `sample` + `observe` (with `keeps_last_step`) of rows [j] at
+        positions [j] of its batch: the draw counter, the ring slot (its old id back), the head and
+        the counts."""
         self.counters.index_add_(0, rows, torch.full_like(rows, -1))
         head = torch.remainder(self.head.index_select(0, rows) - 1, self.history)  # [j] the token's slot
         old = self._overwritten.index_select(0, positions)  # [j] int32, -1 = the slot was empty

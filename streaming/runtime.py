@@ -54,8 +54,8 @@ def load(model: str | Path | None = None, *, device=None, dtype=None, compile: b
     """Load a checkpoint directory (None = the bundled default model) and return a Runtime.
 
     `compile=True` runs every layer's arithmetic through `torch.compile` (`CausalLM.compile_layers`):
-    on a GPU, with CUDA graphs, decode is about a quarter faster (benchmarks/RESULTS.md), paid for with
-    seconds of compiling at the first step of each new shape. On CPU it is slower (per-call guards)."""
+    on a GPU, with CUDA graphs, batch-1 decode measured 1.45x faster (benchmarks/RESULTS.md), paid for
+    with seconds of compiling at the first step of each new shape. On CPU it is slower (per-call guards)."""
     if model is None:
         if not (DEFAULT_MODEL_DIR / "config.json").exists():
             raise CheckpointError(

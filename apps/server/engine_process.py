@@ -16,6 +16,7 @@ and every later call raises it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -38,8 +39,11 @@ from streaming.tokenizer import Tokenizer
 log = logging.getLogger("sinkstream.server")
 
 
-SNAPSHOT_BATCH = 64  # sessions per snapshot call (see EngineProcess._send_snapshots)
+# In calls of at most SNAPSHOT_BATCH sessions: one answer holding a thousand states (hundreds of MB)
+# took longer to pickle, send and read than a thousand small ones, and held the reader thread.
+SNAPSHOT_BATCH = 64
 CALL_BATCH = 256  # calls per op_many message at most (see EngineProcess._acall)
+
 
 class EngineProcessError(RuntimeError):
     """The engine process failed to start, or stopped."""
@@ -79,8 +83,8 @@ class EngineProcess:
         self._calls = itertools.count(1)
         self._job_ids = itertools.count(1)
         self._pending: dict[int, Future] = {}
-        self._snapshots: list[tuple[int, asyncio.Future]] = []  # asked this loop iteration (see snapshot)
-        self._calls_now: list[tuple[tuple, asyncio.Future]] = []  # made this loop iteration (see _acall)
+        self._snapshots = _PerIteration(functools.partial(self._send_coalesced, "snapshot_many"), SNAPSHOT_BATCH)
+        self._calls_now = _PerIteration(functools.partial(self._send_coalesced, "many"), CALL_BATCH)
         self._jobs: dict[int, RemoteJob] = {}
         self._lock = threading.Lock()  # sends, the pending calls and the jobs
         self._stopping = False
@@ -173,21 +177,7 @@ class EngineProcess:
         beginning or ending in the same step) cross as one message, answered by one (op_many), in
         their order: not a send, an answer and a wake-up of the loop per call, which made a burst of
         endings hold the loop for tens of ms while other streams waited."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._calls_now.append(((op, args), future))
-        if len(self._calls_now) == 1:
-            loop.call_soon(self._send_calls_now)
-        ok, value = await future
-        if not ok:
-            raise value
-        return value
-
-    def _send_calls_now(self) -> None:
-        pending, self._calls_now = self._calls_now, []
-        for start in range(0, len(pending), CALL_BATCH):
-            part = pending[start : start + CALL_BATCH]
-            self._send_coalesced("many", [call for call, _ in part], [future for _, future in part])
+        return await self._calls_now.ask((op, args))
 
     async def open_row(self) -> int:
         return await self._acall("open")
@@ -202,23 +192,7 @@ class EngineProcess:
         """The session's state. Snapshots asked for in the same event-loop iteration (a thousand
         replies ending in one step, each saving its session) cross as one call whose device reads
         the engine process shares (op_snapshot_many)."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._snapshots.append((handle, future))
-        if len(self._snapshots) == 1:
-            loop.call_soon(self._send_snapshots)
-        ok, value = await future
-        if not ok:
-            raise value
-        return await asyncio.to_thread(unpack_state, value)
-
-    def _send_snapshots(self) -> None:
-        pending, self._snapshots = self._snapshots, []
-        # In calls of at most SNAPSHOT_BATCH sessions: one answer holding a thousand states (hundreds
-        # of MB) took longer to pickle, send and read than a thousand small ones, and held the reader.
-        for start in range(0, len(pending), SNAPSHOT_BATCH):
-            part = pending[start : start + SNAPSHOT_BATCH]
-            self._send_coalesced("snapshot_many", [handle for handle, _ in part], [future for _, future in part])
+        return await asyncio.to_thread(unpack_state, await self._snapshots.ask(handle))
 
     def _send_coalesced(self, op: str, items: list, futures: list[asyncio.Future]) -> None:
         """One call `op(items)` answering [(ok, value)] per item; each future gets its pair (all
@@ -242,7 +216,7 @@ class EngineProcess:
         self.call(op, items).add_done_callback(from_any_thread)
 
     async def restore(self, handle: int, state: tuple[dict, dict, dict]) -> None:
-        # Alone, not in a loop iteration's batch: a packed state is megabytes (see _send_snapshots).
+        # Alone, not in a loop iteration's batch: a packed state is megabytes (see SNAPSHOT_BATCH).
         await asyncio.wrap_future(self.call("restore", handle, await asyncio.to_thread(pack_state, state)))
 
     def check_saved(self, tensors: dict, meta: dict, extra: dict) -> None:
@@ -274,8 +248,7 @@ class EngineProcess:
 
     def cancel(self, job: RemoteJob) -> None:
         """Stop a job before the engine's next step (does not wait)."""
-        if self._calls_now:  # calls made before it go first (its begin_chat among them)
-            self._send_calls_now()
+        self._calls_now.send()  # calls made before it go first (its begin_chat among them)
         with self._lock:
             if self.dead is None:
                 try:
@@ -377,3 +350,29 @@ class EngineProcess:
         except RuntimeError:  # the event loop has closed (the server is gone)
             pass
 
+
+class _PerIteration:
+    """Items asked for in one event-loop iteration, sent together: `send(items, futures)` (at most
+    `most` a call) answers each future with (ok, value); `ask` returns the value or raises."""
+
+    def __init__(self, send: Callable[[list, list], None], most: int) -> None:
+        self._send, self.most = send, most
+        self._queued: list[tuple[object, asyncio.Future]] = []
+
+    async def ask(self, item):
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queued.append((item, future))
+        if len(self._queued) == 1:
+            loop.call_soon(self.send)
+        ok, value = await future
+        if not ok:
+            raise value
+        return value
+
+    def send(self) -> None:
+        """Send what is queued now (the end of the iteration does it anyway)."""
+        queued, self._queued = self._queued, []
+        for start in range(0, len(queued), self.most):
+            part = queued[start : start + self.most]
+            self._send([item for item, _ in part], [future for _, future in part])
