@@ -6,7 +6,9 @@ TinyLlama-1.1B attention shape (32 query heads, 4 KV heads, head size 64), bf16,
 `--fill`: tokens in every row (1024 = a full window; 260 = a 128-token prompt plus ~130 generated,
 what benchmarks/engine_decode.py decodes at). GB/s counts the K and V bytes of the valid slots (what
 attention must read); a plain `copy_` of the same bytes is printed as the card's practical ceiling.
-`--sweep` also times block size / warps / stages / split variants.
+`--sweep` also times block size / warps / stages / split variants; `--tables` times the cos/sin table
+in bf16 (the model's dtype) against float32, and without rotation (a diagnostic upper bound: what
+reading the table and rotating the keys costs; its scores are wrong).
 """
 
 from __future__ import annotations
@@ -45,9 +47,11 @@ def main():
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 64, 256, 1024])
     parser.add_argument("--fill", type=int, nargs="+", default=[260, SINKS + WINDOW])
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--tables", action="store_true")
     args = parser.parse_args()
     inv_freq = inverse_frequencies(RopeConfig(), HEAD_DIM).cuda()
-    cos, sin = kernel.rope_table(inv_freq, SINKS + WINDOW)
+    tables = {torch.float32: kernel.rope_table(inv_freq, SINKS + WINDOW),
+              torch.bfloat16: kernel.rope_table(inv_freq, SINKS + WINDOW, torch.bfloat16)}
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {kernel.triton.__version__}")
     print("| rows | fill | variant | us/call | GB/s (valid KV) | copy GB/s |")
     print("|---|---|---|---|---|---|")
@@ -66,14 +70,20 @@ def main():
         dst = torch.empty_like(src)
         copy_us = time_us(lambda: (dst.copy_(src), dst.copy_(cache.values[0][:, :, :valid])))
         variants = [dict()]
+        if args.tables:
+            variants += [dict(table=torch.bfloat16), dict(rotate=False)]
+            variants += [dict(table=torch.bfloat16, block=b, num_warps=w, num_stages=s)
+                         for b in (64, 128) for w in (4, 8) for s in (2, 3, 4)]
         if args.sweep:
             variants += [dict(block=b, num_warps=w, num_stages=s) for b in (32, 64, 128) for w in (2, 4, 8)
                          for s in (2, 3, 4)]
             variants += [dict(splits=n) for n in (1, 2, 4, 8)]
         for variant in variants:
             def call():
+                knobs = dict(variant)
+                cos, sin = tables[knobs.pop("table", torch.float32)]
                 kernel.decode_attention(q, cache.keys[0], cache.values[0], index, total, cos, sin, sinks=SINKS,
-                                        window=WINDOW, diagonal=True, **variant)
+                                        window=WINDOW, diagonal=True, **knobs)
             try:
                 us = time_us(call)
             except Exception as error:  # a variant that does not fit (shared memory, registers)

@@ -44,11 +44,13 @@ def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype)
     return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
 
 
-def rope_table(inv_freq: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [slots, D/2] float32 for in-cache positions 0..slots-1 (all a sink window ever uses):
-    the half-width table the decode kernel reads, the same angles as `cos_sin`."""
+def rope_table(inv_freq: torch.Tensor, slots: int,
+               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [slots, D/2] in `dtype` for in-cache positions 0..slots-1 (all a sink window ever
+    uses): the half-width table the decode kernel reads, the same values as `cos_sin` (computed in
+    float32, then rounded to `dtype`)."""
     angles = torch.arange(slots, dtype=torch.float32, device=inv_freq.device)[:, None] * inv_freq.float()
-    return angles.cos().contiguous(), angles.sin().contiguous()
+    return angles.cos().to(dtype).contiguous(), angles.sin().to(dtype).contiguous()
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -20,11 +20,12 @@ pytestmark = pytest.mark.skipif(kernel.triton is None or not (ON_GPU or INTERPRE
 DEVICE = "cuda" if ON_GPU else "cpu"
 
 
-def reference(q, cache, layer, rows, inv_freq, diagonal):
-    """The plain path of streaming/forward.py for one new token per row."""
+def reference(q, cache, layer, rows, inv_freq, diagonal, table_dtype=torch.float32):
+    """The plain path of streaming/forward.py for one new token per row (cos/sin rounded to
+    `table_dtype`, as the kernel's table is, the rotation itself in float32)."""
     plan = cache.plan(1, rows)
     keys, values = cache.read(layer, plan)
-    cos, sin = cos_sin(plan.slot_positions, inv_freq, torch.float32)
+    cos, sin = (t.float() for t in cos_sin(plan.slot_positions, inv_freq, table_dtype))
     keys = rotate(keys.float(), cos, sin)
     q_pos, k_pos = plan.query_positions[:, :, None], plan.slot_positions[:, None, :]
     mask = plan.slot_valid[:, None, :] & ((k_pos <= q_pos) if diagonal else (k_pos < q_pos))
@@ -36,9 +37,12 @@ def reference(q, cache, layer, rows, inv_freq, diagonal):
                                                                   (2, 33, 32, 4, 64), (4, 1020, 8, 1, 128)])
 @pytest.mark.parametrize("diagonal", [True, False])
 @pytest.mark.parametrize("splits", [None, 1, 3])
-def test_kernel_equals_plain_path(dtype, sinks, window, heads, kv_heads, head_dim, diagonal, splits):
+@pytest.mark.parametrize("table", ["float32", "model dtype"])
+def test_kernel_equals_plain_path(dtype, sinks, window, heads, kv_heads, head_dim, diagonal, splits, table):
     if INTERPRETED and not ON_GPU and window > 200:
         pytest.skip("slow under the interpreter")
+    if table == "model dtype" and dtype == torch.float32:
+        pytest.skip("the same case as a float32 table")
     gen = torch.Generator().manual_seed(0)
     rows_total = 7
     cache = SinkWindowCache([0], rows_total, kv_heads, head_dim, sinks=sinks, window=window, dtype=dtype,
@@ -51,8 +55,9 @@ def test_kernel_equals_plain_path(dtype, sinks, window, heads, kv_heads, head_di
     rows = torch.tensor([6, 0, 3, 1, 5, 2, 4], device=DEVICE)  # any order
     inv_freq = inverse_frequencies(RopeConfig(), head_dim).to(DEVICE)
     q = torch.randn(len(rows), heads, head_dim, generator=gen).to(DEVICE, dtype)
-    want = reference(q, cache, 0, rows, inv_freq, diagonal)
-    cos, sin = kernel.rope_table(inv_freq, sinks + window)
+    table_dtype = dtype if table == "model dtype" else torch.float32
+    want = reference(q, cache, 0, rows, inv_freq, diagonal, table_dtype)
+    cos, sin = kernel.rope_table(inv_freq, sinks + window, table_dtype)
     total = cache.lengths.index_select(0, rows) + 1
     got = kernel.decode_attention(q, cache.keys[0], cache.values[0], rows, total, cos, sin, sinks=sinks,
                                   window=window, diagonal=diagonal, splits=splits)

@@ -50,7 +50,7 @@ if triton is not None:
                        scale,
                        SINKS: tl.constexpr, WINDOW: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                        HALF: tl.constexpr, SPLITS: tl.constexpr, SPLIT_SLOTS: tl.constexpr, DIAG: tl.constexpr, BLOCK_N: tl.constexpr,
-                       TENSOR_CORES: tl.constexpr):
+                       TENSOR_CORES: tl.constexpr, ROTATE: tl.constexpr):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -95,10 +95,14 @@ if triton is not None:
             pos = tl.where(valid, pos, 0)
             k1 = tl.load(k_base + s[:, None] * stride_ks + d[None, :], mask=in_range[:, None], other=0.0).to(tl.float32)
             k2 = tl.load(k_base + s[:, None] * stride_ks + HALF + d[None, :], mask=in_range[:, None], other=0.0).to(tl.float32)
-            cos = tl.load(Cos + pos[:, None] * HALF + d[None, :])
-            sin = tl.load(Sin + pos[:, None] * HALF + d[None, :])
-            r1 = k1 * cos - k2 * sin  # rotate-half RoPE, [N, D/2] each half
-            r2 = k2 * cos + k1 * sin
+            if ROTATE:
+                cos = tl.load(Cos + pos[:, None] * HALF + d[None, :]).to(tl.float32)
+                sin = tl.load(Sin + pos[:, None] * HALF + d[None, :]).to(tl.float32)
+                r1 = k1 * cos - k2 * sin  # rotate-half RoPE, [N, D/2] each half
+                r2 = k2 * cos + k1 * sin
+            else:  # diagnostic only (benchmarks/decode_kernel.py): what reading the table and rotating costs
+                r1 = k1
+                r2 = k2
             if TENSOR_CORES:  # bf16/fp16 models: keys rounded to the model dtype once rotated, as the plain path does
                 dt = Q.dtype.element_ty
                 scores = tl.dot(q1.to(dt), tl.trans(r1.to(dt))) + tl.dot(q2.to(dt), tl.trans(r2.to(dt)))
@@ -137,13 +141,16 @@ if triton is not None:
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
                      total: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, sinks: int, window: int,
                      diagonal: bool, block: int = BLOCK, num_warps: int = 4, num_stages: int | None = None,
-                     splits: int | None = None) -> torch.Tensor:
+                     splits: int | None = None, rotate: bool = True) -> torch.Tensor:
     """One new token per row: q [B, H, D] rotated at its in-cache position; keys/values: a sink-window
     cache's whole buffers [R, Hkv, S+W, D] (keys unrotated); rows [B] long: the cache row of each query;
-    total [B] long: tokens of the row after this step's write. `diagonal`: whether the query sees its
-    own slot. Returns [B, H, D] in q's dtype; a query that sees no key gets exactly zero.
+    total [B] long: tokens of the row after this step's write. cos, sin [S+W, D/2]: `rope_table`, in
+    float32 or in the model's dtype (half the table traffic; the plain path rounds them so too).
+    `diagonal`: whether the query sees its own slot. Returns [B, H, D] in q's dtype; a query that sees
+    no key gets exactly zero.
     `block`, `num_warps`, `num_stages`, `splits` (None: enough to fill the GPU) are tuning knobs
-    (benchmarks/decode_kernel.py sweeps them). Several splits are combined by `_join_kernel`
+    (benchmarks/decode_kernel.py sweeps them); `rotate=False` skips RoPE and gives wrong scores: a
+    diagnostic of what the rotation costs, never used by the model. Several splits are combined by `_join_kernel`
     (`join_splits_reference` is its torch reference)."""
     B, H, D = q.shape
     kv_heads, slots = keys.shape[1], keys.shape[2]
@@ -171,6 +178,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         1.0 / math.sqrt(D),
         SINKS=sinks, WINDOW=window, GROUP=group, GROUP_PAD=group_pad, HALF=D // 2, SPLITS=splits, SPLIT_SLOTS=per_split,
         DIAG=diagonal, BLOCK_N=block, TENSOR_CORES=q.dtype in (torch.bfloat16, torch.float16),
+        ROTATE=rotate,
         num_warps=num_warps, num_stages=num_stages)
     if splits == 1:
         return out
