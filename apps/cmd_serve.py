@@ -69,10 +69,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="step the model in a process of its own, apart from the websockets (default: "
                         "yes on a GPU, where one process's GIL would make every stream wait on the "
                         "websockets' work; no on CPU)")
-    p.add_argument("--pipelined", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--pipelined", action=argparse.BooleanOptionalAction, default=None,
                    help="queue each decode step before reading the last one's ids, so the host's work "
                         "on them overlaps the GPU's next step (a reply that ends has its one queued "
-                        "token taken back; default: off until measured on a GPU)")
+                        "token taken back; default: yes on a GPU, no on CPU, where there is nothing "
+                        "to overlap)")
     p.add_argument("--verbose", "-v", action="store_true", help="log sessions to stderr")
     add_model_args(p)
     add_ray_args(p)

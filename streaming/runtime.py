@@ -125,7 +125,7 @@ class Runtime:
         return self._fingerprint
 
     def session(self, sinks: int = 4, window: int = 1020, chunk: int | None = None, prefill: str = "iterative",
-                seed: int | None = None, *, unbounded_cache: bool = False, pipelined: bool = False) -> Session:
+                seed: int | None = None, *, unbounded_cache: bool = False, pipelined: bool | None = None) -> Session:
         """A new stream with its own KV memory: `sinks` + `window` slots per KV-owning layer (an engine
         with one row).
 
@@ -134,7 +134,8 @@ class Runtime:
         min(256, window)). `prefill` "iterative" uses the LCKV parallel prefill, "sequential" feeds
         token by token (exact). `unbounded_cache=True` keeps every token instead (finite contexts).
         `seed` makes sampled replies reproducible (each reply's seed derives from it). `pipelined`:
-        queue each token's step before the host reads the last one (see `streaming.engine.Engine`).
+        queue each token's step before the host reads the last one (None: on CUDA; see
+        `streaming.engine.Engine`).
         """
         _check_seed(seed)
         engine = Engine(self, 1, sinks=sinks, window=window, chunk=chunk, prefill=prefill, unbounded=unbounded_cache,
@@ -142,7 +143,7 @@ class Runtime:
         return Session(engine, engine.open_row(), seed=seed)
 
     def pool(self, slots: int, sinks: int = 4, window: int = 1020, chunk: int | None = None,
-             prefill: str = "iterative", *, prefill_budget: int | None = None, pipelined: bool = False) -> SessionPool:
+             prefill: str = "iterative", *, prefill_budget: int | None = None, pipelined: bool | None = None) -> SessionPool:
         """A pool of `slots` sessions on the rows of one engine: their steps run batched. Memory:
         `slots` x (sinks + window) slots per KV layer (plus one scratch row), allocated now.
         `pipelined`: see `streaming.engine.Engine`."""
@@ -151,7 +152,7 @@ class Runtime:
         return SessionPool(engine)
 
     def engine(self, rows: int, sinks: int = 4, window: int = 1020, chunk: int | None = None,
-               prefill: str = "iterative", *, prefill_budget: int | None = None, pipelined: bool = False) -> Engine:
+               prefill: str = "iterative", *, prefill_budget: int | None = None, pipelined: bool | None = None) -> Engine:
         """An engine of `rows` streams (see `streaming.engine.Engine`), for schedulers of their own."""
         return Engine(self, rows, sinks=sinks, window=window, chunk=chunk, prefill=prefill,
                       prefill_budget=prefill_budget, pipelined=pipelined)

@@ -143,3 +143,10 @@ def test_closing_a_row_with_a_step_on_its_way_frees_it_cleanly(runtime):
     _run(engine, [keep, fresh])
     assert fresh.generated == reference_tokens(runtime, _ids(runtime, PROMPTS[1]), SamplingParams(**SETTINGS[2]), 15)
     assert keep.generated == reference_tokens(runtime, _ids(runtime, PROMPTS[0]), SamplingParams(**SETTINGS[1]), 30)
+
+
+def test_pipelined_by_default_only_on_cuda(runtime):
+    # None (the default everywhere: Engine, rt.session/pool/engine, serve): on CUDA, off on CPU.
+    assert Engine(runtime, 2, sinks=SINKS, window=WINDOW, chunk=CHUNK).pipelined is (runtime.device.type == "cuda")
+    assert runtime.pool(2, sinks=SINKS, window=WINDOW, chunk=CHUNK).engine.pipelined is False
+    assert runtime.pool(2, sinks=SINKS, window=WINDOW, chunk=CHUNK, pipelined=True).engine.pipelined is True

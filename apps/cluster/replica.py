@@ -33,7 +33,7 @@ class ReplicaSpec:
     model_name: str = "model"
     engine_process: bool | None = None  # ServerConfig.engine_process (None: apart on a GPU)
     compile: bool | None = None  # layers through torch.compile (None: apps.common.compile_by_default)
-    pipelined: bool = False  # ServerConfig.pipelined
+    pipelined: bool | None = None  # ServerConfig.pipelined (None: on a GPU)
 
 
 class ReplicaServer:

@@ -48,8 +48,9 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     chunk: int | None = None               # prompt tokens per engine step (None: 64 on CPU, 256 on GPU)
     prefill_budget: int | None = None      # prompt tokens per step, all prompts (None: 1 chunk CPU, 4096 GPU)
-    # Queue each decode step before reading the last one's ids (streaming.engine.Engine's `pipelined`).
-    pipelined: bool = False
+    # Queue each decode step before reading the last one's ids (streaming.engine.Engine's `pipelined`;
+    # None: on a GPU).
+    pipelined: bool | None = None
     allowed_origins: tuple[str, ...] = ()  # besides same-origin and localhost; "*" = any
     allowed_hosts: tuple[str, ...] = ()    # Host names accepted besides loopback; "*" = any
     token: str | None = None               # required as ?token= or Authorization: Bearer

@@ -36,7 +36,7 @@ class EngineSettings:
     chunk: int
     prefill_budget: int | None
     cpu_mmap_threshold: int | None = None  # see ServerConfig.cpu_mmap_threshold
-    pipelined: bool = False  # see ServerConfig.pipelined
+    pipelined: bool | None = None  # see ServerConfig.pipelined
 
 
 def pack_state(state: tuple[dict, dict, dict]) -> tuple[bytes, dict, dict]:
