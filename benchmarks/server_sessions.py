@@ -28,6 +28,8 @@ import torch
 from websockets.asyncio.client import connect
 
 import streaming
+from streaming.runtime import resolve_device
+from apps.common import wants_compile
 from apps.protocol import Limits
 from apps.server.app import ServerConfig, running
 from apps.server.engine_process import EngineProcess
@@ -232,7 +234,8 @@ async def main_async(args):
     per = args.sessions // args.connections
     ok, errors, ttft, tokens, elapsed, p = summarize(results, t0)
     print(f"{args.device}, engine in {where}, torch {torch.__version__}, {per * args.connections} sessions on "
-          f"{args.connections} connections in {args.client_processes} client processes, {args.new_tokens} tokens each")
+          f"{args.connections} connections in {args.client_processes} client processes, {args.new_tokens} tokens each, "
+          f"layers {'compiled' if args.compile else 'eager'}, steps {'pipelined' if args.pipelined else 'not pipelined'}")
     print("| sessions | errors | p50 time to first token | p99 time to first token | aggregate tok/s |")
     print("|---|---|---|---|---|")
     print(f"| {len(ok) + len(errors)} | {len(errors)} | {p(0.5):.2f} s | {p(0.99):.2f} s | {tokens / elapsed:,.0f} |")
@@ -258,8 +261,9 @@ def main():
     parser.add_argument("--model", default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--sessions", type=int, default=1000)
-    parser.add_argument("--pipelined", action="store_true", help="the server's engine queues each decode step "
-                        "before reading the last one's ids (serve --pipelined)")
+    parser.add_argument("--pipelined", action=argparse.BooleanOptionalAction, default=None,
+                        help="the server's engine queues each decode step before reading the last one's ids "
+                             "(serve's default: yes on a GPU)")
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--client-processes", type=int, default=4)
@@ -270,7 +274,8 @@ def main():
     parser.add_argument("--switch-interval", type=float, default=None,
                         help="the server process's GIL switch interval in seconds (sys.setswitchinterval; "
                              "Python's default is 0.005)")
-    parser.add_argument("--compile", action="store_true", help="layers through torch.compile")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="layers through torch.compile (serve's default: yes on a GPU)")
     parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                         help="the server's engine in a process of its own (default) or in the server's")
     parser.add_argument("--py-spy", metavar="DIR", default=None,
@@ -278,6 +283,10 @@ def main():
     parser.add_argument("--log-slow-steps", action="store_true",
                         help="show the server's INFO log: every engine step over 100 ms, with its CPU time")
     args = parser.parse_args()
+    # As `serve` decides them: compiled layers and pipelined steps on a GPU, unless told otherwise.
+    args.compile = wants_compile(args, serving=True)
+    if args.pipelined is None:
+        args.pipelined = resolve_device(args.device).type == "cuda"
     if args.log_slow_steps:
         logging.basicConfig(level=logging.INFO, format="%(relativeCreated)8.0f ms %(message)s")
     if args.switch_interval is not None:

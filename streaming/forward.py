@@ -126,7 +126,10 @@ def _decode_kernel_inputs(model: CausalLM, cache, plan, ids: torch.Tensor):
         return None
     rows = plan.rows if plan.rows is not None else torch.arange(cache.batch, device=cache.device)
     total = cache.lengths.index_select(0, rows) + 1  # lengths advance only at the end of the step
-    return (rows, total, *model.rope_table(cache.capacity, cache.device))
+    # cos/sin in a half-precision model's dtype: the plain path rounds them so too (`cos_sin`), and
+    # the kernel reads half the table bytes next to every key.
+    table = cache.dtype if cache.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    return (rows, total, *model.rope_table(cache.capacity, cache.device, table))
 
 
 def _kernel_attention(step: _Step, index: int, q: torch.Tensor) -> torch.Tensor:

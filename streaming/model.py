@@ -149,7 +149,7 @@ class CausalLM(nn.Module):
         # read, rows by index) when Triton is present; False keeps the plain path everywhere.
         self.decode_kernel = True
         self.math = LayerMath()  # the final norm + head's; compile_layers gives every layer the same
-        self._rope_tables: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope_tables: dict[tuple[int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: hidden [..., hidden] -> float32 logits [..., vocab]."""
@@ -181,11 +181,11 @@ class CausalLM(nn.Module):
         """Attention of rotated q [B,H,n,D] over keys/values [B,Hkv,L,D] with `self.attention_impl`."""
         return attend(q, keys, values, mask, impl=self.attention_impl)
 
-    def rope_table(self, slots: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [slots, D/2] float32 of in-cache positions 0..slots-1, built once per cache size."""
-        key = (slots, torch.device(device))
+    def rope_table(self, slots: int, device, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [slots, D/2] in `dtype` of in-cache positions 0..slots-1, built once per cache size."""
+        key = (slots, torch.device(device), dtype)
         if key not in self._rope_tables:
-            self._rope_tables[key] = rope_table(self.inv_freq.to(device), slots)
+            self._rope_tables[key] = rope_table(self.inv_freq.to(device), slots, dtype)
         return self._rope_tables[key]
 
     @staticmethod
