@@ -117,8 +117,9 @@ class Engine:
     one's ids, so the host's work on them (text, stops) overlaps the device's next step; a row whose
     reply turns out to have ended has its speculative step taken back (cache slot, length, logits,
     sampling state), so what every stream holds and emits equals the plain loop's. None (default): on
-    CUDA, where it measured 8-48 % more tokens per second (benchmarks/RESULTS.md), off on CPU (where
-    the host computes the step itself and there is nothing to overlap). Thread-safe: any
+    for an engine of several rows on CUDA, where it measured 8-48 % more tokens per second; off for
+    one row (a standalone session: 570 against 611 tok/s at batch 1, nothing much to overlap) and on
+    CPU (the host computes the step itself). benchmarks/RESULTS.md has the runs. Thread-safe: any
     thread may call `step()` (or iterate `responses()`), one iteration runs at a time and advances
     every stream.
     """
@@ -158,7 +159,7 @@ class Engine:
                                     history=min(self.capacity or PENALTY_HISTORY, PENALTY_HISTORY))
         self.next_logits = torch.zeros(allocated, config.vocab_size, dtype=torch.float32, device=device)  # [R, V]
         self.seen = [0] * allocated  # tokens each row has ingested (host copy: no device read)
-        self.pipelined = device.type == "cuda" if pipelined is None else bool(pipelined)
+        self.pipelined = (device.type == "cuda" and rows > 1) if pipelined is None else bool(pipelined)
         self._launched: _Launched | None = None  # the decode step whose ids the host has not read yet
         if self.pipelined:  # what a decode step overwrites, kept so it can be taken back per row
             self.sampling.pinned_copies = self.sampling.keeps_last_step = True

@@ -134,8 +134,8 @@ class Runtime:
         min(256, window)). `prefill` "iterative" uses the LCKV parallel prefill, "sequential" feeds
         token by token (exact). `unbounded_cache=True` keeps every token instead (finite contexts).
         `seed` makes sampled replies reproducible (each reply's seed derives from it). `pipelined`:
-        queue each token's step before the host reads the last one (None: on CUDA; see
-        `streaming.engine.Engine`).
+        queue each token's step before the host reads the last one (None: off, as for any one-row
+        engine; see `streaming.engine.Engine`).
         """
         _check_seed(seed)
         engine = Engine(self, 1, sinks=sinks, window=window, chunk=chunk, prefill=prefill, unbounded=unbounded_cache,

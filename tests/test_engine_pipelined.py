@@ -146,7 +146,9 @@ def test_closing_a_row_with_a_step_on_its_way_frees_it_cleanly(runtime):
 
 
 def test_pipelined_by_default_only_on_cuda(runtime):
-    # None (the default everywhere: Engine, rt.session/pool/engine, serve): on CUDA, off on CPU.
+    # None (the default everywhere: Engine, rt.session/pool/engine, serve): on for several rows on
+    # CUDA; off on CPU and for one row (a standalone session).
     assert Engine(runtime, 2, sinks=SINKS, window=WINDOW, chunk=CHUNK).pipelined is (runtime.device.type == "cuda")
+    assert Engine(runtime, 1, sinks=SINKS, window=WINDOW, chunk=CHUNK).pipelined is False
     assert runtime.pool(2, sinks=SINKS, window=WINDOW, chunk=CHUNK).engine.pipelined is False
     assert runtime.pool(2, sinks=SINKS, window=WINDOW, chunk=CHUNK, pipelined=True).engine.pipelined is True
