@@ -44,7 +44,6 @@ MODES = {  # name: (attention impl, CUDA graphs, compiled layers)
     "graphs-compiled": ("sdpa", True, True),
     "eager-compiled": ("sdpa", False, True),  # CPU's fast path
     "graphs-autotuned": ("sdpa", True, "max-autotune-no-cudagraphs"),  # Inductor's GEMM templates timed too
-    "graphs-compiled-pipelined": ("sdpa", True, True),  # + each step queued before the last one's id is read
 }
 
 
@@ -108,8 +107,7 @@ def time_mode(rt, args, mode, prompt, device):
     rt.model.compile_layers(bool(compiled), mode=compiled if isinstance(compiled, str) else None)
     row = {"mode": mode}
     t0 = time.perf_counter()
-    s = rt.session(sinks=args.sinks, window=args.window, chunk=min(256, args.window),
-                   pipelined=mode.endswith("-pipelined"))
+    s = rt.session(sinks=args.sinks, window=args.window, chunk=min(256, args.window))
     s.feed(prompt)  # warm-up (captures the chunk and decode graphs, compiles when asked)
     list(s.generate(max_new_tokens=8, temperature=0.0))
     row["warm-up s"] = time.perf_counter() - t0

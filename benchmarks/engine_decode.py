@@ -125,6 +125,8 @@ def main():
             rt = streaming.load(path, device="cuda", dtype="bf16", compile=args.compile)
             for pipelined, label in modes:
                 for streams in args.streams:
+                    if pipelined and streams == 1:
+                        continue  # a one-row engine is never pipelined
                     adm, pre, dec = engine_run(rt, streams, 128, args.new_tokens, pipelined=pipelined)
                     report(f"| {kind} | engine{label} | {streams} | {adm:.3f} | {pre:,.0f} | {dec:,.0f} |")
                 for streams in args.steady_streams:

@@ -117,9 +117,10 @@ class Engine:
     one's ids, so the host's work on them (text, stops) overlaps the device's next step; a row whose
     reply turns out to have ended has its speculative step taken back (cache slot, length, logits,
     sampling state), so what every stream holds and emits equals the plain loop's. None (default): on
-    for an engine of several rows on CUDA, where it measured 8-48 % more tokens per second; off for
-    one row (a standalone session: 570 against 611 tok/s at batch 1, nothing much to overlap) and on
-    CPU (the host computes the step itself). benchmarks/RESULTS.md has the runs. Thread-safe: any
+    for an engine of several rows on CUDA, where it measured 8-48 % more tokens per second; off on
+    CPU (the host computes the step itself). A one-row engine (a standalone session) is never
+    pipelined: at batch 1 it measured slower (570 against 611 tok/s) and an LCKV one-row capture
+    failed on the H200 (benchmarks/RESULTS.md), so asking for it is an error. Thread-safe: any
     thread may call `step()` (or iterate `responses()`), one iteration runs at a time and advances
     every stream.
     """
@@ -159,6 +160,9 @@ class Engine:
                                     history=min(self.capacity or PENALTY_HISTORY, PENALTY_HISTORY))
         self.next_logits = torch.zeros(allocated, config.vocab_size, dtype=torch.float32, device=device)  # [R, V]
         self.seen = [0] * allocated  # tokens each row has ingested (host copy: no device read)
+        if pipelined and rows == 1:
+            raise InvalidInputError("pipelined steps need an engine of several rows; a one-row engine (a "
+                                    "session of its own) is not pipelined")
         self.pipelined = (device.type == "cuda" and rows > 1) if pipelined is None else bool(pipelined)
         self._launched: _Launched | None = None  # the decode step whose ids the host has not read yet
         if self.pipelined:  # what a decode step overwrites, kept so it can be taken back per row

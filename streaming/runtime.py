@@ -125,7 +125,7 @@ class Runtime:
         return self._fingerprint
 
     def session(self, sinks: int = 4, window: int = 1020, chunk: int | None = None, prefill: str = "iterative",
-                seed: int | None = None, *, unbounded_cache: bool = False, pipelined: bool | None = None) -> Session:
+                seed: int | None = None, *, unbounded_cache: bool = False) -> Session:
         """A new stream with its own KV memory: `sinks` + `window` slots per KV-owning layer (an engine
         with one row).
 
@@ -133,13 +133,10 @@ class Runtime:
         tokens including itself. `chunk` tokens are ingested per step (at most `window`; default
         min(256, window)). `prefill` "iterative" uses the LCKV parallel prefill, "sequential" feeds
         token by token (exact). `unbounded_cache=True` keeps every token instead (finite contexts).
-        `seed` makes sampled replies reproducible (each reply's seed derives from it). `pipelined`:
-        queue each token's step before the host reads the last one (None: off, as for any one-row
-        engine; see `streaming.engine.Engine`).
+        `seed` makes sampled replies reproducible (each reply's seed derives from it).
         """
         _check_seed(seed)
-        engine = Engine(self, 1, sinks=sinks, window=window, chunk=chunk, prefill=prefill, unbounded=unbounded_cache,
-                        pipelined=pipelined)
+        engine = Engine(self, 1, sinks=sinks, window=window, chunk=chunk, prefill=prefill, unbounded=unbounded_cache)
         return Session(engine, engine.open_row(), seed=seed)
 
     def pool(self, slots: int, sinks: int = 4, window: int = 1020, chunk: int | None = None,

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from streaming.engine import Engine
+from streaming.errors import InvalidInputError
 from streaming.sampling import SamplingParams
 from tests.test_engine import CHUNK, PROMPTS, SETTINGS, SINKS, WINDOW, _ids, reference_tokens, runtime  # noqa: F401
 
@@ -150,5 +151,7 @@ def test_pipelined_by_default_only_on_cuda(runtime):
     # CUDA; off on CPU and for one row (a standalone session).
     assert Engine(runtime, 2, sinks=SINKS, window=WINDOW, chunk=CHUNK).pipelined is (runtime.device.type == "cuda")
     assert Engine(runtime, 1, sinks=SINKS, window=WINDOW, chunk=CHUNK).pipelined is False
+    with pytest.raises(InvalidInputError, match="several rows"):
+        Engine(runtime, 1, sinks=SINKS, window=WINDOW, chunk=CHUNK, pipelined=True)
     assert runtime.pool(2, sinks=SINKS, window=WINDOW, chunk=CHUNK).engine.pipelined is False
     assert runtime.pool(2, sinks=SINKS, window=WINDOW, chunk=CHUNK, pipelined=True).engine.pipelined is True
