@@ -19,6 +19,7 @@ tests/test_engine_cuda.py shows the replays equal the eager steps.
 
 from __future__ import annotations
 
+import gc
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -77,8 +78,17 @@ class _Graph:
                 fn(self.rows, *inputs)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.output = fn(self.rows, *inputs)
+        # No garbage collection inside the capture: torch no longer collects before one, so a dead
+        # engine (its graphs and pinned blocks held in a reference cycle) could be freed in the middle
+        # of it, and freeing them makes CUDA calls a capture does not allow.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.output = fn(self.rows, *inputs)
+        finally:
+            if collecting:
+                gc.enable()
         _put_row_state(engine, filler, saved)
 
     def __call__(self, rows: list[int], scratch: int | None, *inputs: torch.Tensor) -> torch.Tensor:

@@ -140,3 +140,25 @@ def test_short_chunks_replay_padded_graphs_equal_eager_engine(tmp_path, kind):
     _, eager, eager_jobs, _ = burst(False)
     assert [j.generated for j in jobs] == [j.generated for j in eager_jobs]
     assert torch.equal(engine.cache.lengths[:10], eager.cache.lengths[:10])  # (row 10: the graphs' scratch row)
+
+
+def test_capture_survives_dead_engines_collected_at_every_allocation(tmp_path):
+    """Dead pipelined engines (graphs and pinned host blocks, kept by their reference cycles) with the
+    collector set to run at every allocation: a new engine's captures must not be broken by their
+    freeing (a one-row LCKV capture failed so on the H200, 2026-12-03, cause suspected, not proven),
+    and its streams equal the eager engine's."""
+    import gc
+
+    rt = streaming.load(make_tiny_checkpoint(tmp_path / "lckv", "lckv", with_tokenizer=False), device="cuda",
+                        dtype="float32")
+    eager, eager_jobs = _run(rt, False)
+    for _ in range(3):
+        _run(rt, True, pipelined=True)  # left for the collector: engine <-> graphs
+    thresholds = gc.get_threshold()
+    gc.set_threshold(1, 1, 1)
+    try:
+        piped, piped_jobs = _run(rt, True, pipelined=True)
+    finally:
+        gc.set_threshold(*thresholds)
+    for a, b in zip(piped_jobs, eager_jobs):
+        assert a.generated == b.generated
