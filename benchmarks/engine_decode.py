@@ -103,10 +103,13 @@ def main():
     parser.add_argument("--steady-streams", type=int, nargs="*", default=[256, 1024])
     parser.add_argument("--plain-path-streams", type=int, nargs="*", default=[1, 256])
     parser.add_argument("--hf-streams", type=int, nargs="*", default=[1, 64])
+    parser.add_argument("--kinds", default="plain,lckv", help="which models, of plain and lckv")
     parser.add_argument("--compile", action="store_true", help="layers through torch.compile (streaming.load's)")
     parser.add_argument("--pipelined", action="store_true",
                         help="every engine row also with the pipelined engine (next step queued before the ids are read)")
     args = parser.parse_args()
+    if not set(args.kinds.split(",")) <= {"plain", "lckv"}:
+        parser.error(f"--kinds: plain and/or lckv, got {args.kinds!r}")
     modes = [(False, "")] + ([(True, ", pipelined")] if args.pipelined else [])
     lines = []
 
@@ -115,7 +118,7 @@ def main():
         print(line, flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in ("plain", "lckv"):
+        for kind in args.kinds.split(","):
             config = (plain_config(layers=22, **TINYLLAMA) if kind == "plain"
                       else lckv_config(layers=22, m=7, b=2, **TINYLLAMA))
             weights = {k: (v * 0.1 if v.dim() > 1 else v).to(torch.bfloat16)
