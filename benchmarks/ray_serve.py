@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from apps.common import wants_compile
 from apps.protocol import Limits
 from apps.server.app import ServerConfig, running
 from apps.server.engine_process import EngineProcess
@@ -50,7 +51,7 @@ async def single(args, with_state_dir: bool) -> str:
     its `done`), or without."""
     state_dir = tempfile.mkdtemp(prefix="sinkstream-bench-") if with_state_dir else None
     cfg = ServerConfig(port=0, limits=limits_for(args, args.sessions), model_name="bench", state_dir=state_dir)
-    async with running(ModelSource(model=args.model, device=args.device), cfg) as app:
+    async with running(ModelSource(model=args.model, device=args.device, compile=args.compile), cfg) as app:
         health = app.health()
         pids = {"server": health["pid"], "engine": health["engine_pid"] if health["engine_pid"] != health["pid"] else None}
         cpu, profiles = CpuShare(pids), Profiles(pids, args.py_spy and os.path.join(args.py_spy, "single"))
@@ -74,7 +75,7 @@ async def cluster(args, replicas: int, gpus: float) -> str:
     limits = limits_for(args, rows)
     spec = ReplicaSpec(model=args.model, device=args.device, dtype=None, limits=limits.__dict__.copy(),
                        state_dir=tempfile.mkdtemp(prefix="sinkstream-bench-"), token=secrets.token_urlsafe(16),
-                       model_name="bench")
+                       model_name="bench", compile=args.compile)
     deployer = Deployer(spec, Placement(gpus=gpus, cpus=args.cpus_per_replica))
     t = time.perf_counter()
     backends = [await asyncio.to_thread(deployer.deploy) for _ in range(replicas)]
@@ -120,7 +121,7 @@ async def main_async(args) -> None:
     if "two" in configs:
         lines.append(await cluster(args, 2, 0.5 if args.device != "cpu" else 0.0))
     print(f"{args.device}, torch {torch.__version__}, {args.sessions} sessions on {args.connections} connections, "
-          f"{args.new_tokens} tokens each")
+          f"{args.new_tokens} tokens each, layers {'compiled' if args.compile else 'eager'} in every configuration")
     print("| server | rows | sessions | errors | p50 time to first token | p99 time to first token | aggregate tok/s |")
     print("|---|---|---|---|---|---|---|")
     for line in lines:
@@ -141,7 +142,11 @@ def main():
     parser.add_argument("--configs", default="single,single-state,one,two",
                         help="which to run, of: single (the single-process server), single-state (the same with "
                              "--state-dir, as replicas run), one (one replica), two (two replicas)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="layers through torch.compile, the same in every configuration (default: as `serve` "
+                             "decides, yes on a GPU)")
     args = parser.parse_args()
+    args.compile = wants_compile(args, serving=True)
     args.long_prompt_after = 0.0
     asyncio.run(main_async(args))
 
