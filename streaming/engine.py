@@ -130,6 +130,9 @@ class Engine:
                  unbounded: bool = False, pipelined: bool | None = None):
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
             raise InvalidInputError(f"rows must be an integer >= 1, got {rows!r}")
+        if pipelined and rows == 1:
+            raise InvalidInputError("pipelined steps need an engine of several rows; a one-row engine (a "
+                                    "session of its own) is not pipelined")
         if unbounded:
             chunk = DEFAULT_CHUNK if chunk is None else chunk
             limit = None
@@ -160,13 +163,10 @@ class Engine:
                                     history=min(self.capacity or PENALTY_HISTORY, PENALTY_HISTORY))
         self.next_logits = torch.zeros(allocated, config.vocab_size, dtype=torch.float32, device=device)  # [R, V]
         self.seen = [0] * allocated  # tokens each row has ingested (host copy: no device read)
-        if pipelined and rows == 1:
-            raise InvalidInputError("pipelined steps need an engine of several rows; a one-row engine (a "
-                                    "session of its own) is not pipelined")
         self.pipelined = (device.type == "cuda" and rows > 1) if pipelined is None else bool(pipelined)
         self._launched: _Launched | None = None  # the decode step whose ids the host has not read yet
         if self.pipelined:  # what a decode step overwrites, kept so it can be taken back per row
-            self.sampling.pinned_copies = self.sampling.keeps_last_step = True
+            self.sampling.pipelined = True
             self._last_step = self.cache.keep_last_step(allocated)
             self._overwritten_logits = torch.zeros_like(self.next_logits)  # [R, V]: the logits it sampled from
         self._free = list(range(rows))  # a heap: the lowest free row first
@@ -343,19 +343,17 @@ class Engine:
             admitted = self._admit()
             earlier = self._launched
             waiting = earlier.jobs if earlier is not None else []
-            # A cancelled job whose last token is still on its way keeps it (as if the cancel came
-            # after that step): it finishes once the token is read.
+            # Cancelled jobs take no new step and finish after the previous step's ids are read: one
+            # whose last token was still on its way keeps it (as if the cancel came after that step).
             cancelled = [j for j in (*self._decoding, *self._prefilling) if j.cancelled]
-            keep = set(waiting) if cancelled and waiting else ()
-            for job in cancelled:
-                if job not in keep:
-                    self._finish(job, cancelled=True)
-            stepping = list(dict.fromkeys((*self._decoding, *self._prefilling, *waiting)))
-            times.admit_s, times.decode_rows, times.prompt_jobs = time.perf_counter() - t, len(self._decoding), len(self._prefilling)
+            live = [j for j in (*self._decoding, *self._prefilling) if not j.cancelled]
+            stepping = list(dict.fromkeys((*live, *waiting)))
+            times.admit_s = time.perf_counter() - t
             try:
                 t = time.perf_counter()
                 self._launched = None
                 launching = [job for job in self._decoding if not job.cancelled and job.reply.may_take(job.launched)]
+                times.decode_rows = len(launching)
                 launched = self._launch_decode(launching) if launching else None
                 if earlier is not None:
                     self._read_decoded(earlier, then=launched)
@@ -367,6 +365,7 @@ class Engine:
                 for job in cancelled:
                     self._finish(job, cancelled=True)
                 times.decode_s = time.perf_counter() - t
+                times.prompt_jobs = len(self._prefilling)
                 if self._prefilling:
                     t = time.perf_counter()
                     self._prefill_step()

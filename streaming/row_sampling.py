@@ -95,11 +95,10 @@ class RowSampling:
         self._offsets = torch.arange(history, dtype=torch.long, **kw)  # ring slots after the start
         # host mirrors of the settings, for `features` (no device reads)
         self._host = [SamplingParams() for _ in range(rows)]
-        # `keeps_last_step`: the ring id each row's last one-token `observe` overwrote (see `take_back`).
-        self.keeps_last_step = False
-        # Settings go to the device queued behind the steps, not waiting for them (a pipelined
-        # engine's; streaming.host_copy).
-        self.pinned_copies = False
+        # For a pipelined engine: settings go to the device queued behind the steps, not waiting for
+        # them (streaming.host_copy), and each one-token `observe` keeps the ring ids it overwrote
+        # (`_overwritten`), so `take_back` can undo it.
+        self.pipelined = False
         self._overwritten = torch.full((rows,), -1, dtype=torch.int32, **kw)
 
     @property
@@ -124,7 +123,7 @@ class RowSampling:
         if not rows:
             return
         def device_tensor(values: list, dtype) -> torch.Tensor:
-            return to_device(values, dtype, self.device, without_waiting=self.pinned_copies)
+            return to_device(values, dtype, self.device, without_waiting=self.pipelined)
 
         index = device_tensor(rows, torch.long)
 
@@ -210,7 +209,7 @@ class RowSampling:
         start = self.head[rows] + (n - m)  # [k] slot of tail[:, 0]
         slots = (start[:, None] + self._offsets[:m]) % self.history  # [k, m], distinct within a row
         r = rows[:, None]
-        if self.keeps_last_step and n == 1:  # (a pipelined engine's decode step: see take_back)
+        if self.pipelined and n == 1:  # (a decode step: see take_back)
             self._overwritten[:k] = self.ring[r, slots][:, 0]
         if self.counts is not None:
             old = self.ring[r, slots].long()  # [k, m] ids leaving, -1 = empty slot
@@ -223,7 +222,7 @@ class RowSampling:
         self.head[rows] = (self.head[rows] + n) % self.history
 
     def take_back(self, positions: torch.Tensor, rows: torch.Tensor) -> None:
-        """Undo the last one-token `sample` + `observe` (with `keeps_last_step`) of rows [j] at
+        """Undo the last one-token `sample` + `observe` (`pipelined`) of rows [j] at
         positions [j] of its batch: the draw counter, the ring slot (its old id back), the head and
         the counts."""
         self.counters.index_add_(0, rows, torch.full_like(rows, -1))
