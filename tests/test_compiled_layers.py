@@ -106,25 +106,33 @@ def test_fast_step_matches_reference_in_float32(tmp_path, layout):
     tolerance = REASSOCIATION[layout] * scale
     assert (fast[0] - reference[0]).abs().max() <= tolerance
     assert len(fast[1]) == 256
-    if fast[1] != reference[1]:
-        # Random weights make near-ties: the paths may part only where the reference's two best logits
-        # are closer than the paths' rounding differences; a wrong op parts them where the choice is clear.
-        ids, margins = _greedy_margins(rt, prompt, 256, **session)
-        assert ids == reference[1]
-        first = next(i for i, (a, b) in enumerate(zip(fast[1], ids)) if a != b)
-        assert margins[first] <= tolerance, f"paths part at token {first}, margin {margins[first]:.4f}"
-    else:
+    if _part_only_at_a_tie(rt, fast, reference, prompt, tolerance, session):
         assert (fast[2] - reference[2]).abs().max() <= tolerance
+
+
+def _part_only_at_a_tie(rt, fast, reference, prompt, tolerance, session) -> bool:
+    """True when both paths chose the same greedy ids. Otherwise they may part only where the
+    reference's two best logits are closer than the paths' rounding differences (random weights make
+    near-ties; so does bf16, whose logits tie exactly); a wrong op parts them where the choice is clear."""
+    if fast[1] == reference[1]:
+        return True
+    ids, margins = _greedy_margins(rt, prompt, len(reference[1]), **session)
+    assert ids == reference[1]
+    first = next(i for i, (a, b) in enumerate(zip(fast[1], ids)) if a != b)
+    assert margins[first] <= tolerance, f"paths part at token {first}, margin {margins[first]:.4f}"
+    return False
 
 
 @GPU
 @pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-3), ("bfloat16", 0.03)])
 def test_fast_step_matches_reference_on_the_bundled_model(dtype, tolerance):
-    # A trained model (LCKV w=2, GQA 6/2 heads): its greedy choices are not near-ties, so rounding
-    # differences between the paths leave them alone: the same greedy tokens, strictly (random
-    # weights flip within a few tokens even between bf16 and float32 on one path). Logits: float32
-    # reassociation; bf16 (measured on CPU: bf16 vs float32 0.6 % of the largest logit).
+    # A trained model (LCKV w=2, GQA 6/2 heads): its greedy choices are rarely near-ties, but not never:
+    # in bf16 the reference's two best logits tie exactly at token 59 of this prompt (measured on CPU;
+    # float32 margin 0.014), where the H200's fast path took float32's choice. So the same greedy ids
+    # up to the first tie, which must be one (and at least 16 tokens agree before any parting).
+    # Logits: float32 reassociation; bf16 (measured on CPU: bf16 vs float32 0.6 % of the largest logit).
     rt = streaming.load(device="cuda", dtype=dtype)
+    rt.eos_ids = set()  # both paths run all 256 steps, so their ids line up
     prompt = rt.tokenizer.encode("The old house at the end of the lane had been empty for years, and the "
                                  "children of the village said") * 3
     session = dict(sinks=4, window=124, chunk=64)
@@ -132,7 +140,8 @@ def test_fast_step_matches_reference_on_the_bundled_model(dtype, tolerance):
     fast = _run_path(rt, False, prompt, 256, **session)
     scale = reference[0].abs().max()
     assert (fast[0] - reference[0]).abs().max() <= tolerance * scale
-    assert fast[1] == reference[1] and len(fast[1]) > 16
+    assert len(fast[1]) == len(reference[1]) == 256 and fast[1][:16] == reference[1][:16]
+    _part_only_at_a_tie(rt, fast, reference, prompt, tolerance * scale, session)
 
 
 @GPU
