@@ -7,7 +7,8 @@ then times greedy decode of the same prompt on every path:
 - eager (sdpa / plain attention): the reference steps, one kernel launch at a time;
 - CUDA graphs: every decode step and full prompt chunk replays one captured graph (decode attention in
   the Triton kernel that applies RoPE where keys are read);
-- CUDA graphs + compiled layers: the same, each layer's arithmetic through `torch.compile`.
+- CUDA graphs + compiled layers: the same, each layer's arithmetic through `torch.compile`;
+- "-gemv": decode steps run each layer in four GEMV launches (streaming/layer_gemv.py), the default.
 For the graph paths it also times decode with the window full, the stream positioned at 100,000
 tokens seen (a sink-window step costs the same at 100k as at any length past S+W), and prefill at
 several chunk sizes. The roofline: bytes one step must read (weights + the window's keys and values)
@@ -37,13 +38,15 @@ TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num
                  num_key_value_heads=4, head_dim=64, max_position_embeddings=2048, tie_word_embeddings=False)
 TINY = dict(TINYLLAMA, vocab_size=1000, hidden_size=128, intermediate_size=256, num_attention_heads=4,
             num_key_value_heads=2, head_dim=32)
-MODES = {  # name: (attention impl, CUDA graphs, compiled layers)
-    "eager-sdpa": ("sdpa", False, False),
-    "eager-plain": ("plain", False, False),
-    "graphs": ("sdpa", True, False),
-    "graphs-compiled": ("sdpa", True, True),
-    "eager-compiled": ("sdpa", False, True),  # CPU's fast path
-    "graphs-autotuned": ("sdpa", True, "max-autotune-no-cudagraphs"),  # Inductor's GEMM templates timed too
+MODES = {  # name: (attention impl, CUDA graphs, compiled layers, one-row GEMV layer kernels)
+    "eager-sdpa": ("sdpa", False, False, False),
+    "eager-plain": ("plain", False, False, False),
+    "graphs": ("sdpa", True, False, False),
+    "graphs-compiled": ("sdpa", True, True, False),
+    "graphs-gemv": ("sdpa", True, False, True),  # decode steps: four GEMV launches per layer
+    "graphs-compiled-gemv": ("sdpa", True, True, True),  # the default on a GPU: compiled prefill, GEMV decode
+    "eager-compiled": ("sdpa", False, True, False),  # CPU's fast path
+    "graphs-autotuned": ("sdpa", True, "max-autotune-no-cudagraphs", False),  # Inductor's GEMM templates timed too
 }
 
 
@@ -101,10 +104,11 @@ def prefill_rate(s, prompt, device, repeats: int = 3) -> float:
 
 
 def time_mode(rt, args, mode, prompt, device):
-    impl, graphs, compiled = MODES[mode]
+    impl, graphs, compiled, one_row = MODES[mode]
     rt.model.attention_impl = impl
     rt.cuda_graphs = graphs
     rt.model.compile_layers(bool(compiled), mode=compiled if isinstance(compiled, str) else None)
+    rt.model.one_row_kernels = one_row
     row = {"mode": mode}
     t0 = time.perf_counter()
     s = rt.session(sinks=args.sinks, window=args.window, chunk=min(256, args.window))
@@ -161,7 +165,7 @@ def main():
     parser.add_argument("--window", type=int, default=2044)
     parser.add_argument("--layers", type=int, default=22)
     parser.add_argument("--kinds", default="plain,lckv")
-    parser.add_argument("--modes", default="eager-sdpa,eager-plain,graphs,graphs-compiled")
+    parser.add_argument("--modes", default="eager-sdpa,eager-plain,graphs,graphs-compiled,graphs-gemv,graphs-compiled-gemv")
     parser.add_argument("--chunks", type=int, nargs="*", default=[256, 512, 1024, 2044],
                         help="prefill chunk sizes timed on the graph paths")
     parser.add_argument("--tiny", action="store_true", help="a small shape, for a smoke run on CPU")

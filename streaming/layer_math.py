@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import layer_gemv
 from .rope import rotate
 
 
@@ -68,14 +69,36 @@ def final_logits(hidden, norm_weight, eps: float, head_weight):
 class LayerMath:
     """The three functions a step calls, eager (the reference) or compiled with `torch.compile`
     (`mode`: torch.compile's, e.g. "max-autotune-no-cudagraphs" to let Inductor time its own GEMM
-    templates against cuBLAS for these shapes; the step's own CUDA graphs do the rest)."""
+    templates against cuBLAS for these shapes; the step's own CUDA graphs do the rest).
 
-    def __init__(self, compiled: bool = False, mode: str | None = None):
-        self.compiled, self.mode = compiled, mode
+    With `one_row` (the default), a hidden state of one row on CUDA goes through the GEMV kernels of
+    `streaming/layer_gemv.py` instead (batch-1 decode: four launches per layer); off, every shape
+    takes the functions above."""
+
+    def __init__(self, compiled: bool = False, mode: str | None = None, one_row: bool = True):
+        self.compiled, self.mode, self.one_row = compiled, mode, one_row
         wrap: Callable = (lambda fn: _compile(fn, mode)) if compiled else (lambda fn: fn)
-        self.attention_inputs = wrap(attention_inputs)
-        self.layer_output = wrap(layer_output)
-        self.final_logits = wrap(final_logits)
+        self._attention_inputs = wrap(attention_inputs)
+        self._layer_output = wrap(layer_output)
+        self._final_logits = wrap(final_logits)
+
+    def _gemv(self, hidden: torch.Tensor) -> bool:
+        return self.one_row and layer_gemv.usable(hidden)
+
+    def attention_inputs(self, hidden, *args):
+        if self._gemv(hidden):
+            return layer_gemv.attention_inputs(hidden, *args)
+        return self._attention_inputs(hidden, *args)
+
+    def layer_output(self, hidden, *args):
+        if self._gemv(hidden):
+            return layer_gemv.layer_output(hidden, *args)
+        return self._layer_output(hidden, *args)
+
+    def final_logits(self, hidden, *args):
+        if self._gemv(hidden):
+            return layer_gemv.final_logits(hidden, *args)
+        return self._final_logits(hidden, *args)
 
 
 def _compile(fn: Callable, mode: str | None = None) -> Callable:

@@ -161,9 +161,19 @@ class CausalLM(nn.Module):
         """Run every layer's arithmetic (and the final norm + head) through `torch.compile`d functions
         (one set shared by all layers; `mode` as torch.compile's), or back through the eager
         reference when False."""
-        self.math = LayerMath(compiled, mode)
+        self.math = LayerMath(compiled, mode, one_row=self.math.one_row)
         for layer in self.model.layers:
             layer.math = self.math
+
+    @property
+    def one_row_kernels(self) -> bool:
+        """Whether a one-token step on CUDA (batch-1 decode) runs each layer in the GEMV kernels of
+        `streaming/layer_gemv.py` (default) rather than the eager or compiled functions."""
+        return self.math.one_row
+
+    @one_row_kernels.setter
+    def one_row_kernels(self, on: bool) -> None:
+        self.math.one_row = bool(on)  # every layer shares this LayerMath
 
     def stack_weights(self) -> None:
         """Stack every layer's q/k/v and gate/up projections now (see DecoderLayer.stacked_weights)."""

@@ -57,8 +57,9 @@ GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 
 def _reference_path(rt, on: bool):
     """Eager steps, the plain softmax, the gather-and-rotate attention, index_put_ writes (on) or
-    everything fast: CUDA graphs, the decode and store kernels, compiled layers (off)."""
-    rt.cuda_graphs, rt.model.decode_kernel = not on, not on
+    everything fast: CUDA graphs, the decode and store kernels, compiled layers and, at one row, the
+    GEMV layer kernels (off)."""
+    rt.cuda_graphs, rt.model.decode_kernel, rt.model.one_row_kernels = not on, not on, not on
     rt.model.attention_impl = "plain" if on else "sdpa"
     rt.model.compile_layers(not on)
 
