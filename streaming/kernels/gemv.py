@@ -16,8 +16,8 @@ differ only in the order float32 sums are taken.
 Each program owns 2 x `block` rows of W (for swiglu/rotate the two rows that combine: gate and up,
 the two halves of a head) and walks them along K in `block_k` steps, multiply-adding in float32 lanes
 and reducing once at the end; small blocks give enough programs to keep every SM's loads in flight.
-Measured on the H200 (benchmarks/gemv.py): 2.0-3.7 TB/s on the TinyLlama projections against
-cuBLAS's 1.4-3.5.
+Measured on the H200 (benchmarks/gemv.py): 1.95-4.1 TB/s on the TinyLlama projections against
+cuBLAS's 1.4-3.7.
 
 `F.linear` and the eager functions stay the reference and the path everywhere else (CPU, several
 rows); tests/test_gemv.py shows they agree (GPU, or Triton's interpreter; skipped in CI).
