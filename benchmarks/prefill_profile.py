@@ -1,0 +1,73 @@
+"""Where a stream's prompt ingestion spends its time: torch.profiler's top kernels for one prompt.
+
+    PYTHONPATH=. python benchmarks/prefill_profile.py --kind lckv --chunk 1024 [--graphs] [--compiled]
+
+TinyLlama-1.1B shape (`--tiny`: a small one, for a smoke run on CPU), random bf16 weights, batch 1,
+4 + 2,044 slots. One session feeds the prompt once (warm-up: graphs captured, layers compiled), then
+again into a fresh stream under the profiler. Prints the kernels (CPU ops on CPU) sorted by total
+time, then the prompt's tok/s, kernel time and wall time: for LCKV, the cyclic block runs m+b times
+per chunk, so this shows what those passes are made of (projections, attention, the cache writes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import streaming
+from benchmarks.decode_speed import TINY, TINYLLAMA
+from tests.tiny_checkpoint import lckv_config, plain_config, random_weights, write_checkpoint
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--kind", default="lckv")
+    parser.add_argument("--chunk", type=int, default=1024)
+    parser.add_argument("--prompt-tokens", type=int, default=2048)
+    parser.add_argument("--window", type=int, default=2044)
+    parser.add_argument("--graphs", action="store_true", help="replay captured graphs (as served)")
+    parser.add_argument("--compiled", action="store_true", help="layers through torch.compile")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    shape = TINY if args.tiny else TINYLLAMA
+    config = (plain_config(layers=22, **shape) if args.kind == "plain"
+              else lckv_config(layers=22, m=7, b=2, **shape))
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = {k: (v * 0.1 if v.dim() > 1 else v).to(torch.bfloat16) for k, v in random_weights(config).items()}
+        rt = streaming.load(write_checkpoint(Path(tmp), config, weights), device=device, dtype="bf16")
+    rt.cuda_graphs = args.graphs and device.type == "cuda"
+    rt.model.compile_layers(args.compiled)
+    prompt = torch.randint(3, shape["vocab_size"], (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    session = rt.session(sinks=4, window=args.window, chunk=args.chunk)
+    session.feed(prompt)  # warm-up: capture, compile
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    activity = torch.profiler.ProfilerActivity.CUDA if device.type == "cuda" else torch.profiler.ProfilerActivity.CPU
+    session.reset()
+    sync()
+    with torch.profiler.profile(activities=[activity]) as prof:
+        session.feed(prompt)
+        sync()
+    sort = "cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70))
+    session.reset()
+    sync()
+    t0 = time.perf_counter()
+    session.feed(prompt)
+    sync()
+    wall = time.perf_counter() - t0
+    line = f"{args.kind}, chunk {args.chunk}: {len(prompt) / wall:,.0f} tok/s, {wall * 1e3:,.1f} ms wall"
+    if device.type == "cuda":
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.device_time for e in kernels) / 1e3
+        line += f", {len(kernels)} kernels, {busy:,.1f} ms of kernel time ({busy / (wall * 1e3):.0%} busy)"
+    print(line)
+
+
+if __name__ == "__main__":
+    main()
