@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -20,8 +21,9 @@ class StepPlan:
     n: int
     write_slots: torch.Tensor  # [B, n] long: slot of each new token
     query_positions: torch.Tensor  # [B, n] long: in-cache position of each new token
-    slot_positions: torch.Tensor  # [B, L] long: in-cache position of each slot after the write
-    slot_valid: torch.Tensor  # [B, L] bool: slot holds a token after the write
+    # () -> (slot_positions, slot_valid): built the first time either is read. The decode kernel
+    # derives them itself, so its steps never build them (a dozen small kernels per step).
+    slot_layout: Callable[[], tuple[torch.Tensor, torch.Tensor]]
     # Cache rows the step addresses, [B] long on the device; None = every row, in order. Rows are
     # written and advanced in place (no copy out and back); a step's B rows may repeat only a
     # scratch row whose contents nobody reads.
@@ -29,6 +31,23 @@ class StepPlan:
     # [1, n] bool, in padded steps only: the token is padding, and its write leaves its slot as it
     # was, so padding never evicts (a short chunk may replay a longer captured shape on any row).
     padding: torch.Tensor | None = None
+    total: torch.Tensor | None = None  # [B, 1] long: tokens of each row after the step
+    _layout: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def slot_positions(self) -> torch.Tensor:
+        """[B, L] long: in-cache position of each slot after the write."""
+        return self._slots()[0]
+
+    @property
+    def slot_valid(self) -> torch.Tensor:
+        """[B, L] bool: slot holds a token after the write."""
+        return self._slots()[1]
+
+    def _slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._layout is None:
+            self._layout = self.slot_layout()
+        return self._layout
 
     @property
     def visible(self) -> int:

@@ -26,13 +26,14 @@ class FullCache(KVBuffers):
         start = lengths[:, None]  # [B, 1]
         token = start + torch.arange(n, device=self.device)  # [B, n]
         slots = torch.arange(longest, device=self.device)[None]  # [1, L]
+        total = start + (n if real is None else real)
         return StepPlan(
             n=n,
             write_slots=token,
             query_positions=token,
-            slot_positions=slots.expand(start.shape[0], -1),
-            slot_valid=slots < start + (n if real is None else real),
+            slot_layout=lambda: (slots.expand(start.shape[0], -1), slots < total),
             rows=rows,
+            total=total,
         )
 
     def _grow(self, needed: int) -> None:

@@ -53,30 +53,33 @@ class SinkWindowCache(KVBuffers):
         evicted = (total - S - W).clamp(min=0)  # [B, 1] tokens dropped from the window so far
         query_positions = token - evicted
 
-        # Window slot s holds window token k = m-1 - ((m-1-s) mod W), m = window tokens written.
-        written = total - S  # [B, 1]
-        k = written - 1 - torch.remainder(written - 1 - self._window_slots, W)  # [B, W]
-        window_valid = k >= 0
-        window_pos = S + k - evicted
-        sink_valid = self._sink_slots < total  # [B, S]
-        sink_pos = self._sink_slots.expand_as(sink_valid)
-        slot_positions = torch.cat((sink_pos, window_pos), dim=1)
-        slot_valid = torch.cat((sink_valid, window_valid), dim=1)
-        if self.device.type == "cpu":
-            # Until a row's window wraps, its tokens fill slots 0..total-1 in order: a step need not
-            # read past the fullest row's last slot (a short stream then costs what it holds, not
-            # S+W slots of masked work). Only where reading the lengths is free: on CUDA the shape
-            # must not depend on them (graphs) and the decode kernel skips empty slots itself.
-            visible = min(S + W, int(total.max()))
-            slot_positions, slot_valid = slot_positions[:, :visible], slot_valid[:, :visible]
+        def slot_layout() -> tuple[torch.Tensor, torch.Tensor]:
+            # Window slot s holds window token k = m-1 - ((m-1-s) mod W), m = window tokens written.
+            written = total - S  # [B, 1]
+            k = written - 1 - torch.remainder(written - 1 - self._window_slots, W)  # [B, W]
+            window_valid = k >= 0
+            window_pos = S + k - evicted
+            sink_valid = self._sink_slots < total  # [B, S]
+            sink_pos = self._sink_slots.expand_as(sink_valid)
+            slot_positions = torch.cat((sink_pos, window_pos), dim=1)
+            slot_valid = torch.cat((sink_valid, window_valid), dim=1)
+            if self.device.type == "cpu":
+                # Until a row's window wraps, its tokens fill slots 0..total-1 in order: a step need
+                # not read past the fullest row's last slot (a short stream then costs what it holds,
+                # not S+W slots of masked work). Only where reading the lengths is free: on CUDA the
+                # shape must not depend on them (graphs) and the decode kernel skips empty slots itself.
+                visible = min(S + W, int(total.max()))
+                slot_positions, slot_valid = slot_positions[:, :visible], slot_valid[:, :visible]
+            return slot_positions, slot_valid
+
         return StepPlan(
             n=n,
             write_slots=write_slots,
             query_positions=query_positions,
-            slot_positions=slot_positions,
-            slot_valid=slot_valid,
+            slot_layout=slot_layout,
             rows=rows,
             padding=None if real is None else (offsets >= real)[None],
+            total=total,
         )
 
     def row(self, index: int) -> "SinkWindowCache":

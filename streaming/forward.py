@@ -31,7 +31,6 @@ class _Step:
         self.model, self.cache = model, cache
         self.plan = cache.plan(ids.shape[1], rows, real)
         dtype = model.model.embed_tokens.weight.dtype
-        self.q_rope = model.rope(self.plan.query_positions, dtype)  # cos/sin [B,1,n,D]
         self._rotated: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # Where every layer runs once (decode; a model without a cyclic block), a source's rotated
         # copy goes as soon as its last reader is done: on CPU, 200 rows x 1,024 slots make each copy
@@ -40,7 +39,10 @@ class _Step:
         self._last_reader = {source: i for i, source in enumerate(model.config.kv_sources)} if once else {}
         self.kernel = _decode_kernel_inputs(model, cache, self.plan, ids)
         if self.kernel is not None:  # the kernel derives slot positions and masks itself
+            # The queries' cos/sin [B,1,1,D]: rows of a table built once (positions never pass S+W).
+            self.q_rope = model.rope_at(self.plan.query_positions, cache.capacity, dtype)
             return
+        self.q_rope = model.rope(self.plan.query_positions, dtype)  # cos/sin [B,1,n,D]
         self.k_rope = model.rope(self.plan.slot_positions, dtype)  # cos/sin [B,1,L,D]
         q_pos = self.plan.query_positions[:, :, None]  # [B, n, 1]
         k_pos = self.plan.slot_positions[:, None, :]  # [B, 1, L]
@@ -125,7 +127,7 @@ def _decode_kernel_inputs(model: CausalLM, cache, plan, ids: torch.Tensor):
             and getattr(cache, "capacity", None) is not None and kernel.available(cache.head_dim)):
         return None
     rows = plan.rows if plan.rows is not None else torch.arange(cache.batch, device=cache.device)
-    total = cache.lengths.index_select(0, rows) + 1  # lengths advance only at the end of the step
+    total = plan.total.reshape(-1)  # [B]: the lengths advance only at the end of the step
     # cos/sin in a half-precision model's dtype: the plain path rounds them so too (`cos_sin`), and
     # the kernel reads half the table bytes next to every key.
     table = cache.dtype if cache.dtype in (torch.bfloat16, torch.float16) else torch.float32

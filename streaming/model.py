@@ -149,7 +149,7 @@ class CausalLM(nn.Module):
         # read, rows by index) when Triton is present; False keeps the plain path everywhere.
         self.decode_kernel = True
         self.math = LayerMath()  # the final norm + head's; compile_layers gives every layer the same
-        self._rope_tables: dict[tuple[int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: hidden [..., hidden] -> float32 logits [..., vocab]."""
@@ -197,6 +197,18 @@ class CausalLM(nn.Module):
         if key not in self._rope_tables:
             self._rope_tables[key] = rope_table(self.inv_freq.to(device), slots, dtype)
         return self._rope_tables[key]
+
+    def rope_at(self, positions: torch.Tensor, slots: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `rope` for positions [B, n] below `slots`: cos, sin [B, 1, n, D] in `dtype`, the rows of
+        a full-width table built once per cache size (two gathers instead of computing the angles)."""
+        key = (slots, positions.device, dtype, "full")
+        if key not in self._rope_tables:
+            cos, sin = rope_table(self.inv_freq.to(positions.device), slots, dtype)
+            self._rope_tables[key] = (torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1))
+        cos, sin = self._rope_tables[key]
+        flat = positions.reshape(-1)
+        shape = positions.shape[:1] + (1,) + positions.shape[1:] + (cos.shape[-1],)
+        return cos.index_select(0, flat).view(shape), sin.index_select(0, flat).view(shape)
 
     @staticmethod
     def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
