@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 import streaming
+from streaming import kernels
 from tests.tiny_checkpoint import lckv_config, plain_config, random_weights, write_checkpoint
 
 TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
@@ -45,6 +46,7 @@ MODES = {  # name: (attention impl, CUDA graphs, compiled layers, one-row GEMV l
     "graphs-compiled": ("sdpa", True, True, False),
     "graphs-gemv": ("sdpa", True, False, True),  # decode steps: four GEMV launches per layer
     "graphs-compiled-gemv": ("sdpa", True, True, True),  # the default on a GPU: compiled prefill, GEMV decode
+    "graphs-compiled-gemv-pdl": ("sdpa", True, True, "pdl"),  # every Triton kernel with programmatic dependent launch
     "eager-compiled": ("sdpa", False, True, False),  # CPU's fast path
     "graphs-autotuned": ("sdpa", True, "max-autotune-no-cudagraphs", False),  # Inductor's GEMM templates timed too
 }
@@ -108,7 +110,8 @@ def time_mode(rt, args, mode, prompt, device):
     rt.model.attention_impl = impl
     rt.cuda_graphs = graphs
     rt.model.compile_layers(bool(compiled), mode=compiled if isinstance(compiled, str) else None)
-    rt.model.one_row_kernels = one_row
+    rt.model.one_row_kernels = bool(one_row)
+    kernels.use_pdl(one_row == "pdl")
     row = {"mode": mode}
     t0 = time.perf_counter()
     s = rt.session(sinks=args.sinks, window=args.window, chunk=min(256, args.window))
@@ -127,6 +130,7 @@ def time_mode(rt, args, mode, prompt, device):
             row[f"prefill chunk {chunk} tok/s"] = prefill_rate(c, prompt, device)
             del c
     rt.model.compile_layers(False)
+    kernels.use_pdl(False)
     return row, ids
 
 

@@ -48,6 +48,17 @@ def reduction(x, w):
     return (x.float() * w.float()).sum(-1).to(x.dtype)
 
 
+def _with_pdl(fn):
+    def launch(x, w):
+        gemv_kernel.PDL = True
+        try:
+            return fn(x, w)
+        finally:
+            gemv_kernel.PDL = False
+
+    return launch
+
+
 def _fused(name: str, N: int, K: int, device, dtype):
     """The kernel as streaming/layer_gemv.py calls it for this projection (None: no extra work)."""
     ones = torch.ones(K, device=device, dtype=dtype)
@@ -70,6 +81,7 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--sweep", action="store_true", help="time every kernel config, not only the default")
     parser.add_argument("--inductor", action="store_true", help="also Inductor's reduction (compiles per shape)")
+    parser.add_argument("--pdl", action="store_true", help="also time the kernels with programmatic dependent launch")
     args = parser.parse_args()
     device, dtype = torch.device("cuda"), torch.bfloat16
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, bf16, {args.layers} weight copies per shape")
@@ -93,6 +105,10 @@ def main() -> None:
             paths["triton, with the layer's norm/RoPE/residual/SwiGLU"] = fused
         if compiled is not None:
             paths["inductor reduction"] = compiled
+        if args.pdl:
+            for path, fn in list(paths.items()):
+                if path.startswith("triton"):
+                    paths[path + ", PDL"] = _with_pdl(fn)
         for path, fn in paths.items():
             try:
                 out = fn(x, weights[0]).float()

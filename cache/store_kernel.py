@@ -13,8 +13,13 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # CPU-only installs: index_put_ is used
     triton = None
+
+# Programmatic dependent launch (Hopper+, experimental; streaming.kernels.use_pdl sets it): the
+# launch may be scheduled before the kernel before it ends, and waits for its writes before reading.
+PDL = False
 
 
 def available(buffer: torch.Tensor) -> bool:
@@ -37,7 +42,7 @@ def store_rows(key_buffer: torch.Tensor, value_buffer: torch.Tensor, rows: torch
         key_buffer.stride(0), key_buffer.stride(1), key_buffer.stride(2),
         keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
         values.stride(0), values.stride(1), values.stride(2), values.stride(3),
-        n, D=D, BLOCK_D=triton.next_power_of_2(D), num_warps=1)
+        n, D=D, BLOCK_D=triton.next_power_of_2(D), PDL=PDL, num_warps=1, **({"launch_pdl": True} if PDL else {}))
 
 
 if triton is not None:
@@ -45,7 +50,10 @@ if triton is not None:
     @triton.jit
     def _store_kernel(KBuf, VBuf, Rows, Slots, K, V, stride_r, stride_h, stride_s,
                       skb, skh, skt, skd, svb, svh, svt, svd, n,
-                      D: tl.constexpr, BLOCK_D: tl.constexpr):
+                      D: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         b = tl.program_id(0)
         h = tl.program_id(1)
         t = tl.program_id(2)

@@ -25,10 +25,12 @@ from ..rope import rope_table  # noqa: F401  (the table the kernel reads; tests 
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # CPU-only installs: the plain path is used
     triton = None
 
 BLOCK = 64  # slots per inner iteration
+PDL = False  # programmatic dependent launch: see streaming/kernels/__init__.py's use_pdl
 
 
 def available(head_dim: int) -> bool:
@@ -50,7 +52,10 @@ if triton is not None:
                        scale,
                        SINKS: tl.constexpr, WINDOW: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                        HALF: tl.constexpr, SPLITS: tl.constexpr, SPLIT_SLOTS: tl.constexpr, DIAG: tl.constexpr, BLOCK_N: tl.constexpr,
-                       TENSOR_CORES: tl.constexpr, ROTATE: tl.constexpr):
+                       TENSOR_CORES: tl.constexpr, ROTATE: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # the next kernel may be scheduled now; the previous one's writes are read after the wait
+            gdc_launch_dependents()
+            gdc_wait()
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -178,8 +183,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         1.0 / math.sqrt(D),
         SINKS=sinks, WINDOW=window, GROUP=group, GROUP_PAD=group_pad, HALF=D // 2, SPLITS=splits, SPLIT_SLOTS=per_split,
         DIAG=diagonal, BLOCK_N=block, TENSOR_CORES=q.dtype in (torch.bfloat16, torch.float16),
-        ROTATE=rotate,
-        num_warps=num_warps, num_stages=num_stages)
+        ROTATE=rotate, PDL=PDL,
+        num_warps=num_warps, num_stages=num_stages, **({"launch_pdl": True} if PDL else {}))
     if splits == 1:
         return out
     return _join(mid_acc, mid_max, mid_sum, out, group)
@@ -197,7 +202,8 @@ def _join(mid_acc, mid_max, mid_sum, out: torch.Tensor, group: int) -> torch.Ten
     B, kv_heads, splits, group_pad, D = mid_acc.shape
     _join_kernel[(B, kv_heads, group)](mid_acc, mid_max, mid_sum, out, out.stride(0), out.stride(1),
                                        SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
-                                       GROUP_PAD=group_pad, D=D, num_warps=1)
+                                       GROUP_PAD=group_pad, D=D, PDL=PDL, num_warps=1,
+                                       **({"launch_pdl": True} if PDL else {}))
     return out
 
 
@@ -219,10 +225,14 @@ if triton is not None:
 
     @triton.jit
     def _join_kernel(MidAcc, MidMax, MidSum, Out, stride_ob, stride_oh,
-                     SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr):
+                     SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
+                     PDL: tl.constexpr):
         # One program per query head (row, KV head, head of its group): all of its splits in one round
         # of loads, weighted by exp(max_s - max) and summed (the torch join was eight small kernels per
         # layer; one program per KV head looping over the splits took 5.3 us at one row).
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         g = tl.program_id(2)

@@ -32,9 +32,17 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # CPU-only installs: F.linear is used
     triton = None
 
+
+# Programmatic dependent launch (Hopper and later; `streaming.kernels.use_pdl` sets it for every
+# kernel of the step): each GEMV may be scheduled while the kernel before it finishes, and waits
+# (griddepcontrol.wait) before reading its inputs, hiding the launch and ramp-up that dominate the
+# small projections (4-5 us for 8-10 MB). Experimental: off until measured on the H200
+# (benchmarks/gemv.py --pdl, decode_speed's graphs-compiled-gemv-pdl mode).
+PDL = False
 
 
 def default_config(K: int) -> tuple[int, int, int, int]:
@@ -91,7 +99,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, norm: tuple[torch.Tensor, flo
                        N, pairs, weight.stride(0), rotated, eps,
                        K=K, HALF_BLOCK=half_block, BLOCK_K=block_k, HEAD_HALF=head_half,
                        NORM=norm is not None, RESIDUAL=residual is not None, SWIGLU=swiglu,
-                       ROTATE=rotate is not None, num_warps=num_warps, num_stages=num_stages)
+                       ROTATE=rotate is not None, PDL=PDL, num_warps=num_warps, num_stages=num_stages,
+                       **({"launch_pdl": True} if PDL else {}))
     return out
 
 
@@ -105,7 +114,11 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(X, W, Out, NormW, Res, Cos, Sin, N, pairs, stride_wn, rotated, eps,
                      K: tl.constexpr, HALF_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_HALF: tl.constexpr,
-                     NORM: tl.constexpr, RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr, ROTATE: tl.constexpr):
+                     NORM: tl.constexpr, RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr, ROTATE: tl.constexpr,
+                     PDL: tl.constexpr):
+        if PDL:  # let the next kernel be scheduled now; wait for the previous one's writes before reading
+            gdc_launch_dependents()
+            gdc_wait()
         dt = X.dtype.element_ty
         p = tl.program_id(0) * HALF_BLOCK + tl.arange(0, HALF_BLOCK)  # [P] pair indices
         p_ok = p < pairs
