@@ -112,13 +112,21 @@ if triton is not None:
         return x.to(dtype).to(tl.float32)
 
     @triton.jit
+    def _x_block(X, NormW, k, inv_rms, K: tl.constexpr, NORM: tl.constexpr, dt: tl.constexpr):
+        """x[k] in float32; with NORM, weight * (x * rsqrt(mean(x^2) + eps)).to(dtype), rounded as the
+        reference rounds it."""
+        k_ok = k < K
+        x = tl.load(X + k, mask=k_ok, other=0.0).to(tl.float32)
+        if NORM:
+            scale = tl.load(NormW + k, mask=k_ok, other=0.0).to(tl.float32)
+            x = _round(scale * _round(x * inv_rms, dt), dt)
+        return x
+
+    @triton.jit
     def _gemv_kernel(X, W, Out, NormW, Res, Cos, Sin, N, pairs, stride_wn, rotated, eps,
                      K: tl.constexpr, HALF_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_HALF: tl.constexpr,
                      NORM: tl.constexpr, RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr, ROTATE: tl.constexpr,
                      PDL: tl.constexpr):
-        if PDL:  # let the next kernel be scheduled now; wait for the previous one's writes before reading
-            gdc_launch_dependents()
-            gdc_wait()
         dt = X.dtype.element_ty
         p = tl.program_id(0) * HALF_BLOCK + tl.arange(0, HALF_BLOCK)  # [P] pair indices
         p_ok = p < pairs
@@ -135,6 +143,12 @@ if triton is not None:
         rows_ok = (rows < N) & p_ok[:, None]
         w_rows = W + rows.to(tl.int64)[:, :, None] * stride_wn  # [P, 2, 1]
         k_lanes = tl.arange(0, BLOCK_K)
+        if PDL:  # the next kernel may be scheduled now; this one's first weights (which depend on no
+            # kernel) are fetched while the previous kernel finishes, its outputs read after the wait
+            gdc_launch_dependents()
+            w_first = tl.load(w_rows + k_lanes[None, None, :], mask=rows_ok[:, :, None] & (k_lanes < K)[None, None, :],
+                              other=0.0, eviction_policy="evict_first")
+            gdc_wait()
 
         inv_rms = 1.0
         if NORM:  # RMSNorm in float32 over the whole row first (x is small: read from L2)
@@ -146,16 +160,13 @@ if triton is not None:
             inv_rms = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
 
         acc = tl.zeros([HALF_BLOCK, 2, BLOCK_K], tl.float32)
-        for start in range(0, K, BLOCK_K):
+        if PDL:  # the first block's weights are in registers already
+            acc += w_first.to(tl.float32) * _x_block(X, NormW, k_lanes, inv_rms, K, NORM, dt)[None, None, :]
+        for start in range(BLOCK_K if PDL else 0, K, BLOCK_K):
             k = start + k_lanes
-            k_ok = k < K
-            x = tl.load(X + k, mask=k_ok, other=0.0).to(tl.float32)
-            if NORM:  # weight * (x * rsqrt(mean(x^2) + eps)).to(dtype), rounded as the reference does
-                scale = tl.load(NormW + k, mask=k_ok, other=0.0).to(tl.float32)
-                x = _round(scale * _round(x * inv_rms, dt), dt)
-            w = tl.load(w_rows + k[None, None, :], mask=rows_ok[:, :, None] & k_ok[None, None, :], other=0.0,
+            w = tl.load(w_rows + k[None, None, :], mask=rows_ok[:, :, None] & (k < K)[None, None, :], other=0.0,
                         eviction_policy="evict_first")  # each weight is read once per step
-            acc += w.to(tl.float32) * x[None, None, :]
+            acc += w.to(tl.float32) * _x_block(X, NormW, k, inv_rms, K, NORM, dt)[None, None, :]
         y = _round(tl.sum(acc, axis=2), dt)  # [P, 2]: the products, rounded as F.linear's output
         a, b = tl.split(y)  # [P] each: rows `first`, `second`
 

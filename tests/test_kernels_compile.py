@@ -1,0 +1,69 @@
+"""Every Triton kernel of the decode step compiles for a Hopper GPU (sm_90), in every variant the step
+launches, with and without programmatic dependent launch: ahead of time, to PTX, with no GPU present.
+
+The GPU tests (tests/test_gemv.py, test_decode_kernel.py, test_store_kernel.py) check what the kernels
+compute; they need the GPU machine. This catches a kernel that no longer compiles on any machine
+with Triton, before a GPU run. Skipped where Triton is absent (CI installs the CPU wheel of torch).
+"""
+
+import pytest
+
+from cache import store_kernel
+from streaming.kernels import decode_attention, gemv
+
+triton = pytest.importorskip("triton")
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)
+
+
+def _ptx(kernel, types: dict[str, str], constexprs: dict, **options) -> str:
+    """PTX of `kernel` for sm_90: `types` gives each runtime argument's Triton type ("*bf16", "i32", ...)."""
+    signature = {name: "constexpr" if name in constexprs else types[name] for name in kernel.arg_names}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=HOPPER, options=options).asm["ptx"]
+
+
+GEMV_TYPES = dict(X="*bf16", W="*bf16", Out="*bf16", NormW="*bf16", Res="*bf16", Cos="*bf16", Sin="*bf16",
+                  N="i32", pairs="i32", stride_wn="i32", rotated="i32", eps="fp32")
+GEMV_MODES = {  # as streaming/layer_gemv.py launches them
+    "qkv": dict(NORM=True, ROTATE=True), "o": dict(RESIDUAL=True), "gate_up": dict(NORM=True, SWIGLU=True),
+    "down": dict(RESIDUAL=True), "head": dict(NORM=True),
+}
+
+
+@pytest.mark.parametrize("pdl", [False, True])
+@pytest.mark.parametrize("mode", sorted(GEMV_MODES))
+def test_gemv_compiles(mode, pdl):
+    K = 5632 if mode == "down" else 2048
+    half_block, block_k, warps, stages = gemv.default_config(K)
+    flags = dict(NORM=False, RESIDUAL=False, SWIGLU=False, ROTATE=False) | GEMV_MODES[mode]
+    ptx = _ptx(gemv._gemv_kernel, GEMV_TYPES,
+               dict(K=K, HALF_BLOCK=half_block, BLOCK_K=block_k, HEAD_HALF=32, PDL=pdl, **flags),
+               num_warps=warps, num_stages=stages, launch_pdl=pdl)
+    assert ("griddepcontrol.wait" in ptx) == pdl
+
+
+@pytest.mark.parametrize("pdl", [False, True])
+def test_decode_attention_and_join_compile(pdl):
+    types = {name: "*bf16" for name in ("Q", "K", "V", "Cos", "Sin", "Out")}
+    types |= dict(Rows="*i64", Total="*i64", MidAcc="*fp32", MidMax="*fp32", MidSum="*fp32", scale="fp32")
+    types |= {name: "i64" for name in decode_attention._decode_kernel.arg_names if name.startswith("stride")}
+    ptx = _ptx(decode_attention._decode_kernel, types,
+               dict(SINKS=4, WINDOW=2044, GROUP=8, GROUP_PAD=16, HALF=32, SPLITS=16, SPLIT_SLOTS=128, DIAG=False,
+                    BLOCK_N=64, TENSOR_CORES=True, ROTATE=True, PDL=pdl),
+               num_warps=4, num_stages=3, launch_pdl=pdl)
+    assert ("griddepcontrol.wait" in ptx) == pdl
+    ptx = _ptx(decode_attention._join_kernel,
+               dict(MidAcc="*fp32", MidMax="*fp32", MidSum="*fp32", Out="*bf16", stride_ob="i32", stride_oh="i32"),
+               dict(SPLITS=16, SPLITS_PAD=16, GROUP_PAD=16, D=64, PDL=pdl), num_warps=1, launch_pdl=pdl)
+    assert ("griddepcontrol.wait" in ptx) == pdl
+
+
+@pytest.mark.parametrize("pdl", [False, True])
+def test_store_kernel_compiles(pdl):
+    types = dict(KBuf="*bf16", VBuf="*bf16", Rows="*i64", Slots="*i64", K="*bf16", V="*bf16", n="i32")
+    types |= {name: "i64" for name in store_kernel._store_kernel.arg_names if name.startswith(("stride", "sk", "sv"))}
+    ptx = _ptx(store_kernel._store_kernel, types, dict(D=64, BLOCK_D=64, PDL=pdl), num_warps=1, launch_pdl=pdl)
+    assert ("griddepcontrol.wait" in ptx) == pdl
