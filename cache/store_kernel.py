@@ -13,9 +13,12 @@ import torch
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # CPU-only installs: index_put_ is used
     triton = None
+try:  # programmatic dependent launch (Triton 3.3+); PDL stays off without it
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
 
 # Programmatic dependent launch (Hopper+, experimental; streaming.kernels.use_pdl sets it): the
 # launch may be scheduled before the kernel before it ends, and waits for its writes before reading.

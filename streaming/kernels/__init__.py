@@ -10,5 +10,7 @@ def use_pdl(on: bool) -> None:
 
     from . import decode_attention, gemv
 
+    if on and gemv.gdc_wait is None:
+        raise RuntimeError("programmatic dependent launch needs Triton 3.3 or later")
     for module in (store_kernel, decode_attention, gemv):
         module.PDL = bool(on)

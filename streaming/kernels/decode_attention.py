@@ -25,9 +25,12 @@ from ..rope import rope_table  # noqa: F401  (the table the kernel reads; tests 
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # CPU-only installs: the plain path is used
     triton = None
+try:  # programmatic dependent launch (Triton 3.3+); PDL stays off without it
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
 
 BLOCK = 64  # slots per inner iteration
 PDL = False  # programmatic dependent launch: see streaming/kernels/__init__.py's use_pdl

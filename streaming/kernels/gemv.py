@@ -13,9 +13,10 @@ The arithmetic rounds where the reference does (`streaming/layer_math.py`: the n
 product, the residual sum, silu, the rotation's partial sums, in the model's dtype), so the two paths
 differ only in the order float32 sums are taken.
 
-Each program owns 2 x `block` rows of W (for swiglu/rotate the two rows that combine: gate and up,
-the two halves of a head) and walks them along K in `block_k` steps, multiply-adding in float32 lanes
-and reducing once at the end; small blocks give enough programs to keep every SM's loads in flight.
+Each program owns two sets of `half_block` rows of W (for swiglu/rotate, row pairs that combine:
+gate and up, the two halves of a head) and walks them along K in `block_k` steps, multiply-adding
+in float32 lanes and reducing once at the end; small blocks give enough programs to keep every SM's
+loads in flight.
 Measured on the H200 (benchmarks/gemv.py): 1.95-4.1 TB/s on the TinyLlama projections against
 cuBLAS's 1.4-3.7.
 
@@ -32,9 +33,12 @@ import torch
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # CPU-only installs: F.linear is used
     triton = None
+try:  # programmatic dependent launch (Triton 3.3+); PDL stays off without it
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
 
 
 # Programmatic dependent launch (Hopper and later; `streaming.kernels.use_pdl` sets it for every
