@@ -33,6 +33,7 @@ import torch
 
 import streaming
 from streaming import kernels
+from streaming.kernels import decode_attention  # noqa: F401  (kernels.decode_attention below)
 from tests.tiny_checkpoint import lckv_config, plain_config, random_weights, write_checkpoint
 
 TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
@@ -46,7 +47,11 @@ MODES = {  # name: (attention impl, CUDA graphs, compiled layers, one-row GEMV l
     "graphs-compiled": ("sdpa", True, True, False),
     "graphs-gemv": ("sdpa", True, False, True),  # decode steps: four GEMV launches per layer
     "graphs-compiled-gemv": ("sdpa", True, True, True),  # the default on a GPU: compiled prefill, GEMV decode
-    "graphs-compiled-gemv-pdl": ("sdpa", True, True, "pdl"),  # every Triton kernel with programmatic dependent launch
+    # Experiments, off by default until measured: every Triton kernel with programmatic dependent
+    # launch; the decode attention joining its splits itself; both.
+    "graphs-compiled-gemv-pdl": ("sdpa", True, True, "pdl"),
+    "graphs-compiled-gemv-join": ("sdpa", True, True, "join"),
+    "graphs-compiled-gemv-pdl-join": ("sdpa", True, True, "pdl+join"),
     "eager-compiled": ("sdpa", False, True, False),  # CPU's fast path
     "graphs-autotuned": ("sdpa", True, "max-autotune-no-cudagraphs", False),  # Inductor's GEMM templates timed too
 }
@@ -117,7 +122,8 @@ def time_mode(rt, args, mode, prompt, device):
     rt.cuda_graphs = graphs
     rt.model.compile_layers(bool(compiled), mode=compiled if isinstance(compiled, str) else None)
     rt.model.one_row_kernels = bool(one_row)
-    kernels.use_pdl(one_row == "pdl")
+    kernels.use_pdl("pdl" in str(one_row))
+    kernels.decode_attention.FUSED_JOIN = "join" in str(one_row)
     row = {"mode": mode}
     t0 = time.perf_counter()
     s = rt.session(sinks=args.sinks, window=args.window, chunk=min(256, args.window))
@@ -138,6 +144,7 @@ def time_mode(rt, args, mode, prompt, device):
             del c
     rt.model.compile_layers(False)
     kernels.use_pdl(False)
+    kernels.decode_attention.FUSED_JOIN = False
     return row, ids
 
 
