@@ -37,7 +37,9 @@ PDL = False  # programmatic dependent launch: see streaming/kernels/__init__.py'
 # Experimental, off until measured on the H200: with several splits, the last program of a (row, KV
 # head) to finish joins the splits itself (a counter per (row, KV head), counted atomically and reset
 # by that program), instead of a second launch (`_join_kernel`, 1.5 us + a launch gap per layer at
-# one row). tests/test_decode_kernel.py runs both.
+# one row). tests/test_decode_kernel.py runs both. One counter set per device: attention launched on
+# two streams at once would share it, so enabling this by default needs counters per stream (an
+# engine launches its steps on one stream).
 FUSED_JOIN = False
 _COUNTERS: dict[torch.device, torch.Tensor] = {}  # int32 zeros, one per (batch index, KV head)
 
