@@ -100,8 +100,12 @@ class KVBuffers:
     def write(self, layer: int, plan: StepPlan, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store keys/values [B, Hkv, n, D] of the new tokens at `plan.write_slots`, in place."""
         keys, values = keys.to(self.dtype), values.to(self.dtype)
+        # A one-token write of addressed rows through the store kernel keeps what it overwrites in
+        # the same launch (a gather and two copies per KV layer and step otherwise).
+        in_kernel = (plan.rows is not None and plan.padding is None and self.store_kernel
+                     and self.last_step is not None and self.last_step.logs(plan))
         if self.last_step is not None:
-            self.last_step.record(layer, plan)
+            self.last_step.record(layer, plan, contents=not in_kernel)
         if plan.rows is None:
             index = plan.write_slots[:, None, :, None].expand_as(keys)
             if plan.padding is not None:  # a padding token writes back what its slot holds
@@ -111,7 +115,8 @@ class KVBuffers:
             self.values[layer].scatter_(2, index, values)
             return
         if plan.padding is None and self.store_kernel:  # one launch instead of two index_put_
-            store_kernel.store_rows(self.keys[layer], self.values[layer], plan.rows, plan.write_slots, keys, values)
+            store_kernel.store_rows(self.keys[layer], self.values[layer], plan.rows, plan.write_slots, keys, values,
+                                    log=self.last_step.log(layer) if in_kernel else None)
             return
         index = self.slot_index(plan.rows, plan.write_slots)
         if plan.padding is not None:

@@ -21,7 +21,8 @@ class LastStepLog:
 
     `KVBuffers.write` calls `record` before every write; a one-token write of addressed rows (a
     decode step) keeps the slots' old contents (in place, fixed shapes: it replays inside a CUDA
-    graph), any other write is no decode step and is ignored. `take_back(positions, rows)` then puts
+    graph; through the store kernel the write copies them itself, in its own launch), any other
+    write is no decode step and is ignored. `take_back(positions, rows)` then puts
     them back for the rows at those positions of the step's batch and steps their lengths back by one.
     Only the last one-token step can be taken back, once, before the next one.
     """
@@ -34,15 +35,28 @@ class LastStepLog:
         self.values = {layer: torch.zeros(shape, **kw) for layer in buffers.kv_layers}
         self.slots = torch.zeros(max_rows, 1, dtype=torch.long, device=buffers.device)  # [R, 1]
 
-    def record(self, layer: int, plan: "StepPlan") -> None:
-        """Keep what `plan`'s write to `layer` is about to overwrite, if it is a one-token step."""
-        if plan.rows is None or plan.n != 1 or plan.padding is not None:
+    @staticmethod
+    def logs(plan: "StepPlan") -> bool:
+        """Whether `plan`'s writes are recorded: a one-token step of addressed rows, not padded."""
+        return plan.rows is not None and plan.n == 1 and plan.padding is None
+
+    def record(self, layer: int, plan: "StepPlan", *, contents: bool = True) -> None:
+        """Keep what `plan`'s write to `layer` is about to overwrite, if it is a one-token step.
+        `contents=False`: the write itself copies the old keys and values into `log(layer)` (the
+        store kernel, in the same launch); only the slots are kept here, once per step."""
+        if not self.logs(plan):
             return
         k = plan.rows.shape[0]
-        index = self.buffers.slot_index(plan.rows, plan.write_slots)
-        self.keys[layer][:k] = self.buffers.keys[layer][index]
-        self.values[layer][:k] = self.buffers.values[layer][index]
-        self.slots[:k] = plan.write_slots
+        if contents:
+            index = self.buffers.slot_index(plan.rows, plan.write_slots)
+            self.keys[layer][:k] = self.buffers.keys[layer][index]
+            self.values[layer][:k] = self.buffers.values[layer][index]
+        if layer == self.buffers.kv_layers[0]:  # every layer of a step writes the same slots
+            self.slots[:k] = plan.write_slots
+
+    def log(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) [max_rows, Hkv, 1, D]: where a write to `layer` keeps what it overwrites."""
+        return self.keys[layer], self.values[layer]
 
     def take_back(self, positions: torch.Tensor, rows: torch.Tensor) -> None:
         """Undo the recorded step for rows [j] (long), at positions [j] of its batch."""

@@ -64,9 +64,12 @@ def test_decode_attention_and_join_compile(pdl, fused_join):
     assert ("griddepcontrol.wait" in ptx) == pdl
 
 
+@pytest.mark.parametrize("log", [False, True])
 @pytest.mark.parametrize("pdl", [False, True])
-def test_store_kernel_compiles(pdl):
-    types = dict(KBuf="*bf16", VBuf="*bf16", Rows="*i64", Slots="*i64", K="*bf16", V="*bf16", n="i32")
+def test_store_kernel_compiles(pdl, log):
+    types = dict(KBuf="*bf16", VBuf="*bf16", Rows="*i64", Slots="*i64", K="*bf16", V="*bf16", LogK="*bf16",
+                 LogV="*bf16", n="i32")
     types |= {name: "i64" for name in store_kernel._store_kernel.arg_names if name.startswith(("stride", "sk", "sv"))}
-    ptx = _ptx(store_kernel._store_kernel, types, dict(D=64, BLOCK_D=64, PDL=pdl), num_warps=1, launch_pdl=pdl)
+    ptx = _ptx(store_kernel._store_kernel, types, dict(D=64, BLOCK_D=64, LOG=log, PDL=pdl), num_warps=1,
+               launch_pdl=pdl)
     assert ("griddepcontrol.wait" in ptx) == pdl
