@@ -102,8 +102,7 @@ class KVBuffers:
         keys, values = keys.to(self.dtype), values.to(self.dtype)
         # A one-token write of addressed rows through the store kernel keeps what it overwrites in
         # the same launch (a gather and two copies per KV layer and step otherwise).
-        in_kernel = (plan.rows is not None and plan.padding is None and self.store_kernel
-                     and self.last_step is not None and self.last_step.logs(plan))
+        in_kernel = self.store_kernel and self.last_step is not None and self.last_step.logs(plan)
         if self.last_step is not None:
             self.last_step.record(layer, plan, contents=not in_kernel)
         if plan.rows is None:
