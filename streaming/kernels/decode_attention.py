@@ -157,8 +157,9 @@ if triton is not None:
             tl.debug_barrier()  # every thread's partials are written before this program counts itself
             counter = Counters + b * num_kv + kvh
             if tl.atomic_add(counter, 1, sem="acq_rel") == SPLITS - 1:  # the last split joins them all
-                _join_group(MidAcc, MidMax, MidSum, Out + b * stride_qb + kvh * GROUP * stride_qh, stride_qh,
-                            (b * num_kv + kvh) * SPLITS, SPLITS, SPLITS_PAD, GROUP, GROUP_PAD, 2 * HALF)
+                for member in tl.static_range(GROUP):  # each query head of the group
+                    _join_head(MidAcc, MidMax, MidSum, Out + b * stride_qb + (kvh * GROUP + member) * stride_qh,
+                               (b * num_kv + kvh) * SPLITS, member, SPLITS, SPLITS_PAD, GROUP_PAD, 2 * HALF)
                 tl.atomic_xchg(counter, 0, sem="relaxed")  # every split has counted: ready for the next call
 
 
@@ -254,51 +255,38 @@ def join_splits_reference(mid_acc, mid_max, mid_sum, group: int, dtype: torch.dt
 if triton is not None:
 
     @triton.jit
-    def _join_group(MidAcc, MidMax, MidSum, Out, stride_oh, first, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr):
-        """Join the splits of one (row, KV head) for each of its GROUP query heads (the fused join):
-        `first` = (row * num_kv + kv head) * SPLITS; Out points at the group's first head. Loads
-        bypass L1 (.cg): other programs wrote the partials."""
+    def _join_head(MidAcc, MidMax, MidSum, out_head, first, g, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                   GROUP_PAD: tl.constexpr, D: tl.constexpr):
+        """Join query head g of one (row, KV head) from its splits' partial softmaxes and store it at
+        `out_head` [D]: all splits in one round of loads, weighted by exp(max_s - max) and summed.
+        `first` = (row * num_kv + kv head) * SPLITS. Loads bypass L1 (.cg): in the fused join other
+        programs of the same launch wrote the partials."""
         s = tl.arange(0, SPLITS_PAD)
-        s_ok = s < SPLITS
+        ok = s < SPLITS
         d = tl.arange(0, D)
-        for g in tl.static_range(GROUP):
-            at = (first + s) * GROUP_PAD + g  # [S] this head's entry of each split
-            best_of_split = tl.load(MidMax + at, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
-            best = tl.max(best_of_split, axis=0)
-            best = tl.where(best == float("-inf"), 0.0, best)
-            weight = tl.exp(best_of_split - best)  # 0 for a split that saw nothing (and for padding)
-            norm = tl.sum(weight * tl.load(MidSum + at, mask=s_ok, other=0.0, cache_modifier=".cg"), axis=0)
-            acc = tl.load(MidAcc + at[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0, cache_modifier=".cg")
-            out = tl.sum(weight[:, None] * acc, axis=0)  # [D]
-            out = tl.where(norm > 0, out / tl.maximum(norm, 1e-30), 0.0)
-            tl.store(Out + g * stride_oh + d, out.to(Out.dtype.element_ty))
+        at = (first + s) * GROUP_PAD + g  # [S] this head's entry of each split
+        best_of_split = tl.load(MidMax + at, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        best = tl.max(best_of_split, axis=0)
+        best = tl.where(best == float("-inf"), 0.0, best)
+        weight = tl.exp(best_of_split - best)  # 0 for a split that saw nothing (and for padding)
+        norm = tl.sum(weight * tl.load(MidSum + at, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
+        acc = tl.load(MidAcc + at[:, None] * D + d[None, :], mask=ok[:, None], other=0.0, cache_modifier=".cg")
+        out = tl.sum(weight[:, None] * acc, axis=0)  # [D]
+        out = tl.where(norm > 0, out / tl.maximum(norm, 1e-30), 0.0)
+        tl.store(out_head + d, out.to(out_head.dtype.element_ty))
 
     @triton.jit
     def _join_kernel(MidAcc, MidMax, MidSum, Out, stride_ob, stride_oh,
                      SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
                      PDL: tl.constexpr):
-        # One program per query head (row, KV head, head of its group): all of its splits in one round
-        # of loads, weighted by exp(max_s - max) and summed (the torch join was eight small kernels per
-        # layer; one program per KV head looping over the splits took 5.3 us at one row).
+        # One program per query head (row, KV head, head of its group) (the torch join was eight small
+        # kernels per layer; one program per KV head looping over the splits took 5.3 us at one row).
         if PDL:
             gdc_launch_dependents()
             gdc_wait()
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         g = tl.program_id(2)
-        num_kv = tl.num_programs(1)
-        group = tl.num_programs(2)
-        s = tl.arange(0, SPLITS_PAD)
-        d = tl.arange(0, D)
-        ok = s < SPLITS
-        at = ((b * num_kv + kvh) * SPLITS + s) * GROUP_PAD + g  # [S] this head's entry of each split
-        best_of_split = tl.load(MidMax + at, mask=ok, other=float("-inf"))
-        best = tl.max(best_of_split, axis=0)
-        best = tl.where(best == float("-inf"), 0.0, best)
-        weight = tl.exp(best_of_split - best)  # 0 for a split that saw nothing (and for padding)
-        norm = tl.sum(weight * tl.load(MidSum + at, mask=ok, other=0.0), axis=0)
-        acc = tl.load(MidAcc + at[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)  # [S, D]
-        out = tl.sum(weight[:, None] * acc, axis=0)  # [D]
-        out = tl.where(norm > 0, out / tl.maximum(norm, 1e-30), 0.0)
-        tl.store(Out + b * stride_ob + (kvh * group + g) * stride_oh + d, out.to(Out.dtype.element_ty))
+        head = kvh * tl.num_programs(2) + g
+        _join_head(MidAcc, MidMax, MidSum, Out + b * stride_ob + head * stride_oh,
+                   (b * tl.num_programs(1) + kvh) * SPLITS, g, SPLITS, SPLITS_PAD, GROUP_PAD, D)
