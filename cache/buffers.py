@@ -24,6 +24,7 @@ class StepPlan:
     # () -> (slot_positions, slot_valid): built the first time either is read. The decode kernel
     # derives them itself, so its steps never build them (a dozen small kernels per step).
     slot_layout: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    total: torch.Tensor  # [B, 1] long: tokens of each row after the step
     # Cache rows the step addresses, [B] long on the device; None = every row, in order. Rows are
     # written and advanced in place (no copy out and back); a step's B rows may repeat only a
     # scratch row whose contents nobody reads.
@@ -31,7 +32,6 @@ class StepPlan:
     # [1, n] bool, in padded steps only: the token is padding, and its write leaves its slot as it
     # was, so padding never evicts (a short chunk may replay a longer captured shape on any row).
     padding: torch.Tensor | None = None
-    total: torch.Tensor | None = None  # [B, 1] long: tokens of each row after the step
     _layout: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property

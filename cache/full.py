@@ -32,8 +32,8 @@ class FullCache(KVBuffers):
             write_slots=token,
             query_positions=token,
             slot_layout=lambda: (slots.expand(start.shape[0], -1), slots < total),
-            rows=rows,
             total=total,
+            rows=rows,
         )
 
     def _grow(self, needed: int) -> None:

@@ -77,9 +77,9 @@ class SinkWindowCache(KVBuffers):
             write_slots=write_slots,
             query_positions=query_positions,
             slot_layout=slot_layout,
+            total=total,
             rows=rows,
             padding=None if real is None else (offsets >= real)[None],
-            total=total,
         )
 
     def row(self, index: int) -> "SinkWindowCache":
