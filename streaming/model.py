@@ -202,8 +202,8 @@ class CausalLM(nn.Module):
         """As `rope` for positions [B, n] below `slots`: cos, sin [B, 1, n, D] in `dtype`, the rows of
         a full-width table built once per cache size (two gathers instead of computing the angles)."""
         key = (slots, positions.device, dtype, "full")
-        if key not in self._rope_tables:
-            cos, sin = rope_table(self.inv_freq.to(positions.device), slots, dtype)
+        if key not in self._rope_tables:  # both halves of a head share the angles: the kernel's table twice
+            cos, sin = self.rope_table(slots, positions.device, dtype)
             self._rope_tables[key] = (torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1))
         cos, sin = self._rope_tables[key]
         flat = positions.reshape(-1)
