@@ -209,10 +209,12 @@ class RowSampling:
         start = self.head[rows] + (n - m)  # [k] slot of tail[:, 0]
         slots = (start[:, None] + self._offsets[:m]) % self.history  # [k, m], distinct within a row
         r = rows[:, None]
-        if self.pipelined and n == 1:  # (a decode step: see take_back)
-            self._overwritten[:k] = self.ring[r, slots][:, 0]
+        keep = self.pipelined and n == 1  # (a decode step: see take_back)
+        leaving = self.ring[r, slots] if keep or self.counts is not None else None  # [k, m], -1 = empty slot
+        if keep:
+            self._overwritten[:k] = leaving[:, 0]
         if self.counts is not None:
-            old = self.ring[r, slots].long()  # [k, m] ids leaving, -1 = empty slot
+            old = leaving.long()  # [k, m] ids leaving
             base = r * self.vocab  # flat index of each row's counts
             index = torch.cat([base + old.clamp(min=0), base + tail], dim=1).flatten()
             delta = torch.cat([-(old >= 0).to(self._count_dtype),
