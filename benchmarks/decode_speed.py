@@ -33,7 +33,7 @@ import torch
 
 import streaming
 from streaming import kernels
-from streaming.kernels import decode_attention  # noqa: F401  (kernels.decode_attention below)
+from streaming.kernels import decode_attention
 from tests.tiny_checkpoint import lckv_config, plain_config, random_weights, write_checkpoint
 
 TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
@@ -123,7 +123,7 @@ def time_mode(rt, args, mode, prompt, device):
     rt.model.compile_layers(bool(compiled), mode=compiled if isinstance(compiled, str) else None)
     rt.model.one_row_kernels = bool(one_row)
     kernels.use_pdl("pdl" in str(one_row))
-    kernels.decode_attention.FUSED_JOIN = "join" in str(one_row)
+    decode_attention.FUSED_JOIN = "join" in str(one_row)
     row = {"mode": mode}
     t0 = time.perf_counter()
     s = rt.session(sinks=args.sinks, window=args.window, chunk=min(256, args.window))
@@ -144,7 +144,7 @@ def time_mode(rt, args, mode, prompt, device):
             del c
     rt.model.compile_layers(False)
     kernels.use_pdl(False)
-    kernels.decode_attention.FUSED_JOIN = False
+    decode_attention.FUSED_JOIN = False
     return row, ids
 
 
