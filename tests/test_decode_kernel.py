@@ -150,29 +150,3 @@ def test_join_kernel_equals_reference_join(group, splits):
                                    atol=1e-5 if dtype == torch.float32 else 1e-2)
 
 
-@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("batch,splits", [(1, None), (1, 7), (3, 3), (5, None)])
-def test_fused_join_equals_the_join_kernel(monkeypatch, batch, splits):
-    # The last split of each (row, KV head) joins the splits in the attention kernel (FUSED_JOIN):
-    # the same outputs as the separate join launch, call after call (a missing fence or a counter
-    # not reset would show as garbage or a skipped join on some call), and the counters back at 0.
-    gen = torch.Generator().manual_seed(batch)
-    sinks, window, heads, kv_heads, head_dim = 4, 2044, 32, 4, 64
-    cache = SinkWindowCache([0], 6, kv_heads, head_dim, sinks=sinks, window=window, dtype=torch.bfloat16,
-                            device=DEVICE)
-    cache.keys[0].copy_(torch.randn(cache.keys[0].shape, generator=gen))
-    cache.values[0].copy_(torch.randn(cache.values[0].shape, generator=gen))
-    cache.lengths.copy_(torch.tensor([10**5, 3, 2000, 2048, 77, 5000]))
-    rows = torch.tensor([0, 2, 3, 5, 1][:batch], device=DEVICE)
-    inv_freq = inverse_frequencies(RopeConfig(), head_dim).to(DEVICE)
-    cos, sin = kernel.rope_table(inv_freq, sinks + window, torch.bfloat16)
-    total = cache.lengths.index_select(0, rows) + 1
-    args = (cache.keys[0], cache.values[0], rows, total, cos, sin)
-    for call in range(20):
-        q = torch.randn(batch, heads, head_dim, generator=gen).to(DEVICE, torch.bfloat16)
-        monkeypatch.setattr(kernel, "FUSED_JOIN", False)
-        want = kernel.decode_attention(q, *args, sinks=sinks, window=window, diagonal=False, splits=splits)
-        monkeypatch.setattr(kernel, "FUSED_JOIN", True)
-        got = kernel.decode_attention(q, *args, sinks=sinks, window=window, diagonal=False, splits=splits)
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=f"call {call}")
-    assert not kernel._COUNTERS[torch.device(DEVICE, torch.cuda.current_device())].any()

@@ -45,19 +45,16 @@ def test_gemv_compiles(mode, pdl):
     assert ("griddepcontrol.wait" in ptx) == pdl
 
 
-@pytest.mark.parametrize("fused_join", [False, True])
 @pytest.mark.parametrize("pdl", [False, True])
-def test_decode_attention_and_join_compile(pdl, fused_join):
+def test_decode_attention_and_join_compile(pdl):
     types = {name: "*bf16" for name in ("Q", "K", "V", "Cos", "Sin", "Out")}
-    types |= dict(Rows="*i64", Total="*i64", MidAcc="*fp32", MidMax="*fp32", MidSum="*fp32", scale="fp32",
-                  Counters="*i32")
+    types |= dict(Rows="*i64", Total="*i64", MidAcc="*fp32", MidMax="*fp32", MidSum="*fp32", scale="fp32")
     types |= {name: "i64" for name in decode_attention._decode_kernel.arg_names if name.startswith("stride")}
     ptx = _ptx(decode_attention._decode_kernel, types,
                dict(SINKS=4, WINDOW=2044, GROUP=8, GROUP_PAD=16, HALF=32, SPLITS=24, SPLIT_SLOTS=128, DIAG=False,
-                    BLOCK_N=64, TENSOR_CORES=True, ROTATE=True, PDL=pdl, FUSED_JOIN=fused_join, SPLITS_PAD=32),
+                    BLOCK_N=64, TENSOR_CORES=True, ROTATE=True, PDL=pdl),
                num_warps=4, num_stages=3, launch_pdl=pdl)
     assert ("griddepcontrol.wait" in ptx) == pdl
-    assert ("atom." in ptx) == fused_join  # the split counter
     ptx = _ptx(decode_attention._join_kernel,
                dict(MidAcc="*fp32", MidMax="*fp32", MidSum="*fp32", Out="*bf16", stride_ob="i32", stride_oh="i32"),
                dict(SPLITS=16, SPLITS_PAD=16, GROUP_PAD=16, D=64, PDL=pdl), num_warps=1, launch_pdl=pdl)

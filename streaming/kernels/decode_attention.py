@@ -34,14 +34,6 @@ except ImportError:
 
 BLOCK = 64  # slots per inner iteration
 PDL = False  # programmatic dependent launch: see streaming/kernels/__init__.py's use_pdl
-# Experimental, off until measured on the H200: with several splits, the last program of a (row, KV
-# head) to finish joins the splits itself (a counter per (row, KV head), counted atomically and reset
-# by that program), instead of a second launch (`_join_kernel`, 1.5 us + a launch gap per layer at
-# one row). tests/test_decode_kernel.py runs both. One counter set per device: attention launched on
-# two streams at once would share it, so enabling this by default needs counters per stream (an
-# engine launches its steps on one stream).
-FUSED_JOIN = False
-_COUNTERS: dict[torch.device, torch.Tensor] = {}  # int32 zeros, one per (batch index, KV head)
 
 
 def available(head_dim: int) -> bool:
@@ -63,8 +55,7 @@ if triton is not None:
                        scale,
                        SINKS: tl.constexpr, WINDOW: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                        HALF: tl.constexpr, SPLITS: tl.constexpr, SPLIT_SLOTS: tl.constexpr, DIAG: tl.constexpr, BLOCK_N: tl.constexpr,
-                       TENSOR_CORES: tl.constexpr, ROTATE: tl.constexpr, PDL: tl.constexpr,
-                       Counters, FUSED_JOIN: tl.constexpr, SPLITS_PAD: tl.constexpr):
+                       TENSOR_CORES: tl.constexpr, ROTATE: tl.constexpr, PDL: tl.constexpr):
         if PDL:  # the next kernel may be scheduled now; the previous one's writes are read after the wait
             gdc_launch_dependents()
             gdc_wait()
@@ -153,14 +144,6 @@ if triton is not None:
         tl.store(MidSum + out, l_i)
         tl.store(MidAcc + out[:, None] * (2 * HALF) + d[None, :], acc1)
         tl.store(MidAcc + out[:, None] * (2 * HALF) + HALF + d[None, :], acc2)
-        if FUSED_JOIN:
-            tl.debug_barrier()  # every thread's partials are written before this program counts itself
-            counter = Counters + b * num_kv + kvh
-            if tl.atomic_add(counter, 1, sem="acq_rel") == SPLITS - 1:  # the last split joins them all
-                for member in tl.static_range(GROUP):  # each query head of the group
-                    _join_head(MidAcc, MidMax, MidSum, Out + b * stride_qb + (kvh * GROUP + member) * stride_qh,
-                               (b * num_kv + kvh) * SPLITS, member, SPLITS, SPLITS_PAD, GROUP_PAD, 2 * HALF)
-                tl.atomic_xchg(counter, 0, sem="relaxed")  # every split has counted: ready for the next call
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
@@ -196,8 +179,6 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     mid_max = torch.empty(shape, dtype=torch.float32, device=q.device)
     mid_sum = torch.empty_like(mid_max)
     mid_acc = torch.empty(shape + (D,) if splits > 1 else (1,), dtype=torch.float32, device=q.device)
-    fused_join = FUSED_JOIN and splits > 1
-    counters = _counters(q.device, B * kv_heads) if fused_join else mid_max
     _decode_kernel[(B, kv_heads, splits)](
         q, keys, values, rows, total, cos, sin, out, mid_acc, mid_max, mid_sum,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
@@ -205,20 +186,11 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         1.0 / math.sqrt(D),
         SINKS=sinks, WINDOW=window, GROUP=group, GROUP_PAD=group_pad, HALF=D // 2, SPLITS=splits, SPLIT_SLOTS=per_split,
         DIAG=diagonal, BLOCK_N=block, TENSOR_CORES=q.dtype in (torch.bfloat16, torch.float16),
-        ROTATE=rotate, PDL=PDL, Counters=counters, FUSED_JOIN=fused_join, SPLITS_PAD=triton.next_power_of_2(splits),
+        ROTATE=rotate, PDL=PDL,
         num_warps=num_warps, num_stages=num_stages, **({"launch_pdl": True} if PDL else {}))
-    if splits == 1 or fused_join:
+    if splits == 1:
         return out
     return _join(mid_acc, mid_max, mid_sum, out, group)
-
-
-def _counters(device: torch.device, needed: int) -> torch.Tensor:
-    """The fused join's counters (int32 zeros; each call leaves them at zero again), made once per
-    device and size: the first call of a shape is an eager warm-up, never inside a graph capture."""
-    counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < needed:
-        counters = _COUNTERS[device] = torch.zeros(max(needed, 1024), dtype=torch.int32, device=device)
-    return counters
 
 
 def join_splits(mid_acc, mid_max, mid_sum, group: int, dtype: torch.dtype) -> torch.Tensor:
