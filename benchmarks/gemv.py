@@ -6,7 +6,7 @@ sit in the H200's 50 MB L2 and time the cache, not memory), captured in one CUDA
 gaps count as they do in the step. GB/s = weight bytes read per call / time per call. Also checks each
 path against F.linear in float32. Run on the GPU:
 
-    PYTHONPATH=. python benchmarks/gemv.py [--sweep]
+    PYTHONPATH=. python benchmarks/gemv.py [--sweep] [--fused-sweep] [--pdl]
 """
 
 from __future__ import annotations
@@ -64,14 +64,14 @@ def _fused(name: str, N: int, K: int, device, dtype):
     ones = torch.ones(K, device=device, dtype=dtype)
     if name == "qkv":  # RMSNorm before, RoPE on the 2,048 query columns after
         cos = torch.rand(64, device=device, dtype=dtype)
-        return lambda x, w: gemv_kernel.gemv(x, w, norm=(ones, 1e-5), rotate=(cos, cos, 2048))
+        return lambda x, w, config=None: gemv_kernel.gemv(x, w, norm=(ones, 1e-5), rotate=(cos, cos, 2048), config=config)
     if name in ("o", "down"):
         residual = torch.randn(1, 1, N, device=device, dtype=dtype)
-        return lambda x, w: gemv_kernel.gemv(x, w, residual=residual)
+        return lambda x, w, config=None: gemv_kernel.gemv(x, w, residual=residual, config=config)
     if name == "gate_up":
-        return lambda x, w: gemv_kernel.gemv(x, w, norm=(ones, 1e-5), swiglu=True)
+        return lambda x, w, config=None: gemv_kernel.gemv(x, w, norm=(ones, 1e-5), swiglu=True, config=config)
     if name == "lm_head":
-        return lambda x, w: gemv_kernel.gemv(x, w, norm=(ones, 1e-5), out_dtype=torch.float32)
+        return lambda x, w, config=None: gemv_kernel.gemv(x, w, norm=(ones, 1e-5), out_dtype=torch.float32, config=config)
     return None
 
 
@@ -80,6 +80,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=22)
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--sweep", action="store_true", help="time every kernel config, not only the default")
+    parser.add_argument("--fused-sweep", action="store_true",
+                        help="time kernel configs for the layer's fused kernels (norm/RoPE/residual/SwiGLU)")
     parser.add_argument("--inductor", action="store_true", help="also Inductor's reduction (compiles per shape)")
     parser.add_argument("--pdl", action="store_true", help="also time the kernels with programmatic dependent launch")
     args = parser.parse_args()
@@ -103,11 +105,16 @@ def main() -> None:
         fused = _fused(name, N, K, device, dtype)
         if fused is not None:
             paths["triton, with the layer's norm/RoPE/residual/SwiGLU"] = fused
+            if args.fused_sweep:
+                for config in itertools.product((2, 4, 8), (512, 1024, 2048), (4, 8), (2, 3)):
+                    swept = lambda x, w, c=config: fused(x, w, config=c)  # noqa: E731
+                    paths[f"triton {config}, with the layer's work" + (", PDL" if args.pdl else "")] = (
+                        _with_pdl(swept) if args.pdl else swept)  # one launch mode only: the sweep is long
         if compiled is not None:
             paths["inductor reduction"] = compiled
         if args.pdl:
             for path, fn in list(paths.items()):
-                if path.startswith("triton"):
+                if path.startswith("triton") and not path.endswith(", PDL"):
                     paths[path + ", PDL"] = _with_pdl(fn)
         for path, fn in paths.items():
             try:

@@ -147,11 +147,15 @@ if triton is not None:
         rows_ok = (rows < N) & p_ok[:, None]
         w_rows = W + rows.to(tl.int64)[:, :, None] * stride_wn  # [P, 2, 1]
         k_lanes = tl.arange(0, BLOCK_K)
-        if PDL:  # the next kernel may be scheduled now; this one's first weights (which depend on no
-            # kernel) are fetched while the previous kernel finishes, its outputs read after the wait
+        # The first block of weights depends on no kernel: with PDL it is fetched while the previous
+        # kernel finishes (outputs are read after the wait); with NORM, while the norm's sum runs.
+        PREFETCH: tl.constexpr = PDL or NORM
+        if PDL:  # the next kernel may be scheduled now
             gdc_launch_dependents()
+        if PREFETCH:
             w_first = tl.load(w_rows + k_lanes[None, None, :], mask=rows_ok[:, :, None] & (k_lanes < K)[None, None, :],
                               other=0.0, eviction_policy="evict_first")
+        if PDL:
             gdc_wait()
 
         inv_rms = 1.0
@@ -164,9 +168,9 @@ if triton is not None:
             inv_rms = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
 
         acc = tl.zeros([HALF_BLOCK, 2, BLOCK_K], tl.float32)
-        if PDL:  # the first block's weights are in registers already
+        if PREFETCH:  # the first block's weights are in registers already
             acc += w_first.to(tl.float32) * _x_block(X, NormW, k_lanes, inv_rms, K, NORM, dt)[None, None, :]
-        for start in range(BLOCK_K if PDL else 0, K, BLOCK_K):
+        for start in range(BLOCK_K if PREFETCH else 0, K, BLOCK_K):
             k = start + k_lanes
             w = tl.load(w_rows + k[None, None, :], mask=rows_ok[:, :, None] & (k < K)[None, None, :], other=0.0,
                         eviction_policy="evict_first")  # each weight is read once per step
