@@ -46,8 +46,9 @@ MODES = {  # name: (attention impl, CUDA graphs, compiled layers, one-row GEMV l
     "graphs-compiled": ("sdpa", True, True, False),
     "graphs-gemv": ("sdpa", True, False, True),  # decode steps: four GEMV launches per layer
     "graphs-compiled-gemv": ("sdpa", True, True, True),  # the default on a GPU: compiled prefill, GEMV decode
-    # Every Triton kernel of the step with programmatic dependent launch.
-    "graphs-compiled-gemv-pdl": ("sdpa", True, True, "pdl"),
+    # As the default, with every Triton kernel launched without programmatic dependent launch (on by
+    # default where supported: Hopper and later).
+    "graphs-compiled-gemv-nopdl": ("sdpa", True, True, "nopdl"),
     "eager-compiled": ("sdpa", False, True, False),  # CPU's fast path
     "graphs-autotuned": ("sdpa", True, "max-autotune-no-cudagraphs", False),  # Inductor's GEMM templates timed too
 }
@@ -135,7 +136,7 @@ def time_mode(rt, args, mode, prompt, device):
     rt.cuda_graphs = graphs
     rt.model.compile_layers(bool(compiled), mode=compiled if isinstance(compiled, str) else None)
     rt.model.one_row_kernels = bool(one_row)
-    kernels.use_pdl("pdl" in str(one_row))
+    kernels.use_pdl(False if one_row == "nopdl" else None)
     row = {"mode": mode}
     t0 = time.perf_counter()
     s = rt.session(sinks=args.sinks, window=args.window, chunk=min(256, args.window))
@@ -154,7 +155,7 @@ def time_mode(rt, args, mode, prompt, device):
             row[f"prefill chunk {chunk} tok/s"] = prefill_rate(c, prompt, device)
             del c
     rt.model.compile_layers(False)
-    kernels.use_pdl(False)
+    kernels.use_pdl(None)
     return row, ids
 
 

@@ -17,6 +17,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+from cache import pdl
 from streaming.kernels import gemv as gemv_kernel
 
 SHAPES = {  # name: (N, K) of the TinyLlama-1.1B projections, stacked as the step stacks them
@@ -50,11 +51,11 @@ def reduction(x, w):
 
 def _with_pdl(fn):
     def launch(x, w):
-        gemv_kernel.PDL = True
+        pdl.FORCED = True
         try:
             return fn(x, w)
         finally:
-            gemv_kernel.PDL = False
+            pdl.FORCED = False  # main() times everything else without
 
     return launch
 
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--pdl", action="store_true", help="also time the kernels with programmatic dependent launch")
     args = parser.parse_args()
     device, dtype = torch.device("cuda"), torch.bfloat16
+    pdl.FORCED = False  # plain launches unless a path says PDL
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, bf16, {args.layers} weight copies per shape")
     print("| shape | N x K | path | us/call | GB/s | max err vs float32 |")
     print("|---|---|---|---|---|---|")

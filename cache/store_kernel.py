@@ -15,14 +15,8 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: index_put_ is used
     triton = None
-try:  # programmatic dependent launch (Triton 3.3+); PDL stays off without it
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:
-    gdc_launch_dependents = gdc_wait = None
-
-# Programmatic dependent launch (Hopper+, experimental; streaming.kernels.use_pdl sets it): the
-# launch may be scheduled before the kernel before it ends, and waits for its writes before reading.
-PDL = False
+from . import pdl
+from .pdl import gdc_launch_dependents, gdc_wait  # noqa: F401 (called inside the kernel)
 
 
 def available(buffer: torch.Tensor) -> bool:
@@ -47,13 +41,14 @@ def store_rows(key_buffer: torch.Tensor, value_buffer: torch.Tensor, rows: torch
         raise ValueError(f"store_rows: only one-token writes are logged, got {n} tokens")
     slots = slots.contiguous()
     log_keys, log_values = log if log is not None else (key_buffer, value_buffer)
+    with_pdl = pdl.enabled(key_buffer.device)
     _store_kernel[(B, kv_heads, n)](
         key_buffer, value_buffer, rows, slots, keys, values, log_keys, log_values,
         key_buffer.stride(0), key_buffer.stride(1), key_buffer.stride(2),
         keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
         values.stride(0), values.stride(1), values.stride(2), values.stride(3),
-        n, D=D, BLOCK_D=triton.next_power_of_2(D), LOG=log is not None, PDL=PDL, num_warps=1,
-        **({"launch_pdl": True} if PDL else {}))
+        n, D=D, BLOCK_D=triton.next_power_of_2(D), LOG=log is not None, PDL=with_pdl, num_warps=1,
+        **pdl.launch_options(with_pdl))
 
 
 if triton is not None:

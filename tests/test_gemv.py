@@ -131,8 +131,11 @@ def test_programmatic_dependent_launch_gives_the_same_results(monkeypatch):
             y = kernels.gemv(y, w, residual=y)
         return y
 
+    from cache import pdl
+
+    monkeypatch.setattr(pdl, "FORCED", False)
     expected = chain()
-    monkeypatch.setattr(kernels, "PDL", True)
+    monkeypatch.setattr(pdl, "FORCED", True)
     assert torch.equal(chain(), expected)
 
 
@@ -157,11 +160,12 @@ def test_a_decode_step_with_programmatic_dependent_launch_is_unchanged(tmp_path,
         ids = [t for r in s.generate(max_new_tokens=24, temperature=0.0) for t in r.token_ids]
         return ids, s.next_logits.clone()
 
-    expected = run()
-    step_kernels.use_pdl(True)
     try:
+        step_kernels.use_pdl(False)
+        expected = run()
+        step_kernels.use_pdl(True)
         got = run()
     finally:
-        step_kernels.use_pdl(False)
+        step_kernels.use_pdl(None)
     assert got[0] == expected[0] and len(got[0]) == 24
     assert torch.equal(got[1], expected[1])

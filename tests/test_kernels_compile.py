@@ -37,8 +37,8 @@ GEMV_MODES = {  # as streaming/layer_gemv.py launches them
 @pytest.mark.parametrize("mode", sorted(GEMV_MODES))
 def test_gemv_compiles(mode, pdl):
     K = 5632 if mode == "down" else 2048
-    half_block, block_k, warps, stages = gemv.default_config(K)
     flags = dict(NORM=False, RESIDUAL=False, SWIGLU=False, ROTATE=False) | GEMV_MODES[mode]
+    half_block, block_k, warps, stages = gemv.default_config(K, norm=flags["NORM"])
     ptx = _ptx(gemv._gemv_kernel, GEMV_TYPES,
                dict(K=K, HALF_BLOCK=half_block, BLOCK_K=block_k, HEAD_HALF=32, PDL=pdl, **flags),
                num_warps=warps, num_stages=stages, launch_pdl=pdl)

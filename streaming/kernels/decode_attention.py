@@ -27,13 +27,10 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: the plain path is used
     triton = None
-try:  # programmatic dependent launch (Triton 3.3+); PDL stays off without it
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:
-    gdc_launch_dependents = gdc_wait = None
+from cache import pdl
+from cache.pdl import gdc_launch_dependents, gdc_wait  # noqa: F401 (called inside the kernels)
 
 BLOCK = 64  # slots per inner iteration
-PDL = False  # programmatic dependent launch: see streaming/kernels/__init__.py's use_pdl
 
 
 def available(head_dim: int) -> bool:
@@ -179,6 +176,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     mid_max = torch.empty(shape, dtype=torch.float32, device=q.device)
     mid_sum = torch.empty_like(mid_max)
     mid_acc = torch.empty(shape + (D,) if splits > 1 else (1,), dtype=torch.float32, device=q.device)
+    with_pdl = pdl.enabled(q.device)
     _decode_kernel[(B, kv_heads, splits)](
         q, keys, values, rows, total, cos, sin, out, mid_acc, mid_max, mid_sum,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
@@ -186,8 +184,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         1.0 / math.sqrt(D),
         SINKS=sinks, WINDOW=window, GROUP=group, GROUP_PAD=group_pad, HALF=D // 2, SPLITS=splits, SPLIT_SLOTS=per_split,
         DIAG=diagonal, BLOCK_N=block, TENSOR_CORES=q.dtype in (torch.bfloat16, torch.float16),
-        ROTATE=rotate, PDL=PDL,
-        num_warps=num_warps, num_stages=num_stages, **({"launch_pdl": True} if PDL else {}))
+        ROTATE=rotate, PDL=with_pdl, num_warps=num_warps, num_stages=num_stages, **pdl.launch_options(with_pdl))
     if splits == 1:
         return out
     return _join(mid_acc, mid_max, mid_sum, out, group)
@@ -203,10 +200,11 @@ def join_splits(mid_acc, mid_max, mid_sum, group: int, dtype: torch.dtype) -> to
 
 def _join(mid_acc, mid_max, mid_sum, out: torch.Tensor, group: int) -> torch.Tensor:
     B, kv_heads, splits, group_pad, D = mid_acc.shape
+    with_pdl = pdl.enabled(out.device)
     _join_kernel[(B, kv_heads, group)](mid_acc, mid_max, mid_sum, out, out.stride(0), out.stride(1),
                                        SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
-                                       GROUP_PAD=group_pad, D=D, PDL=PDL, num_warps=1,
-                                       **({"launch_pdl": True} if PDL else {}))
+                                       GROUP_PAD=group_pad, D=D, PDL=with_pdl, num_warps=1,
+                                       **pdl.launch_options(with_pdl))
     return out
 
 

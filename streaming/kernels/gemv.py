@@ -35,25 +35,21 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: F.linear is used
     triton = None
-try:  # programmatic dependent launch (Triton 3.3+); PDL stays off without it
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:
-    gdc_launch_dependents = gdc_wait = None
+
+from cache import pdl  # programmatic dependent launch, on wherever supported (cache/pdl.py)
+from cache.pdl import gdc_launch_dependents, gdc_wait  # noqa: F401 (called inside the kernel)
 
 
-# Programmatic dependent launch (Hopper and later; `streaming.kernels.use_pdl` sets it for every
-# kernel of the step): each GEMV may be scheduled while the kernel before it finishes, and waits
-# (griddepcontrol.wait) before reading its inputs, hiding the launch and ramp-up that dominate the
-# small projections (4-5 us for 8-10 MB). Experimental: off until measured on the H200
-# (benchmarks/gemv.py --pdl, decode_speed's graphs-compiled-gemv-pdl mode).
-PDL = False
-
-
-def default_config(K: int) -> tuple[int, int, int, int]:
-    """(rows per half-block, block_k, num_warps, num_stages): each program reads 2 x 2 rows of W, in
-    steps of 1,024 columns where they divide K (up to 4,096), else 512 with 8 warps: the best of
-    benchmarks/gemv.py's sweep on the H200 for the TinyLlama projections (K 2,048: 4.2-12.6 us; down,
-    K 5,632: 9.2 us, where 1,024-column steps leave a masked half step and took 13)."""
+def default_config(K: int, norm: bool = False) -> tuple[int, int, int, int]:
+    """(rows per half-block, block_k, num_warps, num_stages), the best of benchmarks/gemv.py's sweeps
+    on the H200 for the TinyLlama projections. Plain: each program reads 2 x 2 rows of W, in steps of
+    1,024 columns where they divide K (up to 4,096), else 512 with 8 warps (K 2,048: 4.2-12.6 us;
+    down, K 5,632: 9.2 us, where 1,024-column steps leave a masked half step and took 13). With the
+    norm, every program reads x (and the norm's weight) whole, so it takes 2 x 4 rows in one step of
+    K up to 2,048: that halves the programs re-reading x (gate/up 14.3 -> 12.4 us, qkv 4.7 -> 4.2,
+    the head 35.1 -> 32.4, with PDL)."""
+    if norm and K <= 2048 and K & (K - 1) == 0:
+        return (4, K, 4, 3)
     if K % 1024 == 0 and K <= 4096:
         return (2, 1024, 4, 3)
     return (2, 512, 8, 2)
@@ -79,7 +75,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, norm: tuple[torch.Tensor, flo
     [head_dim] at the token's position, q_size): RoPE (rotate-half) on the first q_size columns, by
     heads of head_dim. `config` is a tuning knob (benchmarks/gemv.py sweeps it)."""
     N, K = weight.shape
-    half_block, block_k, num_warps, num_stages = config or default_config(K)
+    half_block, block_k, num_warps, num_stages = config or default_config(K, norm=norm is not None)
     if weight.stride(1) != 1 or x.shape[-1] != K:
         raise ValueError(f"gemv: weight {tuple(weight.shape)} must be [N, {x.shape[-1]}] with contiguous rows")
     x_row = x.reshape(K)
@@ -99,12 +95,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, norm: tuple[torch.Tensor, flo
     if not swiglu and rotate is None and N % (2 * half_block):
         pairs = triton.cdiv(N, 2 * half_block) * half_block  # the last block's rows past N are masked
     grid = (triton.cdiv(pairs, half_block),)
+    with_pdl = pdl.enabled(x.device)
     _gemv_kernel[grid](x_row, weight, out, norm_weight, res, cos.reshape(-1), sin.reshape(-1),
                        N, pairs, weight.stride(0), rotated, eps,
                        K=K, HALF_BLOCK=half_block, BLOCK_K=block_k, HEAD_HALF=head_half,
                        NORM=norm is not None, RESIDUAL=residual is not None, SWIGLU=swiglu,
-                       ROTATE=rotate is not None, PDL=PDL, num_warps=num_warps, num_stages=num_stages,
-                       **({"launch_pdl": True} if PDL else {}))
+                       ROTATE=rotate is not None, PDL=with_pdl, num_warps=num_warps, num_stages=num_stages,
+                       **pdl.launch_options(with_pdl))
     return out
 
 
