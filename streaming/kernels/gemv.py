@@ -73,7 +73,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, norm: tuple[torch.Tensor, flo
     norm (weight [K], eps): multiply by RMSNorm(x) instead of x. residual [..., N]: return residual +
     the product. swiglu: weight is [gate; up], return silu(x gate^T) * (x up^T). rotate (cos, sin
     [head_dim] at the token's position, q_size): RoPE (rotate-half) on the first q_size columns, by
-    heads of head_dim. `config` is a tuning knob (benchmarks/gemv.py sweeps it)."""
+    heads of head_dim. `config` is a tuning knob (benchmarks/gemv.py sweeps it). With programmatic
+    dependent launch (`cache/pdl.py`), the first block of `weight` is read before waiting for the
+    kernel before this one: weight must not be that kernel's output (model weights never are)."""
     N, K = weight.shape
     half_block, block_k, num_warps, num_stages = config or default_config(K, norm=norm is not None)
     if weight.stride(1) != 1 or x.shape[-1] != K:
