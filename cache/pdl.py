@@ -39,6 +39,7 @@ def enabled(device: torch.device) -> bool:
     return _supported(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def launch_options(on: bool) -> dict:
-    """Extra launch arguments of a Triton kernel launched with (or without) PDL."""
-    return {"launch_pdl": True} if on else {}
+def launch_args(device: torch.device) -> dict:
+    """A step kernel's launch arguments for PDL on `device`: its `PDL` constexpr (whether it waits
+    with griddepcontrol), and Triton's `launch_pdl` when on."""
+    return {"PDL": True, "launch_pdl": True} if enabled(device) else {"PDL": False}

@@ -41,14 +41,13 @@ def store_rows(key_buffer: torch.Tensor, value_buffer: torch.Tensor, rows: torch
         raise ValueError(f"store_rows: only one-token writes are logged, got {n} tokens")
     slots = slots.contiguous()
     log_keys, log_values = log if log is not None else (key_buffer, value_buffer)
-    with_pdl = pdl.enabled(key_buffer.device)
     _store_kernel[(B, kv_heads, n)](
         key_buffer, value_buffer, rows, slots, keys, values, log_keys, log_values,
         key_buffer.stride(0), key_buffer.stride(1), key_buffer.stride(2),
         keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
         values.stride(0), values.stride(1), values.stride(2), values.stride(3),
-        n, D=D, BLOCK_D=triton.next_power_of_2(D), LOG=log is not None, PDL=with_pdl, num_warps=1,
-        **pdl.launch_options(with_pdl))
+        n, D=D, BLOCK_D=triton.next_power_of_2(D), LOG=log is not None, num_warps=1,
+        **pdl.launch_args(key_buffer.device))
 
 
 if triton is not None:

@@ -97,13 +97,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, norm: tuple[torch.Tensor, flo
     if not swiglu and rotate is None and N % (2 * half_block):
         pairs = triton.cdiv(N, 2 * half_block) * half_block  # the last block's rows past N are masked
     grid = (triton.cdiv(pairs, half_block),)
-    with_pdl = pdl.enabled(x.device)
     _gemv_kernel[grid](x_row, weight, out, norm_weight, res, cos.reshape(-1), sin.reshape(-1),
                        N, pairs, weight.stride(0), rotated, eps,
                        K=K, HALF_BLOCK=half_block, BLOCK_K=block_k, HEAD_HALF=head_half,
                        NORM=norm is not None, RESIDUAL=residual is not None, SWIGLU=swiglu,
-                       ROTATE=rotate is not None, PDL=with_pdl, num_warps=num_warps, num_stages=num_stages,
-                       **pdl.launch_options(with_pdl))
+                       ROTATE=rotate is not None, num_warps=num_warps, num_stages=num_stages,
+                       **pdl.launch_args(x.device))
     return out
 
 
