@@ -176,7 +176,6 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     mid_max = torch.empty(shape, dtype=torch.float32, device=q.device)
     mid_sum = torch.empty_like(mid_max)
     mid_acc = torch.empty(shape + (D,) if splits > 1 else (1,), dtype=torch.float32, device=q.device)
-    with_pdl = pdl.enabled(q.device)
     _decode_kernel[(B, kv_heads, splits)](
         q, keys, values, rows, total, cos, sin, out, mid_acc, mid_max, mid_sum,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
@@ -184,7 +183,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         1.0 / math.sqrt(D),
         SINKS=sinks, WINDOW=window, GROUP=group, GROUP_PAD=group_pad, HALF=D // 2, SPLITS=splits, SPLIT_SLOTS=per_split,
         DIAG=diagonal, BLOCK_N=block, TENSOR_CORES=q.dtype in (torch.bfloat16, torch.float16),
-        ROTATE=rotate, PDL=with_pdl, num_warps=num_warps, num_stages=num_stages, **pdl.launch_options(with_pdl))
+        ROTATE=rotate, num_warps=num_warps, num_stages=num_stages, **pdl.launch_args(q.device))
     if splits == 1:
         return out
     return _join(mid_acc, mid_max, mid_sum, out, group)
@@ -200,11 +199,9 @@ def join_splits(mid_acc, mid_max, mid_sum, group: int, dtype: torch.dtype) -> to
 
 def _join(mid_acc, mid_max, mid_sum, out: torch.Tensor, group: int) -> torch.Tensor:
     B, kv_heads, splits, group_pad, D = mid_acc.shape
-    with_pdl = pdl.enabled(out.device)
     _join_kernel[(B, kv_heads, group)](mid_acc, mid_max, mid_sum, out, out.stride(0), out.stride(1),
                                        SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
-                                       GROUP_PAD=group_pad, D=D, PDL=with_pdl, num_warps=1,
-                                       **pdl.launch_options(with_pdl))
+                                       GROUP_PAD=group_pad, D=D, num_warps=1, **pdl.launch_args(out.device))
     return out
 
 
@@ -225,27 +222,6 @@ def join_splits_reference(mid_acc, mid_max, mid_sum, group: int, dtype: torch.dt
 if triton is not None:
 
     @triton.jit
-    def _join_head(MidAcc, MidMax, MidSum, out_head, first, g, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                   GROUP_PAD: tl.constexpr, D: tl.constexpr):
-        """Join query head g of one (row, KV head) from its splits' partial softmaxes and store it at
-        `out_head` [D]: all splits in one round of loads, weighted by exp(max_s - max) and summed.
-        `first` = (row * num_kv + kv head) * SPLITS. Loads bypass L1 (.cg): in the fused join other
-        programs of the same launch wrote the partials."""
-        s = tl.arange(0, SPLITS_PAD)
-        ok = s < SPLITS
-        d = tl.arange(0, D)
-        at = (first + s) * GROUP_PAD + g  # [S] this head's entry of each split
-        best_of_split = tl.load(MidMax + at, mask=ok, other=float("-inf"), cache_modifier=".cg")
-        best = tl.max(best_of_split, axis=0)
-        best = tl.where(best == float("-inf"), 0.0, best)
-        weight = tl.exp(best_of_split - best)  # 0 for a split that saw nothing (and for padding)
-        norm = tl.sum(weight * tl.load(MidSum + at, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
-        acc = tl.load(MidAcc + at[:, None] * D + d[None, :], mask=ok[:, None], other=0.0, cache_modifier=".cg")
-        out = tl.sum(weight[:, None] * acc, axis=0)  # [D]
-        out = tl.where(norm > 0, out / tl.maximum(norm, 1e-30), 0.0)
-        tl.store(out_head + d, out.to(out_head.dtype.element_ty))
-
-    @triton.jit
     def _join_kernel(MidAcc, MidMax, MidSum, Out, stride_ob, stride_oh,
                      SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
                      PDL: tl.constexpr):
@@ -257,6 +233,18 @@ if triton is not None:
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         g = tl.program_id(2)
+        # All splits in one round of loads, weighted by exp(max_s - max) and summed.
+        s = tl.arange(0, SPLITS_PAD)
+        ok = s < SPLITS
+        d = tl.arange(0, D)
+        at = ((b * tl.num_programs(1) + kvh) * SPLITS + s) * GROUP_PAD + g  # [S] this head's entry of each split
+        best_of_split = tl.load(MidMax + at, mask=ok, other=float("-inf"))
+        best = tl.max(best_of_split, axis=0)
+        best = tl.where(best == float("-inf"), 0.0, best)
+        weight = tl.exp(best_of_split - best)  # 0 for a split that saw nothing (and for padding)
+        norm = tl.sum(weight * tl.load(MidSum + at, mask=ok, other=0.0), axis=0)
+        acc = tl.load(MidAcc + at[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+        out = tl.sum(weight[:, None] * acc, axis=0)  # [D]
+        out = tl.where(norm > 0, out / tl.maximum(norm, 1e-30), 0.0)
         head = kvh * tl.num_programs(2) + g
-        _join_head(MidAcc, MidMax, MidSum, Out + b * stride_ob + head * stride_oh,
-                   (b * tl.num_programs(1) + kvh) * SPLITS, g, SPLITS, SPLITS_PAD, GROUP_PAD, D)
+        tl.store(Out + b * stride_ob + head * stride_oh + d, out.to(Out.dtype.element_ty))
