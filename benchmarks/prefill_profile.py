@@ -33,6 +33,8 @@ def main():
     parser.add_argument("--compiled", action="store_true", help="layers through torch.compile")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--compare-plain", action="store_true",
+                        help="also time a session with the chunk-attention kernel off (the plain SDPA path)")
     args = parser.parse_args()
     device = torch.device(args.device)
     shape = TINY if args.tiny else TINYLLAMA
@@ -55,18 +57,31 @@ def main():
         sync()
     sort = "cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70))
-    session.reset()
-    sync()
-    t0 = time.perf_counter()
-    session.feed(prompt)
-    sync()
-    wall = time.perf_counter() - t0
+    wall = _timed_feed(session, prompt, sync)
     line = f"{args.kind}, chunk {args.chunk}: {len(prompt) / wall:,.0f} tok/s, {wall * 1e3:,.1f} ms wall"
     if device.type == "cuda":
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         busy = sum(e.device_time for e in kernels) / 1e3
         line += f", {len(kernels)} kernels, {busy:,.1f} ms of kernel time ({busy / (wall * 1e3):.0%} busy)"
     print(line)
+    if args.compare_plain:  # a new session: its own graphs, captured with the kernel off
+        rt.model.chunk_kernel = False
+        plain = rt.session(sinks=4, window=args.window, chunk=args.chunk)
+        plain.feed(prompt)
+        wall_plain = min(_timed_feed(plain, prompt, sync) for _ in range(3))
+        wall_kernel = min(_timed_feed(session, prompt, sync) for _ in range(3))  # (graphs of the kernel)
+        print(f"{args.kind}, chunk {args.chunk}, best of 3: chunk kernel {len(prompt) / wall_kernel:,.0f} tok/s, "
+              f"plain attention path {len(prompt) / wall_plain:,.0f} tok/s")
+
+
+def _timed_feed(session, prompt, sync) -> float:
+    """Seconds to feed `prompt` into the session's stream from empty."""
+    session.reset()
+    sync()
+    t0 = time.perf_counter()
+    session.feed(prompt)
+    sync()
+    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":

@@ -16,9 +16,12 @@ DESIGN.md, "Attention semantics (exact)":
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .attention import PreparedMask
+from .kernels import chunk_attention as chunk_kernel
 from .kernels import decode_attention as kernel
 from .model import CausalLM
 
@@ -30,7 +33,8 @@ class _Step:
                  real: torch.Tensor | None = None):
         self.model, self.cache = model, cache
         self.plan = cache.plan(ids.shape[1], rows, real)
-        dtype = model.model.embed_tokens.weight.dtype
+        self.dtype = dtype = model.model.embed_tokens.weight.dtype
+        self.chunk_kernel = None
         self._rotated: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # Where every layer runs once (decode; a model without a cyclic block), a source's rotated
         # copy goes as soon as its last reader is done: on CPU, 200 rows x 1,024 slots make each copy
@@ -42,14 +46,26 @@ class _Step:
             # The queries' cos/sin [B,1,1,D]: rows of a table built once (positions never pass S+W).
             self.q_rope = model.rope_at(self.plan.query_positions, cache.capacity, dtype)
             return
+        self.chunk_kernel = _chunk_kernel_inputs(model, cache, self.plan, ids)
+        # Computed, not rows of the table: a padded chunk's padding queries may lie past S+W.
         self.q_rope = model.rope(self.plan.query_positions, dtype)  # cos/sin [B,1,n,D]
-        self.k_rope = model.rope(self.plan.slot_positions, dtype)  # cos/sin [B,1,L,D]
-        q_pos = self.plan.query_positions[:, :, None]  # [B, n, 1]
-        k_pos = self.plan.slot_positions[:, None, :]  # [B, 1, L]
-        valid = self.plan.slot_valid[:, None, :]
-        self.mask_with_diag = valid & (k_pos <= q_pos)  # [B, n, L]
-        self.mask_no_diag = valid & (k_pos < q_pos)
         self._prepared: dict[bool, PreparedMask] = {}
+
+    # The plain path's inputs, built on first use (a chunk-kernel step needs them only for a target
+    # that sees its own diagonal in the last LCKV pass).
+    @functools.cached_property
+    def k_rope(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.rope(self.plan.slot_positions, self.dtype)  # cos/sin [B,1,L,D]
+
+    @functools.cached_property
+    def mask_with_diag(self) -> torch.Tensor:
+        valid = self.plan.slot_valid[:, None, :]
+        return valid & (self.plan.slot_positions[:, None, :] <= self.plan.query_positions[:, :, None])  # [B, n, L]
+
+    @functools.cached_property
+    def mask_no_diag(self) -> torch.Tensor:
+        valid = self.plan.slot_valid[:, None, :]
+        return valid & (self.plan.slot_positions[:, None, :] < self.plan.query_positions[:, :, None])
 
     def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.cache.write(layer, self.plan, keys, values)
@@ -86,8 +102,13 @@ class _Step:
             return _kernel_attention(self, index, q)
         config = self.model.config
         source = config.kv_sources[index]
-        cached_keys, cached_values = self.kv(source)
         diagonal = config.sees_diagonal(index)
+        if self.chunk_kernel is not None and not (attend_before_store and diagonal):
+            attn = _chunk_kernel_attention(self, index, q)
+            if new_kv is not None and attend_before_store:
+                self.store(index, *new_kv)
+            return attn
+        cached_keys, cached_values = self.kv(source)
         if attend_before_store and diagonal:
             cached_keys, cached_values, mask = self._with_own_diagonal(cached_keys, cached_values, new_kv)
         else:
@@ -132,6 +153,27 @@ def _decode_kernel_inputs(model: CausalLM, cache, plan, ids: torch.Tensor):
     # the kernel reads half the table bytes next to every key.
     table = cache.dtype if cache.dtype in (torch.bfloat16, torch.float16) else torch.float32
     return (rows, total, *model.rope_table(cache.capacity, cache.device, table))
+
+
+def _chunk_kernel_inputs(model: CausalLM, cache, plan, ids: torch.Tensor):
+    """(rows [B], tokens after the write [B], cos, sin) when this step's attention runs in the chunk
+    kernel (CUDA, several tokens per row, a sink-window cache, Triton present); else None."""
+    if not (model.chunk_kernel and ids.shape[1] > 1 and cache.device.type == "cuda"
+            and getattr(cache, "capacity", None) is not None and chunk_kernel.available(cache.head_dim)):
+        return None
+    rows = plan.rows if plan.rows is not None else torch.arange(cache.batch, device=cache.device)
+    table = cache.dtype if cache.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    return (rows, plan.total.reshape(-1), *model.rope_table(cache.capacity, cache.device, table))
+
+
+def _chunk_kernel_attention(step: _Step, index: int, q: torch.Tensor) -> torch.Tensor:
+    """Layer `index`'s attention for q [B,H,n,D] read straight from its KV source's cache buffers."""
+    config, cache = step.model.config, step.cache
+    source = config.kv_sources[index]
+    rows, total, cos, sin = step.chunk_kernel
+    return chunk_kernel.chunk_attention(q, cache.keys[source], cache.values[source], rows, total,
+                                        step.plan.query_positions, cos, sin, sinks=cache.sinks,
+                                        window=cache.window, diagonal=config.sees_diagonal(index))
 
 
 def _kernel_attention(step: _Step, index: int, q: torch.Tensor) -> torch.Tensor:

@@ -148,6 +148,8 @@ class CausalLM(nn.Module):
         # Decode steps on CUDA read the sink-window cache in a Triton kernel (RoPE where keys are
         # read, rows by index) when Triton is present; False keeps the plain path everywhere.
         self.decode_kernel = True
+        # Steps of several tokens per row on CUDA (prompt chunks) likewise, in the chunk kernel.
+        self.chunk_kernel = True
         self.math = LayerMath()  # the final norm + head's; compile_layers gives every layer the same
         self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 

@@ -39,8 +39,8 @@ def reference(q, cache, layer, rows, inv_freq, diagonal, table_dtype=torch.float
 @pytest.mark.parametrize("splits", [None, 1, 3])
 @pytest.mark.parametrize("table", ["float32", "model dtype"])
 def test_kernel_equals_plain_path(dtype, sinks, window, heads, kv_heads, head_dim, diagonal, splits, table):
-    if INTERPRETED and not ON_GPU and window > 200:
-        pytest.skip("slow under the interpreter")
+    if INTERPRETED and not ON_GPU and (window > 200 or dtype != torch.float32):
+        pytest.skip("slow under the interpreter, whose half-precision dots are not exact")
     if table == "model dtype" and dtype == torch.float32:
         pytest.skip("the same case as a float32 table")
     gen = torch.Generator().manual_seed(0)

@@ -1,4 +1,4 @@
-"""Every Triton kernel of the decode step compiles for a Hopper GPU (sm_90), in every variant the step
+"""Every Triton kernel of the decode and prompt steps compiles for a Hopper GPU (sm_90), in every variant the step
 launches, with and without programmatic dependent launch: ahead of time, to PTX, with no GPU present.
 
 The GPU tests (tests/test_gemv.py, test_decode_kernel.py, test_store_kernel.py) check what the kernels
@@ -7,9 +7,10 @@ with Triton, before a GPU run. Skipped where Triton is absent (CI installs the C
 """
 
 import pytest
+import torch
 
 from cache import store_kernel
-from streaming.kernels import decode_attention, gemv
+from streaming.kernels import chunk_attention, decode_attention, gemv
 
 triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -70,3 +71,23 @@ def test_store_kernel_compiles(pdl, log):
     ptx = _ptx(store_kernel._store_kernel, types, dict(D=64, BLOCK_D=64, LOG=log, PDL=pdl), num_warps=1,
                launch_pdl=pdl)
     assert ("griddepcontrol.wait" in ptx) == pdl
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("programs", [8, 1000])  # a short chunk (64-row blocks) and a long one
+def test_chunk_attention_compiles_within_shared_memory(dtype, head_dim, programs):
+    """The chunk kernel's default configurations compile, and fit a Hopper program's shared memory
+    (one that does not fails only at launch, on the GPU, with OutOfResources)."""
+    kernel = chunk_attention._chunk_kernel
+    types = {name: f"*{dtype}" for name in ("Q", "K", "V", "Cos", "Sin", "Out")}
+    types |= dict(Rows="*i64", Total="*i64", QPos="*i64", n="i32", scale="fp32")
+    types |= {name: "i64" for name in kernel.arg_names if name.startswith("stride")}
+    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    block_m, block_n, warps, stages = chunk_attention.default_config(torch_dtype, programs, 132)
+    constexprs = dict(SINKS=4, WINDOW=2044, GROUP=8, D=head_dim, DIAG=True, BLOCK_M=block_m, BLOCK_N=block_n,
+                      TENSOR_CORES=dtype != "fp32")
+    signature = {name: "constexpr" if name in constexprs else types[name] for name in kernel.arg_names}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=HOPPER,
+                              options=dict(num_warps=warps, num_stages=stages))
+    assert 0 < compiled.metadata.shared <= chunk_attention.SHARED_MEMORY
