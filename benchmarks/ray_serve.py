@@ -112,14 +112,21 @@ async def main_async(args) -> None:
     from apps.cluster.ray_backend import start_ray
 
     configs = args.configs.split(",")
-    lines = [await single(args, False)] if "single" in configs else []
+    lines = []
+
+    def done(line: str) -> None:  # each row as soon as it is measured: a run cut short keeps what it had
+        lines.append(line)
+        print(f"(measured: {line})", flush=True)
+
+    if "single" in configs:
+        done(await single(args, False))
     if "single-state" in configs:
-        lines.append(await single(args, True))
+        done(await single(args, True))
     start_ray(None)
     if "one" in configs:
-        lines.append(await cluster(args, 1, 1.0 if args.device != "cpu" else 0.0))
+        done(await cluster(args, 1, 1.0 if args.device != "cpu" else 0.0))
     if "two" in configs:
-        lines.append(await cluster(args, 2, 0.5 if args.device != "cpu" else 0.0))
+        done(await cluster(args, 2, 0.5 if args.device != "cpu" else 0.0))
     print(f"{args.device}, torch {torch.__version__}, {args.sessions} sessions on {args.connections} connections, "
           f"{args.new_tokens} tokens each, layers {'compiled' if args.compile else 'eager'} in every configuration")
     print("| server | rows | sessions | errors | p50 time to first token | p99 time to first token | aggregate tok/s |")
