@@ -1,4 +1,5 @@
-"""Triton kernels of the decode step (CUDA): attention read from the sink-window cache, one-row GEMVs."""
+"""Triton kernels of the step (CUDA): attention read from the sink-window cache (one token per row, and
+chunks of several), one-row GEMVs."""
 
 
 def use_pdl(on: bool | None) -> None:
