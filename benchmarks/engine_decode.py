@@ -23,6 +23,7 @@ import torch
 
 import streaming
 from benchmarks.decode_speed import TINYLLAMA, sync
+from streaming import kernels
 from streaming.engine import Engine
 from streaming.sampling import SamplingParams
 from tests.tiny_checkpoint import lckv_config, plain_config, random_weights, write_checkpoint
@@ -107,7 +108,12 @@ def main():
     parser.add_argument("--compile", action="store_true", help="layers through torch.compile (streaming.load's)")
     parser.add_argument("--pipelined", action="store_true",
                         help="every engine row also with the pipelined engine (next step queued before the ids are read)")
+    parser.add_argument("--pdl", choices=["auto", "on", "off"], default="auto",
+                        help="programmatic dependent launch of the step's Triton kernels (default: where supported)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run each row of the --streams list this many times (a first run's own costs show)")
     args = parser.parse_args()
+    kernels.use_pdl({"auto": None, "on": True, "off": False}[args.pdl])
     if not set(args.kinds.split(",")) <= {"plain", "lckv"}:
         parser.error(f"--kinds: plain and/or lckv, got {args.kinds!r}")
     modes = [(False, "")] + ([(True, ", pipelined")] if args.pipelined else [])
@@ -127,7 +133,7 @@ def main():
             del weights
             rt = streaming.load(path, device="cuda", dtype="bf16", compile=args.compile)
             for pipelined, label in modes:
-                for streams in args.streams:
+                for streams in [s for s in args.streams for _ in range(args.repeat)]:
                     if pipelined and streams == 1:
                         continue  # a one-row engine is never pipelined
                     adm, pre, dec = engine_run(rt, streams, 128, args.new_tokens, pipelined=pipelined)
@@ -155,7 +161,7 @@ def main():
                     report(f"| plain | transformers generate (dynamic cache) | {streams} | | | "
                            f"{hf_run(path, streams, args.new_tokens):,.0f} |")
     print(f"\ntorch {torch.__version__}, {torch.cuda.get_device_name()}, bf16, {SINKS}+{WINDOW} slots, "
-          f"{args.new_tokens} decode steps")
+          f"{args.new_tokens} decode steps, PDL {args.pdl}")
     print("| model | path | streams | admission ms/stream (host) | prompt tok/s | decode tok/s (all streams) |")
     print("|---|---|---|---|---|---|")
     print("\n".join(lines))
