@@ -7,10 +7,13 @@ The plain path makes, per KV source and write, a rotated copy of the addressed r
 prefill does so m+b times per chunk: on the H200 its attention was over half of a chunk's time). Here
 a program takes one (row, KV head, block of query rows); the query rows are the `group` query heads
 of every token of the block (GQA: a key block is loaded once for all of them). It walks the row's
-slots a block at a time, derives each slot's in-cache position and validity from the row's length
-(the ring arithmetic of `SinkWindowCache.plan`), skips blocks no query of the program sees (empty
-slots, and slots later than every query: causality), rotates the keys in registers with the fixed
-cos/sin table of S+W positions, and runs an online softmax (flash attention's forward).
+keys in position order, not slot order: position p lives in slot p (a sink) or in the window slot the
+ring arithmetic of `SinkWindowCache.plan` gives, so the positions a row holds are 0..held-1 whatever
+its ring's state. The keys every query of the program sees then come first, in loops with no mask,
+and the causal edge after, up to the last query's position: loop bounds, not per-block branches, so
+Triton pipelines the loads. Each key block is rotated in registers from the fixed cos/sin table of
+S+W positions (one dot over the whole head: the rotate-half partner of each lane is a second load),
+then folded into an online softmax (flash attention's forward).
 
 tests/test_chunk_attention.py shows it equals the plain path (GPU, or Triton's interpreter on CPU).
 """
