@@ -144,26 +144,29 @@ class _Step:
 def _decode_kernel_inputs(model: CausalLM, cache, plan, ids: torch.Tensor):
     """(rows [B], tokens after the write [B], cos, sin) when this step's attention runs in the decode
     kernel (CUDA, one token per row, a sink-window cache, Triton present); else None."""
-    if not (model.decode_kernel and ids.shape[1] == 1 and cache.device.type == "cuda"
-            and getattr(cache, "capacity", None) is not None and kernel.available(cache.head_dim)):
+    if not (model.decode_kernel and ids.shape[1] == 1 and kernel.available(cache.head_dim)):
+        return None
+    return _cache_kernel_inputs(model, cache, plan)
+
+
+def _chunk_kernel_inputs(model: CausalLM, cache, plan, ids: torch.Tensor):
+    """The same when this step's attention runs in the chunk kernel (several tokens per row); else None."""
+    if not (model.chunk_kernel and ids.shape[1] > 1 and chunk_kernel.available(cache.head_dim)):
+        return None
+    return _cache_kernel_inputs(model, cache, plan)
+
+
+def _cache_kernel_inputs(model: CausalLM, cache, plan):
+    """What both attention kernels read besides q and the cache buffers: (rows [B], tokens after the
+    write [B], cos, sin), for a sink-window cache on CUDA; None for any other cache."""
+    if cache.device.type != "cuda" or getattr(cache, "capacity", None) is None:
         return None
     rows = plan.rows if plan.rows is not None else torch.arange(cache.batch, device=cache.device)
     total = plan.total.reshape(-1)  # [B]: the lengths advance only at the end of the step
     # cos/sin in a half-precision model's dtype: the plain path rounds them so too (`cos_sin`), and
-    # the kernel reads half the table bytes next to every key.
+    # the kernels read half the table bytes next to every key.
     table = cache.dtype if cache.dtype in (torch.bfloat16, torch.float16) else torch.float32
     return (rows, total, *model.rope_table(cache.capacity, cache.device, table))
-
-
-def _chunk_kernel_inputs(model: CausalLM, cache, plan, ids: torch.Tensor):
-    """(rows [B], tokens after the write [B], cos, sin) when this step's attention runs in the chunk
-    kernel (CUDA, several tokens per row, a sink-window cache, Triton present); else None."""
-    if not (model.chunk_kernel and ids.shape[1] > 1 and cache.device.type == "cuda"
-            and getattr(cache, "capacity", None) is not None and chunk_kernel.available(cache.head_dim)):
-        return None
-    rows = plan.rows if plan.rows is not None else torch.arange(cache.batch, device=cache.device)
-    table = cache.dtype if cache.dtype in (torch.bfloat16, torch.float16) else torch.float32
-    return (rows, plan.total.reshape(-1), *model.rope_table(cache.capacity, cache.device, table))
 
 
 def _chunk_kernel_attention(step: _Step, index: int, q: torch.Tensor) -> torch.Tensor:
