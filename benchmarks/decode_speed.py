@@ -49,6 +49,9 @@ MODES = {  # name: (attention impl, CUDA graphs, compiled layers, one-row GEMV l
     # As the default, with every Triton kernel launched without programmatic dependent launch (on by
     # default where supported: Hopper and later).
     "graphs-compiled-gemv-nopdl": ("sdpa", True, True, "nopdl"),
+    # As the default, with a greedy step's argmax and penalty-history update in one Triton launch
+    # (streaming.kernels.use_fused_greedy; off by default until measured).
+    "graphs-compiled-gemv-fusedgreedy": ("sdpa", True, True, "fusedgreedy"),
     "eager-compiled": ("sdpa", False, True, False),  # CPU's fast path
     "graphs-autotuned": ("sdpa", True, "max-autotune-no-cudagraphs", False),  # Inductor's GEMM templates timed too
 }
@@ -137,6 +140,7 @@ def time_mode(rt, args, mode, prompt, device):
     rt.model.compile_layers(bool(compiled), mode=compiled if isinstance(compiled, str) else None)
     rt.model.one_row_kernels = bool(one_row)
     kernels.use_pdl(False if one_row == "nopdl" else None)
+    kernels.use_fused_greedy(one_row == "fusedgreedy")
     row = {"mode": mode}
     t0 = time.perf_counter()
     s = rt.session(sinks=args.sinks, window=args.window, chunk=min(256, args.window))
@@ -156,6 +160,7 @@ def time_mode(rt, args, mode, prompt, device):
             del c
     rt.model.compile_layers(False)
     kernels.use_pdl(None)
+    kernels.use_fused_greedy(False)
     return row, ids
 
 

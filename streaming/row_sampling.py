@@ -36,6 +36,7 @@ import torch
 from .counter_noise import hash_uniforms, seed_words, vocab_codes
 from .errors import InvalidInputError
 from .host_copy import to_device
+from .kernels import greedy_step as greedy_kernel
 from .sampling import SamplingParams
 
 NEG_INF = float("-inf")
@@ -289,6 +290,25 @@ class RowSampling:
             ids = torch.where(self.temperature[rows] > 0, drawn, ids)
         self.counters.index_add_(0, rows, self._ones[: rows.shape[0]])
         return ids
+
+    def fuses_greedy(self, features: SamplingFeatures | None) -> bool:
+        """Whether `greedy_step` serves a batch of these features: pure greedy (no penalty, no
+        sampling) and the fused kernel switched on where it can run (`streaming.kernels.use_fused_greedy`)."""
+        return (features is not None and not (features.penalty or features.sampling)
+                and greedy_kernel.usable(self.device))
+
+    def greedy_step(self, rows: torch.Tensor, logits: torch.Tensor, *, by_row: bool = False) -> torch.Tensor:
+        """`sample` and then `observe(rows, ids[:, None])` of a pure-greedy batch (see `fuses_greedy`), in
+        one Triton launch (`streaming/kernels/greedy_step.py`), with the same results: the argmax of each
+        row's logits, counters, ring, head, counts and (pipelined) the overwritten ids. `logits` [k, V]
+        in batch order, or with `by_row` all rows' [R, V] read at `rows` (no gathered copy)."""
+        if rows.dim() != 1 or logits.dim() != 2 or logits.shape[1] != self.vocab or (
+                not by_row and logits.shape[0] != rows.shape[0]):
+            raise InvalidInputError(f"rows must be [k] and logits [{'R' if by_row else 'k'}, {self.vocab}], got "
+                                    f"{tuple(rows.shape)} and {tuple(logits.shape)}")
+        keep = self._overwritten if self.pipelined else None
+        return greedy_kernel.greedy_step(logits, rows, self.counters, self.ring, self.head, self.counts, keep,
+                                         by_row=by_row)
 
     # -- internals --------------------------------------------------------------------------------------
 

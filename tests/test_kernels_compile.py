@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cache import store_kernel
-from streaming.kernels import chunk_attention, decode_attention, gemv
+from streaming.kernels import chunk_attention, decode_attention, gemv, greedy_step
 
 triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -91,3 +91,13 @@ def test_chunk_attention_compiles_within_shared_memory(dtype, head_dim, programs
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=HOPPER,
                               options=dict(num_warps=warps, num_stages=stages))
     assert 0 < compiled.metadata.shared <= chunk_attention.SHARED_MEMORY
+
+
+@pytest.mark.parametrize("counts", [False, True])
+@pytest.mark.parametrize("by_row", [False, True])
+def test_greedy_step_compiles(counts, by_row):
+    kernel = greedy_step._greedy_kernel
+    types = dict(Logits="*fp32", stride_l="i32", Rows="*i64", Out="*i64", Counters="*i64", Ring="*i32",
+                 Head="*i64", Counts="*i16", Overwritten="*i32", vocab="i32")
+    constexprs = dict(HISTORY=4096, BY_ROW=by_row, COUNTS=counts, KEEP=counts, BLOCK=greedy_step.MAX_BLOCK)
+    assert "ld.global" in _ptx(kernel, types, constexprs, num_warps=8)

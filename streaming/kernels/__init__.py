@@ -1,5 +1,5 @@
 """Triton kernels of the step (CUDA): attention read from the sink-window cache (one token per row, and
-chunks of several), one-row GEMVs."""
+chunks of several), one-row GEMVs, the greedy sampling bookkeeping."""
 
 
 def use_pdl(on: bool | None) -> None:
@@ -13,3 +13,15 @@ def use_pdl(on: bool | None) -> None:
     if on and pdl.gdc_wait is None:
         raise RuntimeError("programmatic dependent launch needs Triton 3.3 or later")
     pdl.FORCED = None if on is None else bool(on)
+
+
+def use_fused_greedy(on: bool) -> None:
+    """Whether a pure-greedy decode step (no row with a temperature or a repetition penalty) samples
+    and records its tokens in one Triton launch (`greedy_step.py`: argmax, draw counter, penalty
+    history) instead of torch.argmax and a dozen small kernels. Off by default until measured on a
+    GPU. Graphs captured before the switch keep what they were captured with."""
+    from . import greedy_step
+
+    if on and greedy_step.triton is None:
+        raise RuntimeError("the fused greedy step needs Triton")
+    greedy_step.ENABLED = bool(on)
