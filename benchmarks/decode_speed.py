@@ -52,6 +52,10 @@ MODES = {  # name: (attention impl, CUDA graphs, compiled layers, one-row GEMV l
     # As the default, with a greedy step's argmax and penalty-history update in one Triton launch
     # (streaming.kernels.use_fused_greedy; off by default until measured).
     "graphs-compiled-gemv-fusedgreedy": ("sdpa", True, True, "fusedgreedy"),
+    # ... with a one-token step's plan in one Triton launch (streaming.kernels.use_fused_plan; off by
+    # default until measured); and with both.
+    "graphs-compiled-gemv-fusedplan": ("sdpa", True, True, "fusedplan"),
+    "graphs-compiled-gemv-fused": ("sdpa", True, True, "fused"),
     "eager-compiled": ("sdpa", False, True, False),  # CPU's fast path
     "graphs-autotuned": ("sdpa", True, "max-autotune-no-cudagraphs", False),  # Inductor's GEMM templates timed too
 }
@@ -140,7 +144,8 @@ def time_mode(rt, args, mode, prompt, device):
     rt.model.compile_layers(bool(compiled), mode=compiled if isinstance(compiled, str) else None)
     rt.model.one_row_kernels = bool(one_row)
     kernels.use_pdl(False if one_row == "nopdl" else None)
-    kernels.use_fused_greedy(one_row == "fusedgreedy")
+    kernels.use_fused_greedy(one_row in ("fusedgreedy", "fused"))
+    kernels.use_fused_plan(one_row in ("fusedplan", "fused"))
     row = {"mode": mode}
     t0 = time.perf_counter()
     s = rt.session(sinks=args.sinks, window=args.window, chunk=min(256, args.window))
@@ -161,6 +166,7 @@ def time_mode(rt, args, mode, prompt, device):
     rt.model.compile_layers(False)
     kernels.use_pdl(None)
     kernels.use_fused_greedy(False)
+    kernels.use_fused_plan(False)
     return row, ids
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from . import plan_kernel
 from .buffers import KVBuffers, StepPlan
 from .errors import CacheConfigError
 
@@ -45,16 +46,20 @@ class SinkWindowCache(KVBuffers):
         offsets = self._offsets.get(n)
         if offsets is None:
             offsets = self._offsets[n] = torch.arange(n, device=self.device)
-        lengths = self.lengths if rows is None else self.lengths.index_select(0, rows)
-        start = lengths[:, None]  # [B, 1] tokens seen before the step
-        token = start + offsets  # [B, n] stream index of each new token
-        write_slots = torch.where(token < S, token, S + torch.remainder(token - S, W))
-        total = start + (n if real is None else real)  # [B, 1] tokens seen after the step
-        evicted = (total - S - W).clamp(min=0)  # [B, 1] tokens dropped from the window so far
-        query_positions = token - evicted
+        if n == 1 and real is None and plan_kernel.usable(self.device):  # one launch instead of ~11 ops
+            write_slots, total, query_positions = plan_kernel.decode_plan(self.lengths, rows, sinks=S, window=W)
+        else:
+            lengths = self.lengths if rows is None else self.lengths.index_select(0, rows)
+            start = lengths[:, None]  # [B, 1] tokens seen before the step
+            token = start + offsets  # [B, n] stream index of each new token
+            write_slots = torch.where(token < S, token, S + torch.remainder(token - S, W))
+            total = start + (n if real is None else real)  # [B, 1] tokens seen after the step
+            evicted = (total - S - W).clamp(min=0)  # [B, 1] tokens dropped from the window so far
+            query_positions = token - evicted
 
         def slot_layout() -> tuple[torch.Tensor, torch.Tensor]:
             # Window slot s holds window token k = m-1 - ((m-1-s) mod W), m = window tokens written.
+            evicted = (total - S - W).clamp(min=0)  # [B, 1] tokens dropped from the window so far
             written = total - S  # [B, 1]
             k = written - 1 - torch.remainder(written - 1 - self._window_slots, W)  # [B, W]
             window_valid = k >= 0

@@ -9,7 +9,7 @@ with Triton, before a GPU run. Skipped where Triton is absent (CI installs the C
 import pytest
 import torch
 
-from cache import store_kernel
+from cache import plan_kernel, store_kernel
 from streaming.kernels import chunk_attention, decode_attention, gemv, greedy_step
 
 triton = pytest.importorskip("triton")
@@ -101,3 +101,10 @@ def test_greedy_step_compiles(counts, by_row):
                  Head="*i64", Counts="*i16", Overwritten="*i32", vocab="i32")
     constexprs = dict(HISTORY=4096, BY_ROW=by_row, COUNTS=counts, KEEP=counts, BLOCK=greedy_step.MAX_BLOCK)
     assert "ld.global" in _ptx(kernel, types, constexprs, num_warps=8)
+
+
+@pytest.mark.parametrize("has_rows", [False, True])
+def test_decode_plan_compiles(has_rows):
+    types = dict(Lengths="*i64", Rows="*i64", WriteSlots="*i64", Total="*i64", QueryPositions="*i64", batch="i32")
+    constexprs = dict(SINKS=4, WINDOW=2044, HAS_ROWS=has_rows, BLOCK=plan_kernel.BLOCK)
+    assert "st.global" in _ptx(plan_kernel._decode_plan_kernel, types, constexprs, num_warps=4)

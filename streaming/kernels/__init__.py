@@ -25,3 +25,15 @@ def use_fused_greedy(on: bool) -> None:
     if on and greedy_step.triton is None:
         raise RuntimeError("the fused greedy step needs Triton")
     greedy_step.ENABLED = bool(on)
+
+
+def use_fused_plan(on: bool) -> None:
+    """Whether a one-token step on a sink-window cache plans its writes (slots, lengths after the step,
+    in-cache positions) in one Triton launch (`cache/plan_kernel.py`) instead of about eleven small
+    torch kernels. Off by default until measured on a GPU. Graphs captured before the switch keep
+    what they were captured with."""
+    from cache import plan_kernel
+
+    if on and plan_kernel.triton is None:
+        raise RuntimeError("the fused plan needs Triton")
+    plan_kernel.ENABLED = bool(on)

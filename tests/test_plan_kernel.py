@@ -1,0 +1,78 @@
+"""The fused one-token plan (cache/plan_kernel.py) equals the torch plan of `SinkWindowCache.plan`:
+write slots, lengths after the step, in-cache positions, and the slot layout built from them. GPU, or
+Triton's interpreter on CPU (TRITON_INTERPRET=1); CI has neither, so these skip there."""
+
+import os
+
+import pytest
+import torch
+
+from cache import SinkWindowCache, plan_kernel
+from streaming import kernels
+
+ON_GPU = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(plan_kernel.triton is None or not (ON_GPU or INTERPRETED),
+                                reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1)")
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+def planned(cache, rows, fused):
+    kernels.use_fused_plan(fused)
+    try:
+        return cache.plan(1, rows)
+    finally:
+        kernels.use_fused_plan(False)
+
+
+@pytest.mark.parametrize("sinks,window", [(4, 60), (0, 100), (2, 2), (4, 1020)])
+@pytest.mark.parametrize("addressed", ["all rows", "some rows", "a repeated scratch row", "more rows than a block"])
+def test_fused_plan_equals_torch_plan(sinks, window, addressed):
+    rows_total = 300 if addressed == "more rows than a block" else 9
+    cache = SinkWindowCache([0], rows_total, 1, 8, sinks=sinks, window=window, dtype=torch.float32, device=DEVICE)
+    # Rows at every stage: empty, in the sinks, filling the window, just full, long evicted, huge.
+    stages = [0, 1, sinks, sinks + 1, sinks + window - 1, sinks + window, 3 * (sinks + window) + 5, 10**6 + 17,
+              2**40 + 3]
+    cache.lengths.copy_(torch.tensor([stages[i % len(stages)] for i in range(rows_total)]))
+    rows = {"all rows": None, "some rows": torch.tensor([7, 0, 3, 8], device=DEVICE),
+            "a repeated scratch row": torch.tensor([2, 5, 8, 8, 8], device=DEVICE),
+            "more rows than a block": torch.arange(rows_total - 1, -1, -1, device=DEVICE)}[addressed]
+    want, got = planned(cache, rows, False), planned(cache, rows, True)
+    for name in ("write_slots", "total", "query_positions"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert torch.equal(a, b), name
+    assert torch.equal(got.slot_positions, want.slot_positions)
+    assert torch.equal(got.slot_valid, want.slot_valid)
+    assert torch.equal(cache.lengths, torch.tensor([stages[i % len(stages)] for i in range(rows_total)],
+                                                   device=DEVICE))  # planning never advances
+
+
+@pytest.mark.parametrize("kind", ["plain", "lckv"])
+def test_engine_tokens_equal_with_and_without_the_fused_plan(tmp_path, monkeypatch, kind):
+    """Whole greedy generations whose windows wrap, with the fused plan and without: identical tokens
+    (every decode step of the fused run planned by the kernel: counted)."""
+    import streaming
+    from streaming.engine import Engine
+    from streaming.sampling import SamplingParams
+    from tests.tiny_checkpoint import make_tiny_checkpoint
+
+    rt = streaming.load(make_tiny_checkpoint(tmp_path / kind, kind, with_tokenizer=False), device=DEVICE,
+                        dtype="float32")
+    launches = []
+    kernel = plan_kernel.decode_plan
+    monkeypatch.setattr(plan_kernel, "decode_plan", lambda *a, **k: launches.append(1) or kernel(*a, **k))
+    results = []
+    for fused in (False, True):
+        kernels.use_fused_plan(fused)
+        try:
+            engine = Engine(rt, 3, sinks=2, window=24, chunk=8)
+            jobs = [engine.submit(engine.open_row(), list(range(3, 3 + 5 * (i + 1))), params=SamplingParams(),
+                                  max_new_tokens=40) for i in range(3)]
+            while engine.step():
+                pass
+            results.append([job.generated for job in jobs])
+        finally:
+            kernels.use_fused_plan(False)
+    assert results[0] == results[1] and all(len(t) == 40 for t in results[1])
+    assert len(launches) >= 40
