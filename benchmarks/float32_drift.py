@@ -20,24 +20,10 @@ import torch
 import streaming
 from streaming.engine import Engine
 from streaming.sampling import SamplingParams
+from tests.float64_reference import float64_engine, float64_runtime
 from tests.tiny_checkpoint import make_tiny_checkpoint
 
 BANDS = (16, 32, 64, 128)
-
-
-def float64_engine(rt, **kwargs) -> Engine:
-    """An engine whose model weights and cache are float64 (the checkpoint's float32 values, widened)."""
-    for layer in rt.model.model.layers:  # re-stack the q/k/v and gate/up weights after the conversion
-        layer._stacked = None
-    rt.model.double()
-    rt.model.stack_weights()
-    engine = Engine(rt, **kwargs)
-    cache = engine.cache
-    for layer in cache.keys:
-        cache.keys[layer] = cache.keys[layer].double()
-        cache.values[layer] = cache.values[layer].double()
-    cache.dtype = torch.float64
-    return engine
 
 
 def drift(kind: str, new_tokens: int = 128) -> dict:
@@ -45,8 +31,7 @@ def drift(kind: str, new_tokens: int = 128) -> dict:
         path = make_tiny_checkpoint(Path(tmp), kind, with_tokenizer=False, hidden_size=128, num_attention_heads=4,
                                     num_key_value_heads=2, head_dim=32)
         engines = [Engine(streaming.load(path, device="cpu", dtype="float32"), 3, sinks=4, window=60, chunk=16),
-                   float64_engine(streaming.load(path, device="cpu", dtype="float32"), rows=3, sinks=4, window=60,
-                                  chunk=16)]
+                   float64_engine(float64_runtime(path), 3, sinks=4, window=60, chunk=16)]
     prompts = [list(range(3, 3 + 11 * (i + 1))) for i in range(3)]
     jobs = [[e.submit(e.open_row(), p, params=SamplingParams(), max_new_tokens=new_tokens) for p in prompts]
             for e in engines]

@@ -94,18 +94,6 @@ def test_block_sizes_agree(block_m, block_n):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def _float64_runtime(path):
-    """The checkpoint on CPU in float64: the reference both float32 GPU paths are measured against."""
-    import streaming
-
-    rt = streaming.load(path, device="cpu", dtype="float32")
-    for layer in rt.model.model.layers:  # re-stack the q/k/v and gate/up weights after the conversion
-        layer._stacked = None
-    rt.model.double()
-    rt.model.stack_weights()
-    return rt
-
-
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kind,overrides", [
     ("plain", {}),
@@ -122,12 +110,13 @@ def test_prefill_steps_with_kernel_equal_plain_path(tmp_path, kind, overrides):
     1e-3 as well. A wrong mask, position or rotation is off by far more."""
     import streaming
     from streaming.forward import forward_step
+    from tests.float64_reference import float64_runtime
     from tests.tiny_checkpoint import make_tiny_checkpoint
 
     config = {**dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32), **overrides}
     path = make_tiny_checkpoint(tmp_path / kind, kind, with_tokenizer=False, **config)
     rt = streaming.load(path, device="cuda", dtype="float32")
-    reference = _float64_runtime(path)
+    reference = float64_runtime(path)
     cfg = rt.config
     runs = [(rt.model, True, "cuda", torch.float32), (rt.model, False, "cuda", torch.float32),
             (reference.model, False, "cpu", torch.float64)]  # kernel, plain path, float64 reference
