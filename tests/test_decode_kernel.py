@@ -2,8 +2,6 @@
 gather the rows, rotate the keys at their in-cache positions, mask, softmax. GPU only (CI has no GPU
 and no Triton); on CPU it runs under Triton's interpreter when TRITON_INTERPRET=1 is set."""
 
-import os
-
 import pytest
 import torch
 
@@ -12,12 +10,9 @@ from streaming.attention import attend
 from streaming.config import RopeConfig
 from streaming.kernels import decode_attention as kernel
 from streaming.rope import cos_sin, inverse_frequencies, rotate
+from tests.triton_device import DEVICE, INTERPRETED, ON_GPU, needs_triton
 
-ON_GPU = torch.cuda.is_available()
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(kernel.triton is None or not (ON_GPU or INTERPRETED),
-                                reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1)")
-DEVICE = "cuda" if ON_GPU else "cpu"
+pytestmark = needs_triton(kernel)
 
 
 def reference(q, cache, layer, rows, inv_freq, diagonal, table_dtype=torch.float32):

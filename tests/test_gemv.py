@@ -7,8 +7,6 @@ kernels round where the eager functions do, so the results differ by the roundin
 ordered float32 sums (an ulp or two, relative 2^-8 each) and what later roundings make of it.
 """
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,11 +15,9 @@ from streaming import layer_gemv, layer_math
 from streaming.kernels import gemv as kernels
 from streaming.rope import cos_sin, inverse_frequencies
 from streaming.config import RopeConfig
+from tests.triton_device import DEVICE, ON_GPU, needs_triton
 
-ON_GPU = torch.cuda.is_available()
-pytestmark = pytest.mark.skipif(kernels.triton is None or not (ON_GPU or os.environ.get("TRITON_INTERPRET") == "1"),
-                                reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1)")
-DEVICE = "cuda" if ON_GPU else "cpu"
+pytestmark = needs_triton(kernels)
 # Relative to the largest reference value: float32 reassociation over K <= 5,632 terms; bf16: a few
 # ulps (2^-8) of the output, more after SwiGLU multiplies two rounded products.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2**-5}

@@ -2,8 +2,6 @@
 `RowSampling.sample` + `observe`, the torch reference, in every piece of state it touches. GPU, or
 Triton's interpreter on CPU (TRITON_INTERPRET=1); CI has neither, so these skip there."""
 
-import os
-
 import pytest
 import torch
 
@@ -11,12 +9,9 @@ from streaming import kernels
 from streaming.kernels import greedy_step
 from streaming.row_sampling import RowSampling, SamplingFeatures
 from streaming.sampling import SamplingParams
+from tests.triton_device import DEVICE, needs_triton
 
-ON_GPU = torch.cuda.is_available()
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(greedy_step.triton is None or not (ON_GPU or INTERPRETED),
-                                reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1)")
-DEVICE = "cuda" if ON_GPU else "cpu"
+pytestmark = needs_triton(greedy_step)
 GREEDY = SamplingFeatures(penalty=False, sampling=False, top_k=0, top_p=False)
 
 

@@ -2,19 +2,14 @@
 write slots, lengths after the step, in-cache positions, and the slot layout built from them. GPU, or
 Triton's interpreter on CPU (TRITON_INTERPRET=1); CI has neither, so these skip there."""
 
-import os
-
 import pytest
 import torch
 
 from cache import SinkWindowCache, plan_kernel
 from streaming import kernels
+from tests.triton_device import DEVICE, needs_triton
 
-ON_GPU = torch.cuda.is_available()
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(plan_kernel.triton is None or not (ON_GPU or INTERPRETED),
-                                reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1)")
-DEVICE = "cuda" if ON_GPU else "cpu"
+pytestmark = needs_triton(plan_kernel)
 
 
 def planned(cache, rows, fused):

@@ -1,16 +1,13 @@
 """The cache's store kernel (one launch for a step's keys and values) equals index_put_.
 GPU only (CI has no Triton); on CPU it runs under Triton's interpreter when TRITON_INTERPRET=1."""
 
-import os
-
 import pytest
 import torch
 
 from cache import store_kernel
+from tests.triton_device import ON_GPU, needs_triton
 
-ON_GPU = torch.cuda.is_available()
-pytestmark = pytest.mark.skipif(store_kernel.triton is None or not (ON_GPU or os.environ.get("TRITON_INTERPRET") == "1"),
-                                reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1)")
+pytestmark = needs_triton(store_kernel)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

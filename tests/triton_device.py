@@ -1,0 +1,20 @@
+"""Where the Triton kernel tests run: on a CUDA GPU, or under Triton's interpreter on CPU
+(TRITON_INTERPRET=1, a debugging aid). CI has neither (no GPU, and the CPU torch wheel brings no
+Triton), so there they skip."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+def needs_triton(module) -> pytest.MarkDecorator:
+    """Skip unless `module` imported Triton and a GPU or the interpreter can run its kernels."""
+    return pytest.mark.skipif(module.triton is None or not (ON_GPU or INTERPRETED),
+                              reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1)")
