@@ -463,14 +463,14 @@ class Engine:
         tokens in place, store the new logits. Returns the tokens [k]. (Captured by StepGraphs.)"""
         # Pipelined, the logits sampled from are gathered into the kept buffer (for a take-back).
         kept = self._overwritten_logits[: rows.shape[0]] if self.pipelined else None
-        if self.sampling.fuses_greedy(features) and not self.pipelined:  # reads the stored logits by row
+        fused = self.sampling.fuses_greedy(features)
+        if fused and not self.pipelined:  # reads the stored logits by row: no gathered copy
             tokens = self.sampling.greedy_step(rows, self.next_logits, by_row=True)
         else:
             current = torch.index_select(self.next_logits, 0, rows, out=kept)  # [k, V]
-            if self.sampling.fuses_greedy(features):
-                tokens = self.sampling.greedy_step(rows, current)
-            else:
-                tokens = self.sampling.sample(rows, current, features=features)
+            tokens = (self.sampling.greedy_step(rows, current) if fused
+                      else self.sampling.sample(rows, current, features=features))
+            if not fused:
                 self.sampling.observe(rows, tokens[:, None])
         logits = forward_step(self.model, self.cache, tokens[:, None], passes=1, all_logits=False, rows=rows)
         self.next_logits.index_copy_(0, rows, logits[:, 0])

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from .decode_attention import _multiprocessors
+from .decode_attention import multiprocessors
 
 try:
     import triton
@@ -172,7 +172,7 @@ def chunk_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, r
     query_positions = query_positions.expand(B, n)
     if query_positions.stride(1) != 1:
         query_positions = query_positions.contiguous()
-    defaults = default_config(q.dtype, triton.cdiv(n * group, 128) * B * kv_heads, _multiprocessors(q.device))
+    defaults = default_config(q.dtype, triton.cdiv(n * group, 128) * B * kv_heads, multiprocessors(q.device))
     block_m, block_n, num_warps, num_stages = (given if given is not None else default for given, default in
                                                zip((block_m, block_n, num_warps, num_stages), defaults))
     grid = (triton.cdiv(n * group, block_m), B, kv_heads)

@@ -38,7 +38,9 @@ def available(head_dim: int) -> bool:
     return triton is not None and head_dim >= 32 and head_dim & (head_dim - 1) == 0
 
 
-def _multiprocessors(device: torch.device) -> int:
+def multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (how many programs fill it; both attention kernels size
+    their grids by it)."""
     if device.type != "cuda":  # Triton's interpreter (TRITON_INTERPRET=1), for debugging on CPU
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -163,7 +165,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     group_pad = max(16, triton.next_power_of_2(group))
     # Enough programs to fill the GPU: split the slots when the batch is small (flash-decoding).
     if splits is None:
-        splits = max(1, 2 * _multiprocessors(q.device) // (B * kv_heads))
+        splits = max(1, 2 * multiprocessors(q.device) // (B * kv_heads))
     splits = min(splits, triton.cdiv(slots, block))
     per_split = triton.cdiv(triton.cdiv(slots, splits), block) * block
     splits = triton.cdiv(slots, per_split)
