@@ -45,17 +45,18 @@ MODES = {  # name: (attention impl, CUDA graphs, compiled layers, one-row GEMV l
     "graphs": ("sdpa", True, False, False),
     "graphs-compiled": ("sdpa", True, True, False),
     "graphs-gemv": ("sdpa", True, False, True),  # decode steps: four GEMV launches per layer
-    "graphs-compiled-gemv": ("sdpa", True, True, True),  # the default on a GPU: compiled prefill, GEMV decode
+    # The default on a GPU: compiled prefill, GEMV decode, a greedy step's argmax and penalty history in
+    # one Triton launch and a one-token step's plan in another (streaming.kernels.use_fused_greedy and
+    # use_fused_plan, on by default since the twelfth session's measurement).
+    "graphs-compiled-gemv": ("sdpa", True, True, True),
     # As the default, with every Triton kernel launched without programmatic dependent launch (on by
     # default where supported: Hopper and later).
     "graphs-compiled-gemv-nopdl": ("sdpa", True, True, "nopdl"),
-    # As the default, with a greedy step's argmax and penalty-history update in one Triton launch
-    # (streaming.kernels.use_fused_greedy; off by default until measured).
+    # As the default, with the greedy step and the plan in torch ops (the default before the twelfth
+    # session), and with only one of the two fused.
+    "graphs-compiled-gemv-unfused": ("sdpa", True, True, "unfused"),
     "graphs-compiled-gemv-fusedgreedy": ("sdpa", True, True, "fusedgreedy"),
-    # ... with a one-token step's plan in one Triton launch (streaming.kernels.use_fused_plan; off by
-    # default until measured); and with both.
     "graphs-compiled-gemv-fusedplan": ("sdpa", True, True, "fusedplan"),
-    "graphs-compiled-gemv-fused": ("sdpa", True, True, "fused"),
     "eager-compiled": ("sdpa", False, True, False),  # CPU's fast path
     "graphs-autotuned": ("sdpa", True, "max-autotune-no-cudagraphs", False),  # Inductor's GEMM templates timed too
 }
@@ -144,8 +145,8 @@ def time_mode(rt, args, mode, prompt, device):
     rt.model.compile_layers(bool(compiled), mode=compiled if isinstance(compiled, str) else None)
     rt.model.one_row_kernels = bool(one_row)
     kernels.use_pdl(False if one_row == "nopdl" else None)
-    kernels.use_fused_greedy(one_row in ("fusedgreedy", "fused"))
-    kernels.use_fused_plan(one_row in ("fusedplan", "fused"))
+    kernels.use_fused_greedy(one_row not in ("unfused", "fusedplan"))
+    kernels.use_fused_plan(one_row not in ("unfused", "fusedgreedy"))
     row = {"mode": mode}
     t0 = time.perf_counter()
     s = rt.session(sinks=args.sinks, window=args.window, chunk=min(256, args.window))
@@ -165,8 +166,8 @@ def time_mode(rt, args, mode, prompt, device):
             del c
     rt.model.compile_layers(False)
     kernels.use_pdl(None)
-    kernels.use_fused_greedy(False)
-    kernels.use_fused_plan(False)
+    kernels.use_fused_greedy(None)
+    kernels.use_fused_plan(None)
     return row, ids
 
 

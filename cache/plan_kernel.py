@@ -3,8 +3,9 @@ the slot its token goes to, the row's length after the step and the token's in-c
 
 `SinkWindowCache.plan` computes these with torch ops: about eleven small kernels per decode step
 (gather of the lengths, the ring arithmetic, the eviction count), each a launch in the step's graph.
-Here one program takes a block of rows. Off by default until measured on a GPU
-(`streaming.kernels.use_fused_plan`); tests/test_plan_kernel.py shows it equals the torch plan.
+Here one program takes a block of rows. On by default wherever Triton and CUDA are
+(`streaming.kernels.use_fused_plan` switches it; the torch plan stays the reference and the CPU path);
+tests/test_plan_kernel.py shows it equals the torch plan.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ try:
 except ImportError:  # CPU-only installs: the torch plan is used
     triton = None
 
-ENABLED = False  # streaming.kernels.use_fused_plan sets it; read when a step is planned (or captured)
+ENABLED = True  # streaming.kernels.use_fused_plan sets it; read when a step is planned (or captured)
 BLOCK = 128  # rows per program
 
 

@@ -8,8 +8,8 @@ between the head's GEMV and the next step's first layer. Here one program per ro
 index of the largest value (torch.argmax's tie rule), and updates the counter, the ring slot, the
 head, the running counts (when they exist) and, for a pipelined engine, the id the slot held.
 
-Off by default until measured on a GPU (`streaming.kernels.use_fused_greedy`). tests/test_greedy_step.py
-shows it equals `RowSampling.sample` + `observe` (GPU, or Triton's interpreter on CPU).
+On by default wherever Triton and CUDA are (`streaming.kernels.use_fused_greedy` switches it); the torch
+path stays the reference and the CPU path. tests/test_greedy_step.py shows it equals `RowSampling.sample` + `observe` (GPU, or Triton's interpreter on CPU).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ try:
 except ImportError:  # CPU-only installs: the torch path is used
     triton = None
 
-ENABLED = False  # streaming.kernels.use_fused_greedy sets it; read when a step runs (or is captured)
+ENABLED = True  # streaming.kernels.use_fused_greedy sets it; read when a step runs (or is captured)
 MAX_BLOCK = 16384  # logits read per program and iteration
 
 
