@@ -8,10 +8,13 @@ On disk it is one safetensors file (no pickle), the meta stored in its header.
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 from safetensors.torch import save_file
 
 from .buffers import KVBuffers
@@ -116,12 +119,62 @@ def restore(cache: KVBuffers, tensors: dict[str, torch.Tensor], meta: dict, row:
 
 def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict, extra: dict | None = None) -> None:
     """Write a captured state (and optional JSON-able `extra` data) to one safetensors file."""
-    header = {"cache": json.dumps(meta), "extra": json.dumps(extra or {})}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=header)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=_header(meta, extra))
+
+
+def to_bytes(tensors: dict[str, torch.Tensor], meta: dict, extra: dict | None = None) -> bytes:
+    """The bytes of the file `save` would write: how a state crosses a process boundary (no pickle),
+    and what `save_packed` writes without decoding it again."""
+    return save_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata=_header(meta, extra))
+
+
+def from_bytes(blob: bytes) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """The inverse of `to_bytes`: (tensors, cache meta, extra); CacheStateError when it is not one."""
+    header = _read_header(blob)[0].get("__metadata__") or {}
+    try:
+        tensors = load_bytes(blob)
+        meta, extra = json.loads(header["cache"]), json.loads(header.get("extra", "{}"))
+    except Exception as exc:
+        raise CacheStateError(f"not a sinkstream cache state ({exc})") from None
+    return _checked("state", tensors, meta, extra)
+
+
+def save_packed(path: str | Path, blob: bytes, extra_updates: dict | None = None) -> None:
+    """Write a state's `to_bytes` to a file, its `extra` updated with `extra_updates` (keys replaced):
+    only the header is rewritten, the tensor bytes are written as they came."""
+    header, data_start = _read_header(blob)
+    if extra_updates:
+        fields = header.setdefault("__metadata__", {})
+        fields["extra"] = json.dumps({**json.loads(fields.get("extra", "{}")), **extra_updates})
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the tensor data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(text)) + text)
+        handle.write(memoryview(blob)[data_start:])
+
+
+def _header(meta: dict, extra: dict | None) -> dict[str, str]:
+    return {"cache": json.dumps(meta), "extra": json.dumps(extra or {})}
+
+
+def _read_header(blob: bytes) -> tuple[dict, int]:
+    """A safetensors blob's header (JSON) and where its tensor data starts."""
+    if len(blob) < 8:
+        raise CacheStateError("not a sinkstream cache state (too short)")
+    (size,) = struct.unpack_from("<Q", blob)
+    if size > len(blob) - 8:
+        raise CacheStateError("not a sinkstream cache state (its header runs past its end)")
+    try:
+        header = json.loads(bytes(memoryview(blob)[8:8 + size]))
+    except ValueError:
+        raise CacheStateError("not a sinkstream cache state (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CacheStateError("not a sinkstream cache state (its header is not a JSON object)")
+    return header, 8 + size
 
 
 def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """Read a state file written by `save`: (tensors, cache meta, extra)."""
+    """Read a state file written by `save` (or `save_packed`): (tensors, cache meta, extra)."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             header = handle.metadata() or {}
@@ -131,6 +184,12 @@ def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
         raise CacheStateError(f"{path}: no such cache state file") from None
     except Exception as exc:
         raise CacheStateError(f"{path}: not a sinkstream cache state ({exc})") from None
-    if meta.get("format") != FORMAT or "length" not in tensors:
-        raise CacheStateError(f"{path}: not a sinkstream cache state")
+    return _checked(str(path), tensors, meta, extra)
+
+
+def _checked(origin: str, tensors: dict, meta: dict, extra: dict) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "length" not in tensors:
+        raise CacheStateError(f"{origin}: not a sinkstream cache state")
+    if not isinstance(extra, dict):
+        raise CacheStateError(f"{origin}: its extra data is not a JSON object")
     return tensors, meta, extra

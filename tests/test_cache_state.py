@@ -32,19 +32,27 @@ def lckv(tmp_path_factory):
     return build(tmp_path_factory.mktemp("lckv"), lckv_config(6))[0]
 
 
-@pytest.mark.parametrize("via_disk", [False, True])
+@pytest.mark.parametrize("via", ["memory", "disk", "bytes", "packed file"])
 @pytest.mark.parametrize("kind", ["sink", "full"])
-def test_round_trip_continues_exactly(lckv, tmp_path, via_disk, kind):
+def test_round_trip_continues_exactly(lckv, tmp_path, via, kind):
     model = lckv
     make = (lambda: sink_cache(model, 3, 10)) if kind == "sink" else (lambda: full_cache(model, initial_slots=4))
     first, rest = _ids(57, 1), _ids(23, 2)
     original = make()
     _feed(model, original, first, 1)  # many ring wraps (sink) / several growths (full)
     tensors, meta = state.capture(original, 0)
-    if via_disk:
+    if via == "disk":
         state.save(tmp_path / "s.safetensors", tensors, meta, {"note": "x"})
         tensors, meta, extra = state.load(tmp_path / "s.safetensors")
         assert extra == {"note": "x"}
+    elif via == "bytes":
+        tensors, meta, extra = state.from_bytes(state.to_bytes(tensors, meta, {"note": "x"}))
+        assert extra == {"note": "x"}
+    elif via == "packed file":  # the bytes written as a file with its extra updated, read by safetensors
+        blob = state.to_bytes(tensors, meta, {"note": "x", "server": "old"})
+        state.save_packed(tmp_path / "s.safetensors", blob, {"server": {"messages": ["é" * 13]}})
+        tensors, meta, extra = state.load(tmp_path / "s.safetensors")
+        assert extra == {"note": "x", "server": {"messages": ["é" * 13]}}
     restored = make()
     ptrs = {layer: restored.keys[layer].data_ptr() for layer in restored.kv_layers}
     state.restore(restored, tensors, meta, 0)
@@ -115,6 +123,19 @@ def test_damaged_state_tensors(lckv):
     del bad[f"k.{layer}"]
     with pytest.raises(CacheStateError, match=f"k.{layer}"):
         state.restore(sink_cache(lckv, 3, 10), bad, meta, 0)
+
+
+def test_bad_bytes_are_refused():
+    from safetensors.torch import save
+
+    good = state.to_bytes({"length": torch.tensor([3])}, {"format": state.FORMAT}, {})
+    assert state.from_bytes(good)[1] == {"format": state.FORMAT}
+    for bad, why in [(b"", "too short"), (good[:7], "too short"), ((1 << 40).to_bytes(8, "little") + good[8:], "past its end"),
+                     (good[:8] + b"[" + good[9:], "not JSON"), (good[:-4], "not a sinkstream"),
+                     (save({"x": torch.zeros(2)}), "not a sinkstream"),
+                     (state.to_bytes({"x": torch.zeros(2)}, {"format": state.FORMAT}, {}), "not a sinkstream")]:
+        with pytest.raises(CacheStateError, match=why):
+            state.from_bytes(bad)
 
 
 def test_bad_files(tmp_path):
