@@ -4,6 +4,10 @@ apps/server/state_writer.py (all queued writes as one batch, files fsynced on se
 directory once). Snapshots shaped like the bundled model's after a short chat (3 KV layers, 2 KV heads,
 64-dim heads, `--tokens` slots used, bf16, plus 8,192 float32 logits).
 
+And the snapshots of an engine process, which come as the bytes of their file: decoded to tensors on a
+worker thread and encoded again by the write (what the server did until the twelfth session), against
+written as they came with only the header rewritten (`PackedState`, `cache.state.save_packed`).
+
     PYTHONPATH=. python benchmarks/state_writes.py --sessions 1000 [--dir PATH]
 """
 
@@ -18,6 +22,7 @@ import time
 
 import torch
 
+from apps.server.engine_spec import PackedState, unpack_state
 from apps.server.state_dir import StateDir
 from apps.server.state_writer import StateWriter
 from cache import state as cache_state
@@ -38,7 +43,9 @@ def main():
     snap = snapshot(args.tokens)
     conversation = {"history": [{"role": "user", "content": "Tell me a story."}], "sampling": {}, "seq": 65}
     print(f"{platform.node()}, {args.sessions} sessions, {args.tokens} tokens each")
-    for name in ("one by one", "group commit", "one by one", "group commit"):
+    blob = cache_state.to_bytes(*snap)
+    names = ("one by one", "group commit", "group commit, bytes decoded first", "group commit, bytes as they came")
+    for name in names + names:
         with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
             store = StateDir(tmp)
             ids = [secrets.token_urlsafe(16) for _ in range(args.sessions)]
@@ -48,9 +55,15 @@ def main():
                     store.write(sid, snap, conversation)
                 batches = len(ids)
             else:
+                async def one(writer, sid):
+                    if name.endswith("decoded first"):
+                        await writer.write(sid, await asyncio.to_thread(unpack_state, blob), conversation)
+                    else:
+                        await writer.write(sid, PackedState(blob) if name.endswith("came") else snap, conversation)
+
                 async def run():
                     writer = StateWriter(store)
-                    await asyncio.gather(*(writer.write(sid, snap, conversation) for sid in ids))
+                    await asyncio.gather(*(one(writer, sid) for sid in ids))
                     await writer.close()
                     return writer.batches
                 batches = asyncio.run(run())

@@ -279,9 +279,9 @@ def test_snapshots_asked_together_cross_as_one_call_and_equal_the_saved_states(r
     together, with_unknown = asyncio.run(main())
     ops = [op for op, _ in calls]
     assert ops.count("snapshot_many") == 2 and "snapshot" not in ops
-    for got, want in zip(together, states):
-        _same(got, want)
-    _same(with_unknown[0], states[0])  # an unknown handle fails alone
+    for got, want in zip(together, states):  # (each comes as the bytes of its file)
+        _same(got.unpack(), want)
+    _same(with_unknown[0].unpack(), states[0])  # an unknown handle fails alone
     assert isinstance(with_unknown[1], Exception) and "no session" in str(with_unknown[1])
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from apps.server.engine_loop import set_all
-from apps.server.engine_spec import EngineSettings, ModelSource, pack_state, unpack_state
+from apps.server.engine_spec import EngineSettings, ModelSource, PackedState, pack_state
 from streaming.generate import Response
 from streaming.tokenizer import Tokenizer
 
@@ -186,13 +186,12 @@ class EngineProcess:
         if self.dead is None:  # (a dead process's rows went with it)
             await self._acall("release", handle)
 
-    # (Packing runs off the event loop: a thousand sessions parking at once are megabytes each.)
-
-    async def snapshot(self, handle: int) -> tuple[dict, dict, dict]:
-        """The session's state. Snapshots asked for in the same event-loop iteration (a thousand
-        replies ending in one step, each saving its session) cross as one call whose device reads
-        the engine process shares (op_snapshot_many)."""
-        return await asyncio.to_thread(unpack_state, await self._snapshots.ask(handle))
+    async def snapshot(self, handle: int) -> PackedState:
+        """The session's state, as the bytes of its file (the server writes or parks it as it is).
+        Snapshots asked for in the same event-loop iteration (a thousand replies ending in one step,
+        each saving its session) cross as one call whose device reads the engine process shares
+        (op_snapshot_many)."""
+        return PackedState(await self._snapshots.ask(handle))
 
     def _send_coalesced(self, op: str, items: list, futures: list[asyncio.Future]) -> None:
         """One call `op(items)` answering [(ok, value)] per item; each future gets its pair (all
@@ -215,9 +214,11 @@ class EngineProcess:
 
         self.call(op, items).add_done_callback(from_any_thread)
 
-    async def restore(self, handle: int, state: tuple[dict, dict, dict]) -> None:
+    async def restore(self, handle: int, state: "tuple[dict, dict, dict] | PackedState") -> None:
         # Alone, not in a loop iteration's batch: a packed state is megabytes (see SNAPSHOT_BATCH).
-        await asyncio.wrap_future(self.call("restore", handle, await asyncio.to_thread(pack_state, state)))
+        # (Packing runs off the event loop; a snapshot of this engine is packed already.)
+        packed = state.blob if isinstance(state, PackedState) else await asyncio.to_thread(pack_state, state)
+        await asyncio.wrap_future(self.call("restore", handle, packed))
 
     def check_saved(self, tensors: dict, meta: dict, extra: dict) -> None:
         """Raises unless a saved state fits the engine's model and cache (blocks: call from a worker thread)."""

@@ -21,6 +21,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
+from apps.server.engine_spec import PackedState
 from cache import state as cache_state
 
 log = logging.getLogger("sinkstream.server")
@@ -48,7 +49,7 @@ class StateDir:
             raise ValueError(f"not a session id: {session_id[:64]!r}")
         return self.path / (session_id + SUFFIX)
 
-    def write(self, session_id: str, snapshot: tuple[dict, dict, dict], conversation: dict) -> None:
+    def write(self, session_id: str, snapshot: "tuple[dict, dict, dict] | PackedState", conversation: dict) -> None:
         """Atomically replace the session's file with this state (temp file, fsync, rename, fsync dir)."""
         (error,) = self.apply([("write", session_id, (snapshot, conversation))])
         if error is not None:
@@ -90,11 +91,14 @@ class StateDir:
                 results = [exc if r is None else r for r in results]
         return [results[last[sid]] for _, sid, _ in ops]
 
-    def _write_temp(self, session_id: str, snapshot: tuple[dict, dict, dict], conversation: dict) -> tuple[Path, Path]:
-        tensors, meta, extra = snapshot
+    def _write_temp(self, session_id: str, snapshot, conversation: dict) -> tuple[Path, Path]:
         target = self.file(session_id)
         temp = target.with_name(target.name + ".tmp")
-        cache_state.save(temp, tensors, meta, {**extra, "server": conversation})
+        if isinstance(snapshot, PackedState):  # from the engine process: already the file's bytes
+            cache_state.save_packed(temp, snapshot.blob, {"server": conversation})
+        else:
+            tensors, meta, extra = snapshot
+            cache_state.save(temp, tensors, meta, {**extra, "server": conversation})
         with open(temp, "rb") as handle:
             os.fsync(handle.fileno())
         return temp, target

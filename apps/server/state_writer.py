@@ -30,7 +30,7 @@ class StateWriter:
         self._files = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sinkstream-state-file")
         self.batches = 0  # (for tests and health: how many group commits ran)
 
-    async def write(self, session_id: str, snapshot: tuple[dict, dict, dict], conversation: dict) -> None:
+    async def write(self, session_id: str, snapshot, conversation: dict) -> None:
         """Return once the session's file holds this state durably; raise what writing it raised."""
         await self._submit(("write", session_id, (snapshot, conversation)))
 
