@@ -54,7 +54,8 @@ async def single(args, with_state_dir: bool) -> str:
     async with running(ModelSource(model=args.model, device=args.device, compile=args.compile), cfg) as app:
         health = app.health()
         pids = {"server": health["pid"], "engine": health["engine_pid"] if health["engine_pid"] != health["pid"] else None}
-        cpu, profiles = CpuShare(pids), Profiles(pids, args.py_spy and os.path.join(args.py_spy, "single"))
+        cpu, profiles = CpuShare(pids), Profiles(
+            pids, args.py_spy and os.path.join(args.py_spy, "single-state" if with_state_dir else "single"))
         results, t0, _ = await load(f"ws://127.0.0.1:{app.port}/ws", args)
         print(f"(single: CPU cores used over the run: {cpu.report()})", flush=True)
         profiles.stop()
