@@ -57,6 +57,9 @@ MODES = {  # name: (attention impl, CUDA graphs, compiled layers, one-row GEMV l
     "graphs-compiled-gemv-unfused": ("sdpa", True, True, "unfused"),
     "graphs-compiled-gemv-fusedgreedy": ("sdpa", True, True, "fusedgreedy"),
     "graphs-compiled-gemv-fusedplan": ("sdpa", True, True, "fusedplan"),
+    # As the default, with each KV layer's store in its attention launch (streaming.kernels.use_fused_store;
+    # off by default until measured).
+    "graphs-compiled-gemv-fusedstore": ("sdpa", True, True, "fusedstore"),
     "eager-compiled": ("sdpa", False, True, False),  # CPU's fast path
     "graphs-autotuned": ("sdpa", True, "max-autotune-no-cudagraphs", False),  # Inductor's GEMM templates timed too
 }
@@ -147,6 +150,7 @@ def time_mode(rt, args, mode, prompt, device):
     kernels.use_pdl(False if one_row == "nopdl" else None)
     kernels.use_fused_greedy(one_row not in ("unfused", "fusedplan"))
     kernels.use_fused_plan(one_row not in ("unfused", "fusedgreedy"))
+    kernels.use_fused_store(one_row == "fusedstore" or None)
     row = {"mode": mode}
     t0 = time.perf_counter()
     s = rt.session(sinks=args.sinks, window=args.window, chunk=min(256, args.window))
@@ -168,6 +172,7 @@ def time_mode(rt, args, mode, prompt, device):
     kernels.use_pdl(None)
     kernels.use_fused_greedy(None)
     kernels.use_fused_plan(None)
+    kernels.use_fused_store(None)
     return row, ids
 
 

@@ -113,12 +113,15 @@ def main():
     parser.add_argument("--fused", choices=["auto", "off"], default="auto",
                         help="the fused greedy step and plan (streaming.kernels.use_fused_greedy/_plan; default: "
                              "where Triton and CUDA are)")
+    parser.add_argument("--fused-store", action="store_true",
+                        help="each KV layer's store in its decode attention launch (streaming.kernels.use_fused_store)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run each row of the --streams list this many times (a first run's own costs show)")
     args = parser.parse_args()
     kernels.use_pdl({"auto": None, "on": True, "off": False}[args.pdl])
     kernels.use_fused_greedy(None if args.fused == "auto" else False)
     kernels.use_fused_plan(None if args.fused == "auto" else False)
+    kernels.use_fused_store(args.fused_store or None)
     if not set(args.kinds.split(",")) <= {"plain", "lckv"}:
         parser.error(f"--kinds: plain and/or lckv, got {args.kinds!r}")
     modes = [(False, "")] + ([(True, ", pipelined")] if args.pipelined else [])
@@ -166,7 +169,8 @@ def main():
                     report(f"| plain | transformers generate (dynamic cache) | {streams} | | | "
                            f"{hf_run(path, streams, args.new_tokens):,.0f} |")
     print(f"\ntorch {torch.__version__}, {torch.cuda.get_device_name()}, bf16, {SINKS}+{WINDOW} slots, "
-          f"{args.new_tokens} decode steps, PDL {args.pdl}, fused greedy step and plan {args.fused}")
+          f"{args.new_tokens} decode steps, PDL {args.pdl}, fused greedy step and plan {args.fused}, "
+          f"fused store {'on' if args.fused_store else 'off'}")
     print("| model | path | streams | admission ms/stream (host) | prompt tok/s | decode tok/s (all streams) |")
     print("|---|---|---|---|---|---|")
     print("\n".join(lines))

@@ -26,6 +26,10 @@ from .kernels import decode_attention as kernel
 from .model import CausalLM
 
 
+# Where a step's attention may run in the Triton kernels (tests add "cpu" under Triton's interpreter).
+KERNEL_DEVICES = ("cuda",)
+
+
 class _Step:
     """The state of one cache step: positions, masks, rotated keys per KV layer."""
 
@@ -50,6 +54,15 @@ class _Step:
         # Computed, not rows of the table: a padded chunk's padding queries may lie past S+W.
         self.q_rope = model.rope(self.plan.query_positions, dtype)  # cos/sin [B,1,n,D]
         self._prepared: dict[bool, PreparedMask] = {}
+
+    @functools.cached_property
+    def _kernel_stores(self) -> bool:
+        """Whether the decode kernel stores a layer's own new keys and values itself: switched on
+        (`streaming.kernels.use_fused_store`), the cache's writes in kernels (`store_kernel`), and
+        nothing to keep of what the write overwrites (a pipelined engine's take-back log)."""
+        cache = self.cache
+        return (kernel.STORES and getattr(cache, "store_kernel", False) and cache.last_step is None
+                and self.plan.padding is None)
 
     # The plain path's inputs, built on first use (a chunk-kernel step needs them only for a target
     # that sees its own diagonal in the last LCKV pass).
@@ -97,6 +110,8 @@ class _Step:
     def _attend(self, index: int, q: torch.Tensor, keys, values, attend_before_store: bool) -> torch.Tensor:
         new_kv = (keys, values) if keys is not None else None
         if new_kv is not None and not attend_before_store:
+            if self.kernel is not None and self._kernel_stores:  # one launch: store and attend
+                return _kernel_attention(self, index, q, store=new_kv)
             self.store(index, *new_kv)
         if self.kernel is not None:
             return _kernel_attention(self, index, q)
@@ -159,7 +174,7 @@ def _chunk_kernel_inputs(model: CausalLM, cache, plan, ids: torch.Tensor):
 def _cache_kernel_inputs(model: CausalLM, cache, plan):
     """What both attention kernels read besides q and the cache buffers: (rows [B], tokens after the
     write [B], cos, sin), for a sink-window cache on CUDA; None for any other cache."""
-    if cache.device.type != "cuda" or getattr(cache, "capacity", None) is None:
+    if cache.device.type not in KERNEL_DEVICES or getattr(cache, "capacity", None) is None:
         return None
     rows = plan.rows if plan.rows is not None else torch.arange(cache.batch, device=cache.device)
     total = plan.total.reshape(-1)  # [B]: the lengths advance only at the end of the step
@@ -179,13 +194,17 @@ def _chunk_kernel_attention(step: _Step, index: int, q: torch.Tensor) -> torch.T
                                         window=cache.window, diagonal=config.sees_diagonal(index))
 
 
-def _kernel_attention(step: _Step, index: int, q: torch.Tensor) -> torch.Tensor:
-    """Layer `index`'s attention for q [B,H,1,D] read straight from its KV source's cache buffers."""
+def _kernel_attention(step: _Step, index: int, q: torch.Tensor, store=None) -> torch.Tensor:
+    """Layer `index`'s attention for q [B,H,1,D] read straight from its KV source's cache buffers;
+    with `store` (its own new keys, values [B,Hkv,1,D]), written into them by the same launch."""
     config, cache = step.model.config, step.cache
     source = config.kv_sources[index]
     rows, total, cos, sin = step.kernel
+    if store is not None:
+        store = (*store, step.plan.write_slots[:, 0])
     out = kernel.decode_attention(q[:, :, 0], cache.keys[source], cache.values[source], rows, total, cos, sin,
-                           sinks=cache.sinks, window=cache.window, diagonal=config.sees_diagonal(index))
+                                  sinks=cache.sinks, window=cache.window, diagonal=config.sees_diagonal(index),
+                                  store=store)
     return out[:, :, None]
 
 

@@ -194,3 +194,115 @@ def test_join_kernel_equals_reference_join(group, splits):
                                    atol=1e-5 if dtype == torch.float32 else 1e-2)
 
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits", [None, 1, 3])
+@pytest.mark.parametrize("diagonal", [True, False])
+def test_store_in_the_kernel_equals_a_store_before_it(dtype, splits, diagonal):
+    """`store=`: the step's own keys and values written by the attention launch. Against the store
+    kernel then the kernel without it (the default path): the same buffers, bit for bit, and the same
+    output. Rows at every ring stage (the write slot in the sinks, the window's first and last slots,
+    a wrapped ring), in any order; new keys as a strided view (the GEMV's output is one)."""
+    if INTERPRETED and not ON_GPU and dtype != torch.float32:
+        pytest.skip("the interpreter's half-precision dots are not exact")
+    from cache import store_kernel
+
+    sinks, window, heads, kv_heads, head_dim = 4, 60, 8, 2, 64
+    gen = torch.Generator().manual_seed(1)
+    seen = [0, 3, sinks, sinks + window - 1, sinks + window, 7 * (sinks + window) + 5, 10**5 + 1]
+    rows = torch.tensor([5, 0, 3, 6, 1, 2, 4], device=DEVICE)
+    caches = []
+    for _ in range(2):
+        cache = SinkWindowCache([0], len(seen), kv_heads, head_dim, sinks=sinks, window=window, dtype=dtype,
+                                device=DEVICE)
+        g = torch.Generator().manual_seed(2)
+        cache.keys[0].copy_(torch.randn(cache.keys[0].shape, generator=g))
+        cache.values[0].copy_(torch.randn(cache.values[0].shape, generator=g))
+        cache.lengths.copy_(torch.tensor(seen))
+        caches.append(cache)
+    B = len(rows)
+    projected = torch.randn(B, 1, heads * head_dim + 2 * kv_heads * head_dim, generator=gen).to(DEVICE, dtype)
+    q = projected[:, 0, : heads * head_dim].view(B, heads, head_dim)
+    kv = heads * head_dim
+    new_keys = projected[..., kv : kv + kv_heads * head_dim].view(B, 1, kv_heads, head_dim).transpose(1, 2)
+    new_values = projected[..., kv + kv_heads * head_dim :].view(B, 1, kv_heads, head_dim).transpose(1, 2)
+    inv_freq = inverse_frequencies(RopeConfig(), head_dim).to(DEVICE)
+    cos, sin = kernel.rope_table(inv_freq, sinks + window, torch.float32)
+    outs = []
+    for fused, cache in zip((False, True), caches):
+        plan = cache.plan(1, rows)
+        slots = plan.write_slots[:, 0]
+        total = plan.total.reshape(-1)
+        kw = dict(sinks=sinks, window=window, diagonal=diagonal, splits=splits)
+        if fused:
+            outs.append(kernel.decode_attention(q, cache.keys[0], cache.values[0], rows, total, cos, sin,
+                                                store=(new_keys, new_values, slots), **kw))
+        else:
+            store_kernel.store_rows(cache.keys[0], cache.values[0], rows, plan.write_slots, new_keys, new_values)
+            outs.append(kernel.decode_attention(q, cache.keys[0], cache.values[0], rows, total, cos, sin, **kw))
+    assert torch.equal(caches[0].keys[0], caches[1].keys[0]) and torch.equal(caches[0].values[0], caches[1].values[0])
+    assert torch.equal(outs[0], outs[1])
+    # And the write did happen: each addressed slot holds the new key (a lost store fails here).
+    plan = caches[1].plan(1, rows)
+    assert torch.equal(caches[1].keys[0][rows, :, plan.write_slots[:, 0]], new_keys[:, :, 0])
+
+
+def test_store_in_the_kernel_refuses_wrong_shapes():
+    cache = SinkWindowCache([0], 2, 2, 32, sinks=2, window=10, dtype=torch.float32, device=DEVICE)
+    q = torch.zeros(2, 4, 32, device=DEVICE)
+    rows, total = torch.tensor([0, 1], device=DEVICE), torch.tensor([1, 1], device=DEVICE)
+    cos, sin = kernel.rope_table(inverse_frequencies(RopeConfig(), 32).to(DEVICE), 12, torch.float32)
+    with pytest.raises(ValueError, match="store takes"):
+        kernel.decode_attention(q, cache.keys[0], cache.values[0], rows, total, cos, sin, sinks=2, window=10,
+                                diagonal=True, store=(torch.zeros(2, 2, 32, device=DEVICE),) * 2 + (rows,))
+
+
+@pytest.mark.parametrize("graphs", [False, True] if ON_GPU else [False])
+@pytest.mark.parametrize("kind,overrides", [("plain", {}), ("lckv", {}), ("plain", dict(num_key_value_heads=1))])
+def test_engine_equal_with_the_store_in_the_kernel(tmp_path, monkeypatch, kind, overrides, graphs):
+    """Whole greedy generations (windows that wrap, three streams, then one alone: batch-1 steps) with
+    the fused store and without: identical tokens and cache rows, bit for bit. Eager, the store
+    kernel then runs for prompt chunks only (counted); a pipelined engine keeps its store launches
+    (it logs what each write overwrites) and its results."""
+    import streaming
+    from cache import store_kernel
+    from streaming import kernels
+    from streaming.engine import Engine
+    from streaming.sampling import SamplingParams
+    from tests.tiny_checkpoint import make_tiny_checkpoint
+
+    config = {**dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32), **overrides}
+    rt = streaming.load(make_tiny_checkpoint(tmp_path / kind, kind, with_tokenizer=False, **config),
+                        device=DEVICE, dtype="float32")  # (heads of 32: the kernel's smallest)
+    rt.cuda_graphs = graphs
+    if not ON_GPU:  # Triton's interpreter: the engine's steps through the kernels on CPU
+        from streaming import forward
+
+        monkeypatch.setattr(forward, "KERNEL_DEVICES", ("cuda", "cpu"))
+    stores = []
+    launch = store_kernel.store_rows
+    monkeypatch.setattr(store_kernel, "store_rows", lambda *a, **k: stores.append(a[4].shape[2]) or launch(*a, **k))
+    results = []
+    for fused, pipelined in ((False, False), (True, False), (True, True)):
+        kernels.use_fused_store(fused)
+        stores.clear()
+        try:
+            engine = Engine(rt, 3, sinks=2, window=24, chunk=8, pipelined=pipelined)
+            lengths = [20, 10, 90]  # the last stream decodes alone once the others end (or stop at EOS)
+            jobs = [engine.submit(engine.open_row(), list(range(3, 3 + 5 * (i + 1))), params=SamplingParams(),
+                                  max_new_tokens=n) for i, n in enumerate(lengths)]
+            while engine.step():
+                pass
+            results.append(([job.generated for job in jobs],
+                            [(engine.cache.keys[l][:3].clone(), engine.cache.values[l][:3].clone())
+                             for l in engine.cache.kv_layers]))  # (not the scratch row: nobody reads it)
+            if not graphs:  # (with graphs, Python launches only while capturing)
+                one_token_stores = stores.count(1)
+                assert one_token_stores == 0 if fused and not pipelined else one_token_stores >= 30
+        finally:
+            kernels.use_fused_store(None)
+    (tokens, buffers), (fused_tokens, fused_buffers), (pipelined_tokens, _) = results
+    assert fused_tokens == tokens and pipelined_tokens == tokens and len(tokens[2]) > max(map(len, tokens[:2]))
+    for (k, v), (fk, fv) in zip(buffers, fused_buffers):  # (a pipelined engine's finished rows may differ)
+        assert torch.equal(k, fk) and torch.equal(v, fv)

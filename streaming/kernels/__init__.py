@@ -39,3 +39,16 @@ def use_fused_plan(on: bool | None) -> None:
     if on and plan_kernel.triton is None:
         raise RuntimeError("the fused plan needs Triton")
     plan_kernel.ENABLED = True if on is None else bool(on)
+
+
+def use_fused_store(on: bool | None) -> None:
+    """Whether a one-token step's attention kernel also stores the layer's own new keys and values
+    (`decode_attention.py`'s `store`) instead of a store launch before it: one launch per KV layer
+    and step less. Off by default until measured on a GPU (None: the default); not used where a
+    pipelined engine keeps what a step overwrites. Graphs captured before the switch keep what they
+    were captured with."""
+    from . import decode_attention
+
+    if on and decode_attention.triton is None:
+        raise RuntimeError("the fused store needs Triton")
+    decode_attention.STORES = False if on is None else bool(on)

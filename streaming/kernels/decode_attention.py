@@ -11,6 +11,11 @@ Blocks of slots a row has not filled yet are skipped (a short stream reads only 
 there are few rows, a row's slots are split over several programs and a small reduction joins them
 (flash-decoding), so one row still fills the GPU; with one split the program writes the output.
 
+Optionally (`streaming.kernels.use_fused_store`) the same launch stores the step's own keys and values
+of a layer that attends to its own cache: the program whose slots hold the write slot writes it, and
+takes that slot's key and value from registers, so no program reads it while it is written. One
+launch per KV layer and step less than a store kernel before the attention.
+
 tests/test_decode_kernel.py shows it equals the plain path (GPU; skipped in CI).
 """
 
@@ -31,6 +36,7 @@ from cache import pdl
 from cache.pdl import gdc_launch_dependents, gdc_wait  # noqa: F401 (called inside the kernels)
 
 BLOCK = 64  # slots per inner iteration
+STORES = False  # streaming.kernels.use_fused_store sets it: a decode step's layers store their own K/V here
 
 
 def available(head_dim: int) -> bool:
@@ -49,12 +55,13 @@ def multiprocessors(device: torch.device) -> int:
 if triton is not None:
 
     @triton.jit
-    def _decode_kernel(Q, K, V, Rows, Total, Cos, Sin, Out, MidAcc, MidMax, MidSum,
+    def _decode_kernel(Q, K, V, Rows, Total, Cos, Sin, Out, MidAcc, MidMax, MidSum, NewK, NewV, Slots,
                        stride_qb, stride_qh, stride_kr, stride_kh, stride_ks, stride_vr, stride_vh, stride_vs,
+                       stride_nkb, stride_nkh, stride_nkd, stride_nvb, stride_nvh, stride_nvd,
                        scale,
                        SINKS: tl.constexpr, WINDOW: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                        HALF: tl.constexpr, SPLITS: tl.constexpr, SPLIT_SLOTS: tl.constexpr, DIAG: tl.constexpr, BLOCK_N: tl.constexpr,
-                       TENSOR_CORES: tl.constexpr, ROTATE: tl.constexpr, PDL: tl.constexpr):
+                       TENSOR_CORES: tl.constexpr, ROTATE: tl.constexpr, STORE: tl.constexpr, PDL: tl.constexpr):
         if PDL:  # the next kernel may be scheduled now; the previous one's writes are read after the wait
             gdc_launch_dependents()
             gdc_wait()
@@ -82,6 +89,22 @@ if triton is not None:
         k_base = K + row.to(tl.int64) * stride_kr + kvh * stride_kh
         v_base = V + row.to(tl.int64) * stride_vr + kvh * stride_vh
         lo = split * SPLIT_SLOTS
+        if STORE:  # this step's own key and value (unrotated), stored here instead of by a launch before
+            w_slot = tl.load(Slots + b)
+            nk_base = NewK + b * stride_nkb + kvh * stride_nkh
+            nv_base = NewV + b * stride_nvb + kvh * stride_nvh
+            nk1 = tl.load(nk_base + d * stride_nkd).to(K.dtype.element_ty)  # [D/2], rounded as the cache holds it
+            nk2 = tl.load(nk_base + (HALF + d) * stride_nkd).to(K.dtype.element_ty)
+            nv1 = tl.load(nv_base + d * stride_nvd).to(V.dtype.element_ty)
+            nv2 = tl.load(nv_base + (HALF + d) * stride_nvd).to(V.dtype.element_ty)
+            # The one program whose slots hold the write slot stores it; every split reads only its
+            # own slots, and this one takes the slot's key and value from registers (below), so no
+            # program reads the slot from memory while it is written.
+            if (w_slot >= lo) & (w_slot < lo + SPLIT_SLOTS):
+                tl.store(k_base + w_slot * stride_ks + d, nk1)
+                tl.store(k_base + w_slot * stride_ks + HALF + d, nk2)
+                tl.store(v_base + w_slot * stride_vs + d, nv1)
+                tl.store(v_base + w_slot * stride_vs + HALF + d, nv2)
         # Slots at or past `total` are empty until the window is full: skip their blocks (no reads).
         hi = tl.minimum(tl.minimum(lo + SPLIT_SLOTS, SINKS + WINDOW), total)
         for start in range(lo, hi, BLOCK_N):
@@ -102,6 +125,10 @@ if triton is not None:
             pos = tl.where(valid, pos, 0)
             k1 = tl.load(k_base + s[:, None] * stride_ks + d[None, :], mask=in_range[:, None], other=0.0).to(tl.float32)
             k2 = tl.load(k_base + s[:, None] * stride_ks + HALF + d[None, :], mask=in_range[:, None], other=0.0).to(tl.float32)
+            if STORE:
+                here = (s == w_slot)[:, None]  # [N, 1]: the slot this step writes
+                k1 = tl.where(here, nk1.to(tl.float32)[None, :], k1)
+                k2 = tl.where(here, nk2.to(tl.float32)[None, :], k2)
             if ROTATE:
                 cos = tl.load(Cos + pos[:, None] * HALF + d[None, :]).to(tl.float32)
                 sin = tl.load(Sin + pos[:, None] * HALF + d[None, :]).to(tl.float32)
@@ -124,6 +151,9 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v1 = tl.load(v_base + s[:, None] * stride_vs + d[None, :], mask=in_range[:, None], other=0.0)
             v2 = tl.load(v_base + s[:, None] * stride_vs + HALF + d[None, :], mask=in_range[:, None], other=0.0)
+            if STORE:
+                v1 = tl.where(here, nv1[None, :], v1)
+                v2 = tl.where(here, nv2[None, :], v2)
             if TENSOR_CORES:
                 pv = p.to(v1.dtype)
                 acc1 = acc1 * alpha[:, None] + tl.dot(pv, v1)
@@ -148,13 +178,19 @@ if triton is not None:
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
                      total: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, sinks: int, window: int,
                      diagonal: bool, block: int = BLOCK, num_warps: int = 4, num_stages: int | None = None,
-                     splits: int | None = None, rotate: bool = True) -> torch.Tensor:
+                     splits: int | None = None, rotate: bool = True,
+                     store: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """One new token per row: q [B, H, D] rotated at its in-cache position; keys/values: a sink-window
     cache's whole buffers [R, Hkv, S+W, D] (keys unrotated); rows [B] long: the cache row of each query;
     total [B] long: tokens of the row after this step's write. cos, sin [S+W, D/2]: `rope_table`, in
     float32 or in the model's dtype (half the table traffic; the plain path rounds them so too).
     `diagonal`: whether the query sees its own slot. Returns [B, H, D] in q's dtype; a query that sees
     no key gets exactly zero.
+    `store` (new keys, new values [B, Hkv, 1, D] unrotated, any strides; slots [B] long): write this
+    step's own keys and values into the buffers at (rows[b], slots[b]) in the same launch, which reads
+    them from registers for that slot, instead of a store launch before it (`cache.store_kernel`). The
+    slot must be the one `total` implies (the cache's plan: `write_slots`); a repeated row writes
+    the same slot more than once (the engine's scratch row, which nobody reads).
     `block`, `num_warps`, `num_stages`, `splits` (None: enough to fill the GPU) are tuning knobs
     (benchmarks/decode_kernel.py sweeps them); `rotate=False` skips RoPE and gives wrong scores: a
     diagnostic of what the rotation costs, never used by the model. Several splits are combined by `_join_kernel`
@@ -178,14 +214,27 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     mid_max = torch.empty(shape, dtype=torch.float32, device=q.device)
     mid_sum = torch.empty_like(mid_max)
     mid_acc = torch.empty(shape + (D,) if splits > 1 else (1,), dtype=torch.float32, device=q.device)
+    if store is not None:
+        new_keys, new_values, slots = store
+        if new_keys.shape != (B, kv_heads, 1, D) or new_values.shape != (B, kv_heads, 1, D) or slots.shape != (B,):
+            raise ValueError(f"decode_attention: store takes keys and values [{B}, {kv_heads}, 1, {D}] and slots "
+                             f"[{B}], got {tuple(new_keys.shape)}, {tuple(new_values.shape)}, {tuple(slots.shape)}")
+        if keys.stride(3) != 1 or values.stride(3) != 1:
+            raise ValueError("decode_attention: store needs buffers contiguous in the head dimension")
+        new_strides = (new_keys.stride(0), new_keys.stride(1), new_keys.stride(3),
+                       new_values.stride(0), new_values.stride(1), new_values.stride(3))
+    else:
+        new_keys = new_values = slots = rows  # (unread)
+        new_strides = (0,) * 6
     _decode_kernel[(B, kv_heads, splits)](
-        q, keys, values, rows, total, cos, sin, out, mid_acc, mid_max, mid_sum,
+        q, keys, values, rows, total, cos, sin, out, mid_acc, mid_max, mid_sum, new_keys, new_values, slots,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-        values.stride(0), values.stride(1), values.stride(2),
+        values.stride(0), values.stride(1), values.stride(2), *new_strides,
         1.0 / math.sqrt(D),
         SINKS=sinks, WINDOW=window, GROUP=group, GROUP_PAD=group_pad, HALF=D // 2, SPLITS=splits, SPLIT_SLOTS=per_split,
         DIAG=diagonal, BLOCK_N=block, TENSOR_CORES=q.dtype in (torch.bfloat16, torch.float16),
-        ROTATE=rotate, num_warps=num_warps, num_stages=num_stages, **pdl.launch_args(q.device))
+        ROTATE=rotate, STORE=store is not None, num_warps=num_warps, num_stages=num_stages,
+        **pdl.launch_args(q.device))
     if splits == 1:
         return out
     return _join(mid_acc, mid_max, mid_sum, out, group)
