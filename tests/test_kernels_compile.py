@@ -46,14 +46,16 @@ def test_gemv_compiles(mode, pdl):
     assert ("griddepcontrol.wait" in ptx) == pdl
 
 
+@pytest.mark.parametrize("store", [False, True])
 @pytest.mark.parametrize("pdl", [False, True])
-def test_decode_attention_and_join_compile(pdl):
-    types = {name: "*bf16" for name in ("Q", "K", "V", "Cos", "Sin", "Out")}
-    types |= dict(Rows="*i64", Total="*i64", MidAcc="*fp32", MidMax="*fp32", MidSum="*fp32", scale="fp32")
+def test_decode_attention_and_join_compile(pdl, store):
+    types = {name: "*bf16" for name in ("Q", "K", "V", "Cos", "Sin", "Out", "NewK", "NewV")}
+    types |= dict(Rows="*i64", Total="*i64", Slots="*i64", MidAcc="*fp32", MidMax="*fp32", MidSum="*fp32",
+                  scale="fp32")
     types |= {name: "i64" for name in decode_attention._decode_kernel.arg_names if name.startswith("stride")}
     ptx = _ptx(decode_attention._decode_kernel, types,
-               dict(SINKS=4, WINDOW=2044, GROUP=8, GROUP_PAD=16, HALF=32, SPLITS=24, SPLIT_SLOTS=128, DIAG=False,
-                    BLOCK_N=64, TENSOR_CORES=True, ROTATE=True, PDL=pdl),
+               dict(SINKS=4, WINDOW=2044, GROUP=8, GROUP_PAD=16, HALF=32, SPLITS=24, SPLIT_SLOTS=128, DIAG=True,
+                    BLOCK_N=64, TENSOR_CORES=True, ROTATE=True, STORE=store, PDL=pdl),
                num_warps=4, num_stages=3, launch_pdl=pdl)
     assert ("griddepcontrol.wait" in ptx) == pdl
     ptx = _ptx(decode_attention._join_kernel,
