@@ -8,6 +8,7 @@ On disk it is one safetensors file (no pickle), the meta stored in its header.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -139,9 +140,10 @@ def from_bytes(blob: bytes) -> tuple[dict[str, torch.Tensor], dict, dict]:
     return _checked("state", tensors, meta, extra)
 
 
-def save_packed(path: str | Path, blob: bytes, extra_updates: dict | None = None) -> None:
+def save_packed(path: str | Path, blob: bytes, extra_updates: dict | None = None, *, fsync: bool = False) -> None:
     """Write a state's `to_bytes` to a file, its `extra` updated with `extra_updates` (keys replaced):
-    only the header is rewritten, the tensor bytes are written as they came."""
+    only the header is rewritten, the tensor bytes are written as they came. `fsync`: the file's
+    contents are on disk when this returns."""
     header, data_start = _read_header(blob)
     if extra_updates:
         fields = header.setdefault("__metadata__", {})
@@ -151,6 +153,9 @@ def save_packed(path: str | Path, blob: bytes, extra_updates: dict | None = None
     with open(path, "wb") as handle:
         handle.write(struct.pack("<Q", len(text)) + text)
         handle.write(memoryview(blob)[data_start:])
+        if fsync:
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 def _header(meta: dict, extra: dict | None) -> dict[str, str]:

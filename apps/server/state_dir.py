@@ -95,10 +95,10 @@ class StateDir:
         target = self.file(session_id)
         temp = target.with_name(target.name + ".tmp")
         if isinstance(snapshot, PackedState):  # from the engine process: already the file's bytes
-            cache_state.save_packed(temp, snapshot.blob, {"server": conversation})
-        else:
-            tensors, meta, extra = snapshot
-            cache_state.save(temp, tensors, meta, {**extra, "server": conversation})
+            cache_state.save_packed(temp, snapshot.blob, {"server": conversation}, fsync=True)
+            return temp, target
+        tensors, meta, extra = snapshot
+        cache_state.save(temp, tensors, meta, {**extra, "server": conversation})
         with open(temp, "rb") as handle:
             os.fsync(handle.fileno())
         return temp, target
