@@ -65,17 +65,15 @@ def test_kernel_equals_plain_path(dtype, sinks, window, heads, kv_heads, head_di
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kind,overrides", [
     ("plain", {}),
-    pytest.param("lckv", {}, marks=pytest.mark.xfail(
-        strict=False, reason="on the H200 (2026-12-02) one LCKV stream's logits differed by 1.2e-3 (one "
-        "logit of 512, 0.7 % relative) at token 63, deterministically. Likely rounding, not a bug: this "
-        "LCKV model's own float32 logits differ from float64 by 2e-3 to 6e-3 within 64 greedy tokens of "
-        "this setup on CPU (the plain model's by 1e-4), so 1e-3 between two float32 paths is a bound it "
-        "cannot hold; tests/test_chunk_attention.py compares against float64 instead")),
+    ("lckv", {}),
     ("plain", dict(num_key_value_heads=1)),
 ])
 def test_engine_with_kernel_equals_plain_path_over_256_steps(tmp_path, kind, overrides):
     """Whole decode steps (graphs on), kernel vs plain path, in lockstep. For the first 64 tokens the
-    logits agree to 1e-3 at every step. Greedy tokens are identical over all 256, except where the
+    logits agree to 1e-3 at every step (LCKV: 2e-2. On the H200 one LCKV stream differed by 1.2e-3 at
+    token 63: this LCKV model's own float32 logits drift from float64 by 2e-3 to 6e-3 within 64
+    tokens, benchmarks/float32_drift.py, so two float32 paths may differ by twice that; its tighter
+    check is test_lckv_engine_with_kernel_within_the_plain_paths_error, against float64). Greedy tokens are identical over all 256, except where the
     plain path's top-2 gap is within the two paths' measured logit difference at that step (a tie up
     to rounding: either token is right); that stream is then no longer compared. A random model this
     size is chaotic, so rounding differences (the kernel and SDPA sum in different orders) grow with
@@ -96,6 +94,7 @@ def test_engine_with_kernel_equals_plain_path_over_256_steps(tmp_path, kind, ove
         jobs.append([engine.submit(engine.open_row(), p, params=SamplingParams(), max_new_tokens=256) for p in prompts])
         engines.append(engine)
     fast, plain = engines
+    bound = 2e-2 if kind == "lckv" else 1e-3
     compared = [True] * 3
     steps = 0
     while True:
@@ -111,7 +110,7 @@ def test_engine_with_kernel_equals_plain_path_over_256_steps(tmp_path, kind, ove
             a, b = jobs[0][i].generated, jobs[1][i].generated
             diff = float((before[0][i] - before[1][i]).abs().max())
             if len(b) <= 64:
-                assert diff < 1e-3, f"stream {i}, token {len(b)}: logits differ by {diff}"
+                assert diff < bound, f"stream {i}, token {len(b)}: logits differ by {diff}"
             if a != b:
                 top2 = before[1][i].topk(2).values
                 gap = float(top2[0] - top2[1])
