@@ -19,7 +19,7 @@ def use_fused_greedy(on: bool | None) -> None:
     """Whether a pure-greedy decode step (no row with a temperature or a repetition penalty) samples
     and records its tokens in one Triton launch (`greedy_step.py`: argmax, draw counter, penalty
     history) instead of torch.argmax and a dozen small kernels. None (the default): on wherever
-    Triton and CUDA are (measured 3-5 % faster batch-1 decode on the H200, with the fused plan;
+    Triton and CUDA are (batch-1 decode 0-7 % faster on the H200 with the fused plan, never slower;
     benchmarks/RESULTS.md); True/False force it. Graphs captured before the switch keep what they
     were captured with."""
     from . import greedy_step
