@@ -10,8 +10,6 @@ tests/test_plan_kernel.py shows it equals the torch plan.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 try:
@@ -19,6 +17,7 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: the torch plan is used
     triton = None
+from .kernel_device import runs_on
 
 ENABLED = True  # streaming.kernels.use_fused_plan sets it; read when a step is planned (or captured)
 BLOCK = 128  # rows per program
@@ -27,7 +26,7 @@ BLOCK = 128  # rows per program
 def usable(device: torch.device) -> bool:
     """Whether the fused plan runs here: switched on, Triton present, and a CUDA device (or Triton's
     interpreter, for tests on CPU)."""
-    return ENABLED and triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+    return ENABLED and triton is not None and runs_on(device)
 
 
 if triton is not None:

@@ -16,14 +16,13 @@ try:
 except ImportError:  # CPU-only installs: index_put_ is used
     triton = None
 from . import pdl
+from .kernel_device import runs_on
 from .pdl import gdc_launch_dependents, gdc_wait  # noqa: F401 (called inside the kernel)
 
 
 def available(buffer: torch.Tensor) -> bool:
     """Whether the kernel can write `buffer` (Triton present, a CUDA tensor or Triton's interpreter)."""
-    import os
-
-    return triton is not None and (buffer.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    return triton is not None and runs_on(buffer.device)
 
 
 def store_rows(key_buffer: torch.Tensor, value_buffer: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,

@@ -4,13 +4,12 @@ Triton), so there they skip."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
+from cache.kernel_device import INTERPRETED  # noqa: F401 (tests import it from here)
+
 ON_GPU = torch.cuda.is_available()
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if ON_GPU else "cpu"
 
 

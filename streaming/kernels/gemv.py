@@ -26,8 +26,6 @@ rows); tests/test_gemv.py shows they agree (GPU, or Triton's interpreter; skippe
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 try:
@@ -37,6 +35,7 @@ except ImportError:  # CPU-only installs: F.linear is used
     triton = None
 
 from cache import pdl  # programmatic dependent launch, on wherever supported (cache/pdl.py)
+from cache.kernel_device import runs_on
 from cache.pdl import gdc_launch_dependents, gdc_wait  # noqa: F401 (called inside the kernel)
 
 
@@ -58,7 +57,7 @@ def default_config(K: int, norm: bool = False) -> tuple[int, int, int, int]:
 def available(x: torch.Tensor) -> bool:
     """Whether the kernels can run on x: Triton present, a CUDA tensor (or Triton's interpreter),
     one row, a dtype the kernels take."""
-    return (triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    return (triton is not None and runs_on(x.device)
             and x.numel() == x.shape[-1] and x.dtype in (torch.bfloat16, torch.float16, torch.float32))
 
 

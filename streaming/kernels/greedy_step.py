@@ -14,8 +14,6 @@ path stays the reference and the CPU path. tests/test_greedy_step.py shows it eq
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 try:
@@ -23,6 +21,7 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: the torch path is used
     triton = None
+from cache.kernel_device import runs_on
 
 ENABLED = True  # streaming.kernels.use_fused_greedy sets it; read when a step runs (or is captured)
 MAX_BLOCK = 16384  # logits read per program and iteration
@@ -31,7 +30,7 @@ MAX_BLOCK = 16384  # logits read per program and iteration
 def usable(device: torch.device) -> bool:
     """Whether the fused greedy step runs here: switched on, Triton present, and a CUDA device (or
     Triton's interpreter, for tests on CPU)."""
-    return ENABLED and triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+    return ENABLED and triton is not None and runs_on(device)
 
 
 if triton is not None:
