@@ -61,7 +61,7 @@ class _Step:
         (`streaming.kernels.use_fused_store`), the cache's writes in kernels (`store_kernel`), and
         nothing to keep of what the write overwrites (a pipelined engine's take-back log)."""
         cache = self.cache
-        return (kernel.STORES and getattr(cache, "store_kernel", False) and cache.last_step is None
+        return (kernel.STORES and cache.store_kernel and cache.last_step is None
                 and self.plan.padding is None)
 
     # The plain path's inputs, built on first use (a chunk-kernel step needs them only for a target

@@ -53,11 +53,11 @@ class PackedState:
         return from_bytes(self.blob)
 
 
-def pack_state(state: "tuple[dict, dict, dict] | PackedState") -> bytes:
+def pack_state(state: tuple[dict, dict, dict]) -> bytes:
     """A session snapshot (tensors, meta, extra) as the bytes of its state file (no pickle)."""
     from cache.state import to_bytes
 
-    return state.blob if isinstance(state, PackedState) else to_bytes(*state)
+    return to_bytes(*state)
 
 
 def unpack_state(packed: bytes) -> tuple[dict, dict, dict]:
