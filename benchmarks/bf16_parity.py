@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 
 import streaming
-from benchmarks.decode_speed import TINYLLAMA
-from tests.tiny_checkpoint import plain_config, random_weights, write_checkpoint
+from benchmarks.decode_speed import TINYLLAMA, random_checkpoint
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -37,11 +36,8 @@ def main():
     device = torch.device(args.device)
     torch.manual_seed(0)
     prompt = torch.randint(3, TINYLLAMA["vocab_size"], (args.prompt_tokens,)).tolist()
-    config = plain_config(layers=args.layers, **TINYLLAMA)
-    weights = {k: (v * 0.1 if v.dim() > 1 else v).to(torch.bfloat16) for k, v in random_weights(config, std=0.2).items()}
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_checkpoint(Path(tmp) / "plain", config, weights, shards=2)
-        del weights
+        path = random_checkpoint(Path(tmp) / "plain", "plain", layers=args.layers, shards=2)
         rt = streaming.load(path, device=device, dtype="bfloat16")
         ours = rt.session(unbounded_cache=True).feed(prompt, return_logits=True).float()
         del rt

@@ -39,6 +39,16 @@ TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num
                  num_key_value_heads=4, head_dim=64, max_position_embeddings=2048, tie_word_embeddings=False)
 TINY = dict(TINYLLAMA, vocab_size=1000, hidden_size=128, intermediate_size=256, num_attention_heads=4,
             num_key_value_heads=2, head_dim=32)
+
+
+def random_checkpoint(directory, kind: str, *, layers: int = 22, shape: dict = TINYLLAMA, shards: int = 1) -> Path:
+    """A checkpoint of random weights in `shape` (the plain model, or LCKV w=2 with m=7, b=2), as the
+    GPU benchmarks measure: bf16, matrices drawn at std 0.2 and scaled by 0.1 (norms at 1)."""
+    config = plain_config(layers=layers, **shape) if kind == "plain" else lckv_config(layers=layers, m=7, b=2, **shape)
+    weights = {k: (v * 0.1 if v.dim() > 1 else v).to(torch.bfloat16) for k, v in random_weights(config, std=0.2).items()}
+    return write_checkpoint(Path(directory), config, weights, shards=shards)
+
+
 MODES = {  # name: (attention impl, CUDA graphs, compiled layers, one-row GEMV layer kernels)
     "eager-sdpa": ("sdpa", False, False, False),
     "eager-plain": ("plain", False, False, False),
@@ -227,14 +237,7 @@ def main():
     rows, roofline = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.kinds.split(","):
-            if kind == "plain":
-                config = plain_config(layers=args.layers, **base)
-            else:
-                config = lckv_config(layers=args.layers, m=7, b=2, **base)
-            weights = {k: (v * 0.1 if v.dim() > 1 else v).to(torch.bfloat16)
-                       for k, v in random_weights(config, std=0.2).items()}
-            path = write_checkpoint(Path(tmp) / kind, config, weights, shards=2)
-            del weights
+            path = random_checkpoint(Path(tmp) / kind, kind, layers=args.layers, shape=base, shards=2)
             rt = streaming.load(path, device=device, dtype=dtype)
             roofline[kind] = bandwidth / step_bytes(rt, args.sinks + args.window)
             if kind == "plain":

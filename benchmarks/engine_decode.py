@@ -22,11 +22,10 @@ from pathlib import Path
 import torch
 
 import streaming
-from benchmarks.decode_speed import TINYLLAMA, sync
+from benchmarks.decode_speed import random_checkpoint, sync
 from streaming import kernels
 from streaming.engine import Engine
 from streaming.sampling import SamplingParams
-from tests.tiny_checkpoint import lckv_config, plain_config, random_weights, write_checkpoint
 
 SINKS, WINDOW = 4, 1020
 
@@ -133,12 +132,7 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.kinds.split(","):
-            config = (plain_config(layers=22, **TINYLLAMA) if kind == "plain"
-                      else lckv_config(layers=22, m=7, b=2, **TINYLLAMA))
-            weights = {k: (v * 0.1 if v.dim() > 1 else v).to(torch.bfloat16)
-                       for k, v in random_weights(config, std=0.2).items()}
-            path = write_checkpoint(Path(tmp) / kind, config, weights)
-            del weights
+            path = random_checkpoint(Path(tmp) / kind, kind)
             rt = streaming.load(path, device="cuda", dtype="bf16", compile=args.compile)
             for pipelined, label in modes:
                 for streams in [s for s in args.streams for _ in range(args.repeat)]:

@@ -14,15 +14,13 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 import streaming
-from benchmarks.decode_speed import TINYLLAMA
+from benchmarks.decode_speed import random_checkpoint
 from streaming.engine import Engine
 from streaming.sampling import SamplingParams
-from tests.tiny_checkpoint import lckv_config, plain_config, random_weights, write_checkpoint
 
 
 def main():
@@ -36,11 +34,8 @@ def main():
     parser.add_argument("--compiled", action="store_true", help="layers through torch.compile")
     parser.add_argument("--window", type=int, default=1020)
     args = parser.parse_args()
-    config = (plain_config(layers=22, **TINYLLAMA) if args.kind == "plain"
-              else lckv_config(layers=22, m=7, b=2, **TINYLLAMA))
     with tempfile.TemporaryDirectory() as tmp:
-        weights = {k: (v * 0.1 if v.dim() > 1 else v).to(torch.bfloat16) for k, v in random_weights(config).items()}
-        rt = streaming.load(write_checkpoint(Path(tmp), config, weights), device="cuda", dtype="bf16")
+        rt = streaming.load(random_checkpoint(tmp, args.kind), device="cuda", dtype="bf16")
     rt.cuda_graphs = args.graphs
     rt.model.compile_layers(args.compiled)
     engine = Engine(rt, args.streams, sinks=4, window=args.window, chunk=128, prefill_budget=128 * 64)

@@ -23,8 +23,7 @@ from pathlib import Path
 import torch
 
 import streaming
-from benchmarks.decode_speed import TINYLLAMA, decode_rate
-from tests.tiny_checkpoint import lckv_config, plain_config, random_weights, write_checkpoint
+from benchmarks.decode_speed import TINYLLAMA, decode_rate, random_checkpoint
 
 
 def replay_rates(session, steps: int) -> tuple[float, float]:
@@ -60,12 +59,7 @@ def main():
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.kinds.split(","):
-            config = plain_config(layers=22, **TINYLLAMA) if kind == "plain" else lckv_config(layers=22, m=7, b=2, **TINYLLAMA)
-            weights = {k: (v * 0.1 if v.dim() > 1 else v).to(torch.bfloat16)
-                       for k, v in random_weights(config, std=0.2).items()}
-            rt = streaming.load(write_checkpoint(Path(tmp) / kind, config, weights, shards=2), device=device,
-                                dtype=torch.bfloat16)
-            del weights
+            rt = streaming.load(random_checkpoint(Path(tmp) / kind, kind), device=device, dtype=torch.bfloat16)
             rt.model.compile_layers(True)
             s = rt.session(sinks=4, window=2044, chunk=256)
             s.feed(prompt)

@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 
 import streaming
-from benchmarks.decode_speed import TINY, TINYLLAMA, sync
-from tests.tiny_checkpoint import lckv_config, plain_config, random_weights, write_checkpoint
+from benchmarks.decode_speed import TINY, TINYLLAMA, random_checkpoint, sync
 
 
 def aggregate(rt, streams, new_tokens, batched):
@@ -52,12 +51,8 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for kind in ("plain", "lckv"):
-            config = plain_config(layers=22, **base) if kind == "plain" else lckv_config(layers=22, m=7, b=2, **base)
-            weights = {k: (v * 0.1 if v.dim() > 1 else v).to(torch.bfloat16)
-                       for k, v in random_weights(config, std=0.2).items()}
-            rt = streaming.load(write_checkpoint(Path(tmp) / kind, config, weights), device=args.device,
+            rt = streaming.load(random_checkpoint(Path(tmp) / kind, kind, shape=base), device=args.device,
                                 dtype=args.dtype)
-            del weights
             for streams in args.streams:
                 one_by_one = aggregate(rt, streams, args.new_tokens, batched=False)
                 batched = aggregate(rt, streams, args.new_tokens, batched=True)

@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 import streaming
-from benchmarks.decode_speed import TINY, TINYLLAMA
-from tests.tiny_checkpoint import lckv_config, plain_config, random_weights, write_checkpoint
+from benchmarks.decode_speed import TINY, TINYLLAMA, random_checkpoint
 
 
 def main():
@@ -38,11 +36,8 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
     shape = TINY if args.tiny else TINYLLAMA
-    config = (plain_config(layers=22, **shape) if args.kind == "plain"
-              else lckv_config(layers=22, m=7, b=2, **shape))
     with tempfile.TemporaryDirectory() as tmp:
-        weights = {k: (v * 0.1 if v.dim() > 1 else v).to(torch.bfloat16) for k, v in random_weights(config).items()}
-        rt = streaming.load(write_checkpoint(Path(tmp), config, weights), device=device, dtype="bf16")
+        rt = streaming.load(random_checkpoint(tmp, args.kind, shape=shape), device=device, dtype="bf16")
     rt.cuda_graphs = args.graphs and device.type == "cuda"
     rt.model.compile_layers(args.compiled)
     prompt = torch.randint(3, shape["vocab_size"], (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
