@@ -267,8 +267,7 @@ def test_engine_equal_with_the_store_in_the_kernel(tmp_path, monkeypatch, kind, 
     import streaming
     from cache import store_kernel
     from streaming import kernels
-    from streaming.engine import Engine
-    from streaming.sampling import SamplingParams
+    from tests.engine_runs import counted, generate_all
     from tests.tiny_checkpoint import make_tiny_checkpoint
 
     config = {**dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32), **overrides}
@@ -279,20 +278,14 @@ def test_engine_equal_with_the_store_in_the_kernel(tmp_path, monkeypatch, kind, 
         from streaming import forward
 
         monkeypatch.setattr(forward, "KERNEL_DEVICES", ("cuda", "cpu"))
-    stores = []
-    launch = store_kernel.store_rows
-    monkeypatch.setattr(store_kernel, "store_rows", lambda *a, **k: stores.append(a[4].shape[2]) or launch(*a, **k))
+    stores = counted(monkeypatch, store_kernel, "store_rows", lambda *a, **k: a[4].shape[2])  # tokens per write
     results = []
     for fused, pipelined in ((False, False), (True, False), (True, True)):
         kernels.use_fused_store(fused)
         stores.clear()
         try:
-            engine = Engine(rt, 3, sinks=2, window=24, chunk=8, pipelined=pipelined)
-            lengths = [20, 10, 90]  # the last stream decodes alone once the others end (or stop at EOS)
-            jobs = [engine.submit(engine.open_row(), list(range(3, 3 + 5 * (i + 1))), params=SamplingParams(),
-                                  max_new_tokens=n) for i, n in enumerate(lengths)]
-            while engine.step():
-                pass
+            # The last stream decodes alone once the others end (or stop at EOS).
+            engine, jobs = generate_all(rt, [20, 10, 90], pipelined=pipelined)
             results.append(([job.generated for job in jobs],
                             [(engine.cache.keys[l][:3].clone(), engine.cache.values[l][:3].clone())
                              for l in engine.cache.kv_layers]))  # (not the scratch row: nobody reads it)

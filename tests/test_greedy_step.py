@@ -87,26 +87,19 @@ def test_engine_greedy_tokens_equal_with_and_without_the_fused_step(tmp_path, mo
     batch is not pure greedy) and ends early; the steps after it are fused (counted when eager; with
     CUDA graphs the kernel is launched by Python only while a graph is captured)."""
     import streaming
-    from streaming.engine import Engine
+    from tests.engine_runs import counted, generate_all
     from tests.tiny_checkpoint import make_tiny_checkpoint
 
     rt = streaming.load(make_tiny_checkpoint(tmp_path / kind, kind, with_tokenizer=False), device=DEVICE,
                         dtype="float32")
     rt.cuda_graphs = graphs
-    launches = []
-    kernel = greedy_step.greedy_step
-    monkeypatch.setattr(greedy_step, "greedy_step", lambda *a, **k: launches.append(1) or kernel(*a, **k))
+    launches = counted(monkeypatch, greedy_step, "greedy_step")
     results = []
     for fused in (False, True):
         kernels.use_fused_greedy(fused)
         try:
-            engine = Engine(rt, 4, sinks=2, window=24, chunk=8)
-            prompts = [list(range(3, 3 + 5 * (i + 1))) for i in range(4)]
             params = [SamplingParams()] * 3 + [SamplingParams(repetition_penalty=1.5)]
-            jobs = [engine.submit(engine.open_row(), p, params=q, max_new_tokens=n)
-                    for p, q, n in zip(prompts, params, [40, 40, 40, 10])]
-            while engine.step():
-                pass
+            engine, jobs = generate_all(rt, [40, 40, 40, 10], params)
             results.append(([job.generated for job in jobs], engine.sampling))
         finally:
             kernels.use_fused_greedy(None)

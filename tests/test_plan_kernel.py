@@ -50,26 +50,18 @@ def test_engine_tokens_equal_with_and_without_the_fused_plan(tmp_path, monkeypat
     (every decode step of the fused run planned by the kernel: counted when eager; with CUDA graphs
     Python launches it only while a graph is captured)."""
     import streaming
-    from streaming.engine import Engine
-    from streaming.sampling import SamplingParams
+    from tests.engine_runs import counted, generate_all
     from tests.tiny_checkpoint import make_tiny_checkpoint
 
     rt = streaming.load(make_tiny_checkpoint(tmp_path / kind, kind, with_tokenizer=False), device=DEVICE,
                         dtype="float32")
     rt.cuda_graphs = graphs
-    launches = []
-    kernel = plan_kernel.decode_plan
-    monkeypatch.setattr(plan_kernel, "decode_plan", lambda *a, **k: launches.append(1) or kernel(*a, **k))
+    launches = counted(monkeypatch, plan_kernel, "decode_plan")
     results = []
     for fused in (False, True):
         kernels.use_fused_plan(fused)
         try:
-            engine = Engine(rt, 3, sinks=2, window=24, chunk=8)
-            jobs = [engine.submit(engine.open_row(), list(range(3, 3 + 5 * (i + 1))), params=SamplingParams(),
-                                  max_new_tokens=40) for i in range(3)]
-            while engine.step():
-                pass
-            results.append([job.generated for job in jobs])
+            results.append([job.generated for job in generate_all(rt, [40, 40, 40])[1]])
         finally:
             kernels.use_fused_plan(None)
     assert results[0] == results[1] and all(len(t) == 40 for t in results[1])
