@@ -57,7 +57,8 @@ MODES = {  # name: (attention impl, CUDA graphs, compiled layers, one-row GEMV l
     "graphs-gemv": ("sdpa", True, False, True),  # decode steps: four GEMV launches per layer
     # The default on a GPU: compiled prefill, GEMV decode, a greedy step's argmax and penalty history in
     # one Triton launch and a one-token step's plan in another (streaming.kernels.use_fused_greedy and
-    # use_fused_plan, on by default since the twelfth session's measurement).
+    # use_fused_plan, on by default since the twelfth session's measurement), each KV layer's store in
+    # its attention launch (use_fused_store, on by default since the thirteenth session's).
     "graphs-compiled-gemv": ("sdpa", True, True, True),
     # As the default, with every Triton kernel launched without programmatic dependent launch (on by
     # default where supported: Hopper and later).
@@ -67,9 +68,9 @@ MODES = {  # name: (attention impl, CUDA graphs, compiled layers, one-row GEMV l
     "graphs-compiled-gemv-unfused": ("sdpa", True, True, "unfused"),
     "graphs-compiled-gemv-fusedgreedy": ("sdpa", True, True, "fusedgreedy"),
     "graphs-compiled-gemv-fusedplan": ("sdpa", True, True, "fusedplan"),
-    # As the default, with each KV layer's store in its attention launch (streaming.kernels.use_fused_store;
-    # off by default until measured).
-    "graphs-compiled-gemv-fusedstore": ("sdpa", True, True, "fusedstore"),
+    # As the default, with each KV layer's store in a launch of its own before the attention (the
+    # default before the thirteenth session).
+    "graphs-compiled-gemv-storeapart": ("sdpa", True, True, "storeapart"),
     "eager-compiled": ("sdpa", False, True, False),  # CPU's fast path
     "graphs-autotuned": ("sdpa", True, "max-autotune-no-cudagraphs", False),  # Inductor's GEMM templates timed too
 }
@@ -160,7 +161,7 @@ def time_mode(rt, args, mode, prompt, device):
     kernels.use_pdl(False if one_row == "nopdl" else None)
     kernels.use_fused_greedy(one_row not in ("unfused", "fusedplan"))
     kernels.use_fused_plan(one_row not in ("unfused", "fusedgreedy"))
-    kernels.use_fused_store(one_row == "fusedstore" or None)
+    kernels.use_fused_store(False if one_row == "storeapart" else None)
     row = {"mode": mode}
     t0 = time.perf_counter()
     s = rt.session(sinks=args.sinks, window=args.window, chunk=min(256, args.window))

@@ -112,15 +112,16 @@ def main():
     parser.add_argument("--fused", choices=["auto", "off"], default="auto",
                         help="the fused greedy step and plan (streaming.kernels.use_fused_greedy/_plan; default: "
                              "where Triton and CUDA are)")
-    parser.add_argument("--fused-store", action="store_true",
-                        help="each KV layer's store in its decode attention launch (streaming.kernels.use_fused_store)")
+    parser.add_argument("--fused-store", choices=["auto", "off"], default="auto",
+                        help="each KV layer's store in its decode attention launch (streaming.kernels.use_fused_store; "
+                             "default: where Triton and CUDA are)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run each row of the --streams list this many times (a first run's own costs show)")
     args = parser.parse_args()
     kernels.use_pdl({"auto": None, "on": True, "off": False}[args.pdl])
     kernels.use_fused_greedy(None if args.fused == "auto" else False)
     kernels.use_fused_plan(None if args.fused == "auto" else False)
-    kernels.use_fused_store(args.fused_store or None)
+    kernels.use_fused_store(None if args.fused_store == "auto" else False)
     if not set(args.kinds.split(",")) <= {"plain", "lckv"}:
         parser.error(f"--kinds: plain and/or lckv, got {args.kinds!r}")
     modes = [(False, "")] + ([(True, ", pipelined")] if args.pipelined else [])
@@ -164,7 +165,7 @@ def main():
                            f"{hf_run(path, streams, args.new_tokens):,.0f} |")
     print(f"\ntorch {torch.__version__}, {torch.cuda.get_device_name()}, bf16, {SINKS}+{WINDOW} slots, "
           f"{args.new_tokens} decode steps, PDL {args.pdl}, fused greedy step and plan {args.fused}, "
-          f"fused store {'on' if args.fused_store else 'off'}")
+          f"fused store {args.fused_store}")
     print("| model | path | streams | admission ms/stream (host) | prompt tok/s | decode tok/s (all streams) |")
     print("|---|---|---|---|---|---|")
     print("\n".join(lines))

@@ -11,7 +11,7 @@ Blocks of slots a row has not filled yet are skipped (a short stream reads only 
 there are few rows, a row's slots are split over several programs and a small reduction joins them
 (flash-decoding), so one row still fills the GPU; with one split the program writes the output.
 
-Optionally (`streaming.kernels.use_fused_store`) the same launch stores the step's own keys and values
+By default (`streaming.kernels.use_fused_store`) the same launch stores the step's own keys and values
 of a layer that attends to its own cache: the program whose slots hold the write slot writes it, and
 takes that slot's key and value from registers, so no program reads it while it is written. One
 launch per KV layer and step less than a store kernel before the attention.
@@ -36,7 +36,7 @@ from cache import pdl
 from cache.pdl import gdc_launch_dependents, gdc_wait  # noqa: F401 (called inside the kernels)
 
 BLOCK = 64  # slots per inner iteration
-STORES = False  # streaming.kernels.use_fused_store sets it: a decode step's layers store their own K/V here
+STORES = True  # streaming.kernels.use_fused_store sets it: a decode step's layers store their own K/V here
 
 
 def available(head_dim: int) -> bool:
