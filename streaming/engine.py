@@ -49,6 +49,10 @@ if TYPE_CHECKING:
 # Repetition penalty looks at this many most recent tokens (at most the cache's capacity).
 PENALTY_HISTORY = 4096
 DEFAULT_CHUNK = 256
+# A one-row engine (a standalone session) on CUDA ingests in longer chunks: no other stream waits for
+# a chunk to end, and a longer chunk fills the GPU (LCKV w=2 prefill on the H200: 16.9k tok/s at 256,
+# 27.0k at 1,024; benchmarks/RESULTS.md).
+DEFAULT_CHUNK_ONE_ROW_CUDA = 1024
 
 
 @dataclass
@@ -133,12 +137,13 @@ class Engine:
         if pipelined and rows == 1:
             raise InvalidInputError("pipelined steps need an engine of several rows; a one-row engine (a "
                                     "session of its own) is not pipelined")
+        default = DEFAULT_CHUNK_ONE_ROW_CUDA if rows == 1 and runtime.device.type == "cuda" else DEFAULT_CHUNK
         if unbounded:
-            chunk = DEFAULT_CHUNK if chunk is None else chunk
+            chunk = default if chunk is None else chunk
             limit = None
         else:
             check_sink_window(sinks, window)
-            chunk = min(DEFAULT_CHUNK, window) if chunk is None else chunk
+            chunk = min(default, window) if chunk is None else chunk
             limit = window
         check_chunk(chunk, limit)
         if prefill not in ("iterative", "sequential"):

@@ -161,6 +161,16 @@ def test_chunk_larger_than_window_is_refused_up_front(runtime):
         Engine(runtime, 2, sinks=SINKS, window=WINDOW, chunk=WINDOW + 1)
 
 
+def test_default_chunk_on_cpu_is_256_or_the_window(runtime):
+    """On CPU every engine, one row or many, ingests 256 tokens per step, or the whole window when it is
+    shorter (a chunk never exceeds the window); an unbounded session 256. (CUDA's one-row default:
+    tests/test_engine_cuda.py.)"""
+    assert runtime.session(sinks=4, window=1020).engine.chunk == 256
+    assert runtime.session(sinks=SINKS, window=WINDOW).engine.chunk == WINDOW
+    assert runtime.session(unbounded_cache=True).engine.chunk == 256
+    assert Engine(runtime, 3, sinks=4, window=2044).chunk == 256
+
+
 def test_submit_never_waits_for_a_running_step(runtime):
     """A server admits a burst of replies while the scheduler steps: each submit must return at once
     (queued, admitted at the next step), not wait for the step to end. Here a step is held inside

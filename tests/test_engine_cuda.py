@@ -162,3 +162,14 @@ def test_capture_survives_dead_engines_collected_at_every_allocation(tmp_path):
         gc.set_threshold(*thresholds)
     for a, b in zip(piped_jobs, eager_jobs):
         assert a.generated == b.generated
+
+
+def test_default_chunk_is_longer_for_one_row_on_cuda(tmp_path):
+    """A standalone session on CUDA ingests 1,024 tokens per step (or the window, when shorter): no
+    other stream waits for its chunk; an engine of several rows keeps 256 so that none waits long."""
+    rt = streaming.load(make_tiny_checkpoint(tmp_path / "lckv", "lckv", with_tokenizer=False), device="cuda")
+    assert rt.session(sinks=4, window=2044).engine.chunk == 1024
+    assert rt.session(sinks=4, window=1020).engine.chunk == 1020
+    assert rt.session(unbounded_cache=True).engine.chunk == 1024
+    assert rt.session(sinks=4, window=2044, chunk=64).engine.chunk == 64
+    assert Engine(rt, 3, sinks=4, window=2044).chunk == 256
