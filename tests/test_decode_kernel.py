@@ -262,8 +262,8 @@ def test_store_in_the_kernel_refuses_wrong_shapes():
 def test_engine_equal_with_the_store_in_the_kernel(tmp_path, monkeypatch, kind, overrides, graphs):
     """Whole greedy generations (windows that wrap, three streams, then one alone: batch-1 steps) with
     the fused store and without: identical tokens and cache rows, bit for bit. Eager, the store
-    kernel then runs for prompt chunks only (counted); a pipelined engine keeps its store launches
-    (it logs what each write overwrites) and its results."""
+    kernel then runs for prompt chunks and steps of several rows only (counted); a pipelined engine
+    keeps its store launches (it logs what each write overwrites) and its results."""
     import streaming
     from cache import store_kernel
     from streaming import kernels
@@ -278,7 +278,7 @@ def test_engine_equal_with_the_store_in_the_kernel(tmp_path, monkeypatch, kind, 
         from streaming import forward
 
         monkeypatch.setattr(forward, "KERNEL_DEVICES", ("cuda", "cpu"))
-    stores = counted(monkeypatch, store_kernel, "store_rows", lambda *a, **k: a[4].shape[2])  # tokens per write
+    stores = counted(monkeypatch, store_kernel, "store_rows", lambda *a, **k: (a[4].shape[0], a[4].shape[2]))  # (rows, tokens)
     results = []
     for fused, pipelined in ((False, False), (True, False), (True, True)):
         kernels.use_fused_store(fused)
@@ -290,8 +290,10 @@ def test_engine_equal_with_the_store_in_the_kernel(tmp_path, monkeypatch, kind, 
                             [(engine.cache.keys[l][:3].clone(), engine.cache.values[l][:3].clone())
                              for l in engine.cache.kv_layers]))  # (not the scratch row: nobody reads it)
             if not graphs:  # (with graphs, Python launches only while capturing)
-                one_token_stores = stores.count(1)
-                assert one_token_stores == 0 if fused and not pipelined else one_token_stores >= 30
+                one_row_stores = stores.count((1, 1))  # the last stream decoding alone
+                several_row_stores = sum(1 for rows, n in stores if n == 1 and rows > 1)
+                assert one_row_stores == 0 if fused and not pipelined else one_row_stores >= 30
+                assert several_row_stores >= 5  # steps of several rows keep the store launch
         finally:
             kernels.use_fused_store(None)
     (tokens, buffers), (fused_tokens, fused_buffers), (pipelined_tokens, _) = results

@@ -42,11 +42,12 @@ def use_fused_plan(on: bool | None) -> None:
 
 
 def use_fused_store(on: bool | None) -> None:
-    """Whether a one-token step's attention kernel also stores the layer's own new keys and values
-    (`decode_attention.py`'s `store`) instead of a store launch before it: one launch per KV layer
-    and step less. None (the default): on wherever Triton and CUDA are (plain batch-1 decode 13 %
-    faster on the H200, LCKV within 2 %; benchmarks/RESULTS.md); True/False force it. Not used where a
-    pipelined engine keeps what a step overwrites. Graphs captured before the switch keep what they
+    """Whether a one-token step of one row has its attention kernel also store the layer's own new keys
+    and values (`decode_attention.py`'s `store`) instead of a store launch before it: one launch per
+    KV layer and step less. None (the default): on wherever Triton and CUDA are (plain batch-1 decode
+    13 % faster on the H200, LCKV within 2 %; benchmarks/RESULTS.md); True/False force it. Steps of
+    several rows keep the store launch (an engine at 256 streams read 5-15 % slower with it fused), and
+    so does a pipelined engine, which keeps what a step overwrites. Graphs captured before the switch keep what they
     were captured with."""
     from . import decode_attention
 
