@@ -36,10 +36,10 @@ def prompts(count, length, vocab):
 
 
 def engine_run(rt, streams, prompt_len, new_tokens, steady=False, pipelined=False):
-    """(admission ms/stream, prompt tok/s, decode tok/s) with `streams` live streams. `steady`: after
-    the prompt, every row is positioned as a long-running stream (its window full, 10**6 tokens seen),
-    so each decode step reads all 4 + 1020 slots of every stream, as it does forever after the first
-    thousand tokens. The slots hold random KV left from earlier runs; timing does not depend on values.
+    """(admission ms/stream, prompt tok/s, decode tok/s, longest decode iteration ms) with `streams`
+    live streams. `steady`: after the prompt, every row is positioned as a long-running stream (its
+    window full, 10**6 tokens seen), so each decode step reads all 4 + 1020 slots of every stream, as
+    it does forever after the first thousand tokens. The slots hold random KV left from earlier runs; timing does not depend on values.
     `pipelined`: each decode step is queued before the last one's ids are read (Engine's option)."""
     engine = Engine(rt, streams, sinks=SINKS, window=WINDOW, chunk=128, prefill_budget=128 * 64, pipelined=pipelined)
     greedy = SamplingParams()
@@ -62,15 +62,17 @@ def engine_run(rt, streams, prompt_len, new_tokens, steady=False, pipelined=Fals
     start = sum(j.launched for j in jobs)  # tokens whose step ran before the clock (read or not yet)
     sync(rt.device)
     t3 = time.perf_counter()
+    longest, last = 0.0, t3  # the longest iteration shows a one-time cost inside the timed window
     while engine.step():
-        pass
+        now = time.perf_counter()
+        longest, last = max(longest, now - last), now
     sync(rt.device)
     t4 = time.perf_counter()
     made = sum(len(j.generated) for j in jobs) - start
     del engine, jobs
     gc.collect()  # the engine and its graphs hold each other: free their memory before the next run
     torch.cuda.empty_cache()
-    return (t1 - t0) / streams * 1e3, streams * prompt_len / (t2 - t1), made / (t4 - t3)
+    return (t1 - t0) / streams * 1e3, streams * prompt_len / (t2 - t1), made / (t4 - t3), longest * 1e3
 
 
 def hf_run(path, streams, new_tokens):
@@ -139,35 +141,36 @@ def main():
                 for streams in [s for s in args.streams for _ in range(args.repeat)]:
                     if pipelined and streams == 1:
                         continue  # a one-row engine is never pipelined
-                    adm, pre, dec = engine_run(rt, streams, 128, args.new_tokens, pipelined=pipelined)
-                    report(f"| {kind} | engine{label} | {streams} | {adm:.3f} | {pre:,.0f} | {dec:,.0f} |")
+                    adm, pre, dec, worst = engine_run(rt, streams, 128, args.new_tokens, pipelined=pipelined)
+                    report(f"| {kind} | engine{label} | {streams} | {adm:.3f} | {pre:,.0f} | {dec:,.0f} | {worst:.1f} |")
                 for streams in args.steady_streams:
-                    adm, pre, dec = engine_run(rt, streams, 128, args.new_tokens, steady=True, pipelined=pipelined)
-                    report(f"| {kind} | engine{label}, windows full | {streams} | {adm:.3f} | {pre:,.0f} | {dec:,.0f} |")
+                    adm, pre, dec, worst = engine_run(rt, streams, 128, args.new_tokens, steady=True, pipelined=pipelined)
+                    report(f"| {kind} | engine{label}, windows full | {streams} | {adm:.3f} | {pre:,.0f} | {dec:,.0f} | {worst:.1f} |")
             rt.model.decode_kernel = False  # the plain attention path (gather, rotate, SDPA) for comparison
             for streams in args.plain_path_streams:
-                adm, pre, dec = engine_run(rt, streams, 128, args.new_tokens)
-                report(f"| {kind} | engine, plain attention path | {streams} | {adm:.3f} | {pre:,.0f} | {dec:,.0f} |")
+                adm, pre, dec, worst = engine_run(rt, streams, 128, args.new_tokens)
+                report(f"| {kind} | engine, plain attention path | {streams} | {adm:.3f} | {pre:,.0f} | {dec:,.0f} | {worst:.1f} |")
             rt.model.decode_kernel = True
             budget = int(args.budget_gib * 2**30 // row_bytes(rt))
             for pipelined, label in modes:
-                adm, pre, dec = engine_run(rt, budget, 8, args.new_tokens, pipelined=pipelined)
+                adm, pre, dec, worst = engine_run(rt, budget, 8, args.new_tokens, pipelined=pipelined)
                 report(f"| {kind} | engine{label}, {args.budget_gib:g} GiB KV budget | {budget} | {adm:.3f} | {pre:,.0f} | "
-                       f"{dec:,.0f} |")
-                adm, pre, dec = engine_run(rt, budget, 8, args.new_tokens, steady=True, pipelined=pipelined)
+                       f"{dec:,.0f} | {worst:.1f} |")
+                adm, pre, dec, worst = engine_run(rt, budget, 8, args.new_tokens, steady=True, pipelined=pipelined)
                 report(f"| {kind} | engine{label}, {args.budget_gib:g} GiB KV budget, windows full | {budget} | "
-                       f"{adm:.3f} | {pre:,.0f} | {dec:,.0f} |")
+                       f"{adm:.3f} | {pre:,.0f} | {dec:,.0f} | {worst:.1f} |")
             del rt
             torch.cuda.empty_cache()
             if kind == "plain":
                 for streams in args.hf_streams:
                     report(f"| plain | transformers generate (dynamic cache) | {streams} | | | "
-                           f"{hf_run(path, streams, args.new_tokens):,.0f} |")
+                           f"{hf_run(path, streams, args.new_tokens):,.0f} | |")
     print(f"\ntorch {torch.__version__}, {torch.cuda.get_device_name()}, bf16, {SINKS}+{WINDOW} slots, "
           f"{args.new_tokens} decode steps, PDL {args.pdl}, fused greedy step and plan {args.fused}, "
           f"fused store {args.fused_store}")
-    print("| model | path | streams | admission ms/stream (host) | prompt tok/s | decode tok/s (all streams) |")
-    print("|---|---|---|---|---|---|")
+    print("| model | path | streams | admission ms/stream (host) | prompt tok/s | decode tok/s (all streams) | "
+          "longest decode iteration ms |")
+    print("|---|---|---|---|---|---|---|")
     print("\n".join(lines))
 
 
