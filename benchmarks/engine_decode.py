@@ -39,7 +39,8 @@ def engine_run(rt, streams, prompt_len, new_tokens, steady=False, pipelined=Fals
     """(admission ms/stream, prompt tok/s, decode tok/s, longest decode iteration ms) with `streams`
     live streams. `steady`: after the prompt, every row is positioned as a long-running stream (its
     window full, 10**6 tokens seen), so each decode step reads all 4 + 1020 slots of every stream, as
-    it does forever after the first thousand tokens. The slots hold random KV left from earlier runs; timing does not depend on values.
+    it does forever after the first thousand tokens. The slots hold random KV left from earlier runs;
+    timing does not depend on values.
     `pipelined`: each decode step is queued before the last one's ids are read (Engine's option)."""
     engine = Engine(rt, streams, sinks=SINKS, window=WINDOW, chunk=128, prefill_budget=128 * 64, pipelined=pipelined)
     greedy = SamplingParams()
@@ -73,6 +74,12 @@ def engine_run(rt, streams, prompt_len, new_tokens, steady=False, pipelined=Fals
     gc.collect()  # the engine and its graphs hold each other: free their memory before the next run
     torch.cuda.empty_cache()
     return (t1 - t0) / streams * 1e3, streams * prompt_len / (t2 - t1), made / (t4 - t3), longest * 1e3
+
+
+def table_row(kind: str, path: str, streams: int, run: tuple) -> str:
+    """One line of the results table from `engine_run`'s tuple."""
+    adm, pre, dec, worst = run
+    return f"| {kind} | {path} | {streams} | {adm:.3f} | {pre:,.0f} | {dec:,.0f} | {worst:.1f} |"
 
 
 def hf_run(path, streams, new_tokens):
@@ -141,24 +148,23 @@ def main():
                 for streams in [s for s in args.streams for _ in range(args.repeat)]:
                     if pipelined and streams == 1:
                         continue  # a one-row engine is never pipelined
-                    adm, pre, dec, worst = engine_run(rt, streams, 128, args.new_tokens, pipelined=pipelined)
-                    report(f"| {kind} | engine{label} | {streams} | {adm:.3f} | {pre:,.0f} | {dec:,.0f} | {worst:.1f} |")
+                    run = engine_run(rt, streams, 128, args.new_tokens, pipelined=pipelined)
+                    report(table_row(kind, f"engine{label}", streams, run))
                 for streams in args.steady_streams:
-                    adm, pre, dec, worst = engine_run(rt, streams, 128, args.new_tokens, steady=True, pipelined=pipelined)
-                    report(f"| {kind} | engine{label}, windows full | {streams} | {adm:.3f} | {pre:,.0f} | {dec:,.0f} | {worst:.1f} |")
+                    run = engine_run(rt, streams, 128, args.new_tokens, steady=True, pipelined=pipelined)
+                    report(table_row(kind, f"engine{label}, windows full", streams, run))
             rt.model.decode_kernel = False  # the plain attention path (gather, rotate, SDPA) for comparison
             for streams in args.plain_path_streams:
-                adm, pre, dec, worst = engine_run(rt, streams, 128, args.new_tokens)
-                report(f"| {kind} | engine, plain attention path | {streams} | {adm:.3f} | {pre:,.0f} | {dec:,.0f} | {worst:.1f} |")
+                run = engine_run(rt, streams, 128, args.new_tokens)
+                report(table_row(kind, "engine, plain attention path", streams, run))
             rt.model.decode_kernel = True
             budget = int(args.budget_gib * 2**30 // row_bytes(rt))
             for pipelined, label in modes:
-                adm, pre, dec, worst = engine_run(rt, budget, 8, args.new_tokens, pipelined=pipelined)
-                report(f"| {kind} | engine{label}, {args.budget_gib:g} GiB KV budget | {budget} | {adm:.3f} | {pre:,.0f} | "
-                       f"{dec:,.0f} | {worst:.1f} |")
-                adm, pre, dec, worst = engine_run(rt, budget, 8, args.new_tokens, steady=True, pipelined=pipelined)
-                report(f"| {kind} | engine{label}, {args.budget_gib:g} GiB KV budget, windows full | {budget} | "
-                       f"{adm:.3f} | {pre:,.0f} | {dec:,.0f} | {worst:.1f} |")
+                path_name = f"engine{label}, {args.budget_gib:g} GiB KV budget"
+                run = engine_run(rt, budget, 8, args.new_tokens, pipelined=pipelined)
+                report(table_row(kind, path_name, budget, run))
+                run = engine_run(rt, budget, 8, args.new_tokens, steady=True, pipelined=pipelined)
+                report(table_row(kind, f"{path_name}, windows full", budget, run))
             del rt
             torch.cuda.empty_cache()
             if kind == "plain":

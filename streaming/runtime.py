@@ -131,9 +131,10 @@ class Runtime:
 
         `window` counts the token being processed: a step sees the sinks and at most `window` recent
         tokens including itself. `chunk` tokens are ingested per step (at most `window`; default
-        min(256, window) on CPU, min(1024, window) on CUDA). `prefill` "iterative" uses the LCKV parallel prefill, "sequential" feeds
-        token by token (exact). `unbounded_cache=True` keeps every token instead (finite contexts).
-        `seed` makes sampled replies reproducible (each reply's seed derives from it).
+        min(256, window) on CPU, min(1024, window) on CUDA). `prefill` "iterative" uses the LCKV
+        parallel prefill, "sequential" feeds token by token (exact). `unbounded_cache=True` keeps every
+        token instead (finite contexts). `seed` makes sampled replies reproducible (each reply's seed
+        derives from it).
         """
         _check_seed(seed)
         engine = Engine(self, 1, sinks=sinks, window=window, chunk=chunk, prefill=prefill, unbounded=unbounded_cache)

@@ -278,7 +278,8 @@ def test_engine_equal_with_the_store_in_the_kernel(tmp_path, monkeypatch, kind, 
         from streaming import forward
 
         monkeypatch.setattr(forward, "KERNEL_DEVICES", ("cuda", "cpu"))
-    stores = counted(monkeypatch, store_kernel, "store_rows", lambda *a, **k: (a[4].shape[0], a[4].shape[2]))  # (rows, tokens)
+    # (rows, tokens) of every write: keys [B, Hkv, n, D] are store_rows' fifth argument
+    stores = counted(monkeypatch, store_kernel, "store_rows", lambda *a, **k: (a[4].shape[0], a[4].shape[2]))
     results = []
     for fused, pipelined in ((False, False), (True, False), (True, True)):
         kernels.use_fused_store(fused)

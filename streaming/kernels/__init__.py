@@ -47,8 +47,8 @@ def use_fused_store(on: bool | None) -> None:
     KV layer and step less. None (the default): on wherever Triton and CUDA are (plain batch-1 decode
     13 % faster on the H200, LCKV within 2 %; benchmarks/RESULTS.md); True/False force it. Steps of
     several rows keep the store launch (an engine at 256 streams read 5-15 % slower with it fused), and
-    so does a pipelined engine, which keeps what a step overwrites. Graphs captured before the switch keep what they
-    were captured with."""
+    so does a pipelined engine, which keeps what a step overwrites. Graphs captured before the switch
+    keep what they were captured with."""
     from . import decode_attention
 
     if on and decode_attention.triton is None:
