@@ -25,9 +25,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; other addresses expose the server)")
     p.add_argument("--port", type=int, default=8765, help="port (0 = any free port)")
-    p.add_argument("--token", default=os.environ.get("SINKSTREAM_TOKEN"),
+    p.add_argument("--token", default=None,
                    help="require this token (?token= or Authorization: Bearer); "
-                        "default $SINKSTREAM_TOKEN")
+                        "default $SINKSTREAM_TOKEN. Needed for a --host other than loopback")
+    p.add_argument("--no-token", action="store_true",
+                   help="serve a --host other than loopback without a token (anyone who reaches the "
+                        "port may chat and read /healthz)")
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="also accept websocket connections from pages of this origin, e.g. "
                         "https://example.org (repeatable; '*' = any). Same-origin and localhost "
@@ -81,9 +84,31 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def resolve_token(args: argparse.Namespace) -> str | None:
+    """The token the server requires: --token, else $SINKSTREAM_TOKEN (unset or empty: none). A server
+    bound beyond loopback without one, or an explicitly empty --token, is refused (SystemExit) unless
+    --no-token says so; the front door of --ray is bound the same way."""
+    from apps.server.http import is_loopback
+
+    if args.token is not None and not args.token:
+        raise SystemExit("error: --token is empty, which would turn authentication off; give a token, "
+                         "or --no-token to serve without one")
+    if args.no_token and args.token:
+        raise SystemExit("error: give --token or --no-token, not both")
+    token = args.token or os.environ.get("SINKSTREAM_TOKEN") or None
+    if args.no_token:
+        return None
+    if token is None and not is_loopback(args.host):
+        raise SystemExit(f"error: --host {args.host} exposes the server beyond this machine, and no token "
+                         "is set: anyone who reaches the port could chat with it. Give --token (or "
+                         "$SINKSTREAM_TOKEN), or --no-token to serve without one")
+    return token
+
+
 def run(args: argparse.Namespace) -> int:
     from apps.server import ChatServer, ServerConfig
 
+    args.token = resolve_token(args)
     for name in ("max_sessions", "max_message_bytes", "max_prompt_tokens", "max_new_tokens",
                  "max_new_tokens_cap", "max_parked_sessions", "max_sessions_per_connection",
                  "max_requests_per_minute"):
