@@ -329,7 +329,7 @@ class ChatServer(Listening):
         async with st.lock:
             if st.closed or self.sessions.by_id.get(sid) is not st:
                 return False
-            await self.persist(st)
+            await self.persist(st, handing_off=True)
             if st.session is not None:
                 await self.engine.release(st.session)
                 st.session = None
@@ -338,13 +338,20 @@ class ChatServer(Listening):
         log.info("session %s handed off (%d live)", sid[:8], len(self.sessions))
         return True
 
-    async def persist(self, st: ChatState) -> None:
-        """Write the session's state and transcript to --state-dir (atomically), when there is one."""
+    async def persist(self, st: ChatState, *, handing_off: bool = False) -> None:
+        """Write the session's state and transcript to --state-dir (atomically), when there is one.
+
+        The file also reserves the delta numbers of the session's next reply (`seq_high`): a server
+        killed during that reply leaves this file, and whoever reads it back numbers on from the
+        reservation, past every delta the client may have got. A session handed off sends nothing more
+        here, so it reserves none."""
         if self.store is None or st.session is None or st.closed or st.released:
             return
+        # A reply sends at most one delta per token, and one more for the text its end flushes.
+        seq_high = st.seq if handing_off else st.seq + self.limits.max_new_tokens_cap + 1
         try:
             snapshot = await self.engine.snapshot(st.session)
-            await self.writer.write(st.id, snapshot, conversation_of(st.history, st.sampling, st.seq))
+            await self.writer.write(st.id, snapshot, conversation_of(st.history, st.sampling, st.seq, seq_high))
         except (OSError, EngineProcessError) as exc:  # a full or read-only disk must not break the chat: the last good file stays
             log.error("could not save session %s to %s: %s", st.id[:8], self.store.path, exc)
 
