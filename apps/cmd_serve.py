@@ -62,6 +62,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         f"(default {D.max_new_tokens_cap})")
     g.add_argument("--idle-timeout", type=float, default=D.idle_timeout_s, metavar="SECONDS",
                    help=f"close sessions idle this long (default {D.idle_timeout_s:g})")
+    g.add_argument("--write-stall-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="close a connection whose client has read nothing this long while the server "
+                        "had events to send (a frozen client): its replies stop and its sessions give "
+                        "their rows back, resumable (default 5; 0 = never)")
     p.add_argument("--state-dir", metavar="DIR", default=None,
                    help="keep every session on disk in DIR (written atomically after each reply); a "
                         "restarted server resumes them from their last finished reply")
@@ -116,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1")
     if args.idle_timeout <= 0:
         raise SystemExit("error: --idle-timeout must be > 0")
+    if not args.write_stall_timeout >= 0:
+        raise SystemExit("error: --write-stall-timeout must be >= 0 (0 = never)")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     limits = Limits(max_message_bytes=args.max_message_bytes,
@@ -131,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
                        allowed_hosts=tuple(args.allow_host), token=args.token,
                        model_name=os.path.basename(os.path.normpath(args.model or "bundled")),
                        state_dir=args.state_dir, engine_process=args.engine_process,
-                       compression=args.compression, pipelined=args.pipelined)
+                       compression=args.compression, pipelined=args.pipelined,
+                       write_stall_s=args.write_stall_timeout or None)
     if args.ray:  # the model loads in the replicas, not here
         from apps.cluster import cli as cluster
 

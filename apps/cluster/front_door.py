@@ -31,7 +31,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from apps import protocol
 from apps.protocol import ProtocolError
 from apps.cluster.routes import Replica, Route, RouteTable
-from apps.server.batching import BATCHED_QUERY, SEPARATOR, FrameWriter
+from apps.server.batching import BATCHED_QUERY, SEPARATOR, FrameWriter, close_stalled
 from apps.server.http import WS_PATH, Listening, listen
 from apps.server.loop_lag import LoopLag
 from apps.server.rate_limit import RateLimiter
@@ -133,6 +133,8 @@ class FrontDoor(Listening):
         self._hidden: dict[str, asyncio.Future] = {}  # our own resume requests, by id
         self._clients: set[_Client] = set()
         self._tasks: set[asyncio.Task] = set()  # background work: drains over HTTP, moves, closes
+        self._writers: dict = {}  # client websocket -> its FrameWriter (for ServerConfig.write_stall_s)
+        self._stall_watch: asyncio.Task | None = None
 
     # ---- lifecycle ----
 
@@ -145,12 +147,15 @@ class FrontDoor(Listening):
         gc.freeze()
         self.server = await listen(self.handler, self.cfg, self.health, {"/drain": self._drain_request})
         self._poller = asyncio.create_task(self._poll())
+        self._stall_watch = asyncio.create_task(close_stalled(self._writers, self.cfg.write_stall_s, log))
         self.lag.start()
         return self.server
 
     async def stop(self) -> None:
         if self._poller:
             self._poller.cancel()
+        if self._stall_watch:
+            self._stall_watch.cancel()
         self.lag.stop()
         gc.unfreeze()
         if self.server:
@@ -338,6 +343,7 @@ class FrontDoor(Listening):
     async def handler(self, ws) -> None:
         conn = _Client(ws)
         self._clients.add(conn)
+        self._writers[ws] = conn.writer  # (a client that stops reading is closed: its sessions park)
         try:
             async for frame in ws:
                 try:
@@ -353,6 +359,7 @@ class FrontDoor(Listening):
         finally:
             conn.closed = True
             self._clients.discard(conn)
+            self._writers.pop(ws, None)
             for route in self.table.routes.values():
                 if route.conn is conn:  # detached: the replica parks it when its upstream closes
                     route.conn, route.replying = None, False

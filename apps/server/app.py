@@ -15,7 +15,7 @@ from websockets.exceptions import ConnectionClosed
 
 from apps import protocol
 from apps.protocol import Limits, ProtocolError
-from apps.server.batching import FrameWriter, wants_batches
+from apps.server.batching import FrameWriter, close_stalled, wants_batches
 from apps.server.engine_local import LocalEngine
 from apps.server.engine_process import EngineProcess, EngineProcessError
 from apps.server.engine_spec import EngineSettings, ModelSource
@@ -69,6 +69,10 @@ class ServerConfig:
     # Step the engine in a process of its own (apps/server/engine_process.py), so the websockets'
     # work never holds the stepping thread's GIL. None: on a GPU yes, on CPU no.
     engine_process: bool | None = None
+    # A connection whose writes have waited this long for its client to read (a frozen or hung
+    # client) is closed: its sessions are parked as on a disconnect (the reply cancelled, the row
+    # given back, the session resumable). A reading client never waits this long. None: never.
+    write_stall_s: float | None = 5.0
 
 
 class ChatServer(Listening):
@@ -84,6 +88,7 @@ class ChatServer(Listening):
         self.started = time.time()
         self.server = None
         self._reaper: asyncio.Task | None = None
+        self._stall_watch: asyncio.Task | None = None
         self.store = StateDir(cfg.state_dir) if cfg.state_dir else None
         self.writer = StateWriter(self.store) if self.store is not None else None  # its writes and deletes
         self.rate = RateLimiter(cfg.limits.max_requests_per_minute)
@@ -123,6 +128,7 @@ class ChatServer(Listening):
         self.engine.run()
         self.server = await listen(self.handler, self.cfg, self.health)
         self._reaper = asyncio.create_task(self._reap_idle())
+        self._stall_watch = asyncio.create_task(close_stalled(self._writers, self.cfg.write_stall_s, log))
         self.lag.start()
         return self.server
 
@@ -165,6 +171,8 @@ class ChatServer(Listening):
         await asyncio.gather(*self._parking, return_exceptions=True)  # (their snapshots need the engine)
         if self._reaper:
             self._reaper.cancel()
+        if self._stall_watch:
+            self._stall_watch.cancel()
         self.lag.stop()
         if self.engine is not None:
             await self.engine.stop()
