@@ -237,12 +237,22 @@ class FrontDoor(Listening):
             await self._read_replica(replica)
 
     async def _learn_sessions(self, replica: Replica) -> None:
-        """Route to a replica seen for the first time the sessions it already holds (this front door
-        was restarted, or the replica added): their resumes go there, not to a replica that would read
-        the same session from its file and hold a second copy of it."""
+        """Match what a replica seen for the first time (this front door restarted, the replica added,
+        or back after it seemed to fail) holds with the routes. A session without a route is routed
+        there: its resumes go there, not to a replica that would read the same session from its file
+        and hold a second copy of it. A session routed elsewhere (moved away while this replica seemed
+        failed, or on its way) has one owner, the other replica: this one forgets it without writing
+        or deleting its file, so its copy can never expire and delete the file the owner uses."""
+        stale = []
         for sid in await asyncio.wait_for(replica.backend.session_ids(), CALL_TIMEOUT_S):
-            if sid not in self.table.routes:
+            route = self.table.routes.get(sid)
+            if route is None:
                 self.table.place(sid, replica, None)
+            elif route.replica is not replica:
+                stale.append(sid)
+        if stale:
+            await asyncio.wait_for(replica.backend.disown(stale), CALL_TIMEOUT_S)
+            log.info("replica %s forgot %d sessions held elsewhere", replica.name, len(stale))
 
     async def _read_replica(self, replica: Replica) -> None:
         try:

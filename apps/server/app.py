@@ -346,6 +346,19 @@ class ChatServer(Listening):
         log.info("session %s handed off (%d live)", sid[:8], len(self.sessions))
         return True
 
+    async def disown(self, sid: str) -> bool:
+        """Forget a session that another server sharing --state-dir has taken over (the --ray front
+        door moved it while this server seemed to have failed): its reply stops and its row goes back,
+        and its file, now the other server's, is neither written nor deleted here. False when there is
+        no such session."""
+        st = self.sessions.by_id.get(sid)
+        if st is None:
+            return False
+        st.disowned = True
+        await self.drop(st)
+        log.info("session %s disowned: another server holds it (%d live)", sid[:8], len(self.sessions))
+        return True
+
     async def persist(self, st: ChatState, *, handing_off: bool = False) -> None:
         """Write the session's state and transcript to --state-dir (atomically), when there is one.
 
@@ -353,7 +366,7 @@ class ChatServer(Listening):
         killed during that reply leaves this file, and whoever reads it back numbers on from the
         reservation, past every delta the client may have got. A session handed off sends nothing more
         here, so it reserves none."""
-        if self.store is None or st.session is None or st.closed or st.released:
+        if self.store is None or st.session is None or st.closed or st.released or st.disowned:
             return
         # A reply sends at most one delta per token, and one more for the text its end flushes.
         seq_high = st.seq if handing_off else st.seq + self.limits.max_new_tokens_cap + 1
@@ -551,7 +564,7 @@ class ChatServer(Listening):
                 st.parked = None
                 if st.session is not None:
                     await self.engine.release(st.session)
-                if self.store is not None:  # closed or expired: the conversation is over
+                if self.store is not None and not st.disowned:  # closed or expired: the conversation is over
                     await self.writer.delete(st.id)
 
     # ---- sending ----
