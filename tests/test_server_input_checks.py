@@ -91,6 +91,8 @@ def test_host_and_origin_are_parsed_strictly():
     assert public.origin_ok("https://example.org", "example.org")
     assert not public.origin_ok("http://example.org:8766", "example.org:8765")
     assert not public.origin_ok("http://example.org:8765.evil.com", "example.org:8765")
+    listed = Gate("fe80::1", allowed_hosts=("FE80:0::1",))  # an address is matched in any of its spellings
+    assert listed.host_ok("[fe80::1]:8765") and not listed.host_ok("[fe80::2]:8765")
 
 
 def test_malformed_host_and_origin_headers_are_refused_by_a_live_server(rt):  # noqa: F811

@@ -96,6 +96,15 @@ def hostname(host_header: str | None) -> str | None:
     return host[0] if host is not None else None
 
 
+def _normal_name(name: str) -> str:
+    """An --allow-host name as parse_host gives it: lower case, an IPv6 address in its short form."""
+    name = name.lower().strip("[]") if name.startswith("[") else name.lower()
+    try:
+        return str(ipaddress.IPv6Address(name))
+    except ValueError:
+        return name
+
+
 def response(status: int, body: bytes, content_type: str, extra: dict | None = None) -> Response:
     headers = Headers()
     headers["Content-Type"] = content_type
@@ -122,7 +131,7 @@ class Gate:
         self.token = token
         # DNS-rebinding guard: a server bound to loopback answers only to loopback host names.
         loopback = is_loopback(bind_host)
-        self.hosts = {h.lower() for h in allowed_hosts} | (LOOPBACK_NAMES if loopback else set())
+        self.hosts = {_normal_name(h) for h in allowed_hosts} | (LOOPBACK_NAMES if loopback else set())
         self.check_host = loopback or bool(allowed_hosts)
 
     def host_ok(self, host_header: str | None) -> bool:
