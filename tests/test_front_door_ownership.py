@@ -72,3 +72,47 @@ def test_a_falsely_failed_replica_forgets_the_sessions_that_moved_and_keeps_thei
     first, old_holds, on_disk, resumed, second = _run(main())
     assert on_disk and resumed["type"] == "session.created" and resumed["messages"] == 2 and second
     assert first and not old_holds  # the old replica forgot the session when it answered again
+
+
+def test_a_stale_copy_never_writes_or_deletes_the_file_of_the_server_that_took_the_session_over(checkpoint, tmp_path):  # noqa: F811
+    """Two replicas sharing a state directory, reached directly (no front door to reconcile them): the
+    session moves from a to b by its file while a still holds it. a's park and a's expiry leave b's
+    file alone."""
+    import json
+
+    from cache import state as cache_state
+
+    def saved():
+        return cache_state.load(tmp_path / (sid + SUFFIX))[2]["server"]
+
+    async def main():
+        nonlocal sid
+        door, servers, _ = _cluster(checkpoint, tmp_path)
+        a, b = servers
+        url = "ws://127.0.0.1:{}/ws?token=" + door.internal_token
+        try:
+            ws_a = await connect(url.format(a.app.port))
+            sid = await create(ws_a)
+            await _say(ws_a, sid, "Hello there.")
+            async with connect(url.format(b.app.port)) as ws_b:  # b takes it over from its file
+                await send(ws_b, type="session.create", resume=sid)
+                assert (await recv(ws_b))["type"] == "session.created"
+                await _say(ws_b, sid, "Tell me more.")
+            await _wait(lambda: b.app.sessions.by_id[sid].parked is ON_DISK)
+            b_file = saved()
+            await ws_a.close()  # a parks its stale copy: it must not write it over b's file
+            await _wait(lambda: a.app.sessions.by_id[sid].parked is not None or a.app.sessions.by_id[sid].disowned)
+            after_park = saved()
+            await _on(a, a.app.drop(a.app.sessions.by_id[sid]))  # a's copy expires: the file stays
+            exists = (tmp_path / (sid + SUFFIX)).exists()
+            async with connect(url.format(b.app.port)) as ws_b:
+                await send(ws_b, type="session.create", resume=sid)
+                resumed = await recv(ws_b)
+            return b_file, after_park, exists, resumed
+        finally:
+            await _stop(door, servers)
+
+    sid = None
+    b_file, after_park, exists, resumed = _run(main())
+    assert len(b_file["history"]) == 4 and json.dumps(after_park) == json.dumps(b_file)
+    assert exists and resumed["type"] == "session.created" and resumed["messages"] == 4

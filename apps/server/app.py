@@ -8,6 +8,7 @@ import functools
 import gc
 import logging
 import os
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -21,6 +22,7 @@ from apps.server.engine_process import EngineProcess, EngineProcessError
 from apps.server.engine_spec import EngineSettings, ModelSource
 from apps.server.http import WS_PATH, Listening, listen
 from apps.server.loop_lag import LoopLag
+from apps.server.ownership import may_change
 from apps.server.sessions import ON_DISK, ChatState, ModelWorker, Registry
 from apps.server.rate_limit import RateLimiter
 from apps.server.state_dir import SESSION_ID, StateDir, conversation_of
@@ -91,6 +93,10 @@ class ChatServer(Listening):
         self._stall_watch: asyncio.Task | None = None
         self.store = StateDir(cfg.state_dir) if cfg.state_dir else None
         self.writer = StateWriter(self.store) if self.store is not None else None  # its writes and deletes
+        # Named in every file this server writes; where servers share the directory (scan_state_dir off),
+        # a file naming another is that server's (apps/server/ownership.py).
+        self.owner = secrets.token_urlsafe(12)
+        self.shared_dir = self.store is not None and not cfg.scan_state_dir
         self.rate = RateLimiter(cfg.limits.max_requests_per_minute)
         self.stopping = False  # stop() has begun: no more parking (the model worker is going away)
         self._writers: dict = {}  # connection -> its FrameWriter (batched frames for the --ray front door)
@@ -280,10 +286,13 @@ class ChatServer(Listening):
         if "system" in msg:
             raise ProtocolError(protocol.BAD_REQUEST, "session.create: 'system' cannot be "
                                 "changed when resuming", request_id=rid)
-        st = self.sessions.by_id.get(msg["resume"]) or await self._adopt_saved(msg["resume"])
+        known = self.sessions.by_id.get(msg["resume"])
+        st = known or await self._adopt_saved(msg["resume"])
         if st is None:
             st = self.sessions.get(msg["resume"], rid)  # (raises unknown_session)
         await self.unpark(st, rid)
+        if known is None and self.shared_dir:
+            await self.persist(st)  # taken over from another server: the file names this one from now on
         st.close_at = None
         old, st.conn = st.conn, ws
         if old is not None and old is not ws:
@@ -321,7 +330,8 @@ class ChatServer(Listening):
 
     def _register_saved(self, conv) -> ChatState:
         """A session known from its file only: parked on disk until resumed."""
-        st = ChatState(conv.session_id, None, conv.history, conv.sampling, None, seq=conv.seq, parked=ON_DISK)
+        st = ChatState(conv.session_id, None, conv.history, conv.sampling, None, seq=conv.seq, parked=ON_DISK,
+                       taken_from=conv.owner)
         self.sessions.adopt(st)
         return st
 
@@ -370,11 +380,27 @@ class ChatServer(Listening):
             return
         # A reply sends at most one delta per token, and one more for the text its end flushes.
         seq_high = st.seq if handing_off else st.seq + self.limits.max_new_tokens_cap + 1
+        if not await self._owns_file(st):
+            return
         try:
             snapshot = await self.engine.snapshot(st.session)
-            await self.writer.write(st.id, snapshot, conversation_of(st.history, st.sampling, st.seq, seq_high))
+            conversation = {**conversation_of(st.history, st.sampling, st.seq, seq_high), "owner": self.owner}
+            await self.writer.write(st.id, snapshot, conversation)
         except (OSError, EngineProcessError) as exc:  # a full or read-only disk must not break the chat: the last good file stays
             log.error("could not save session %s to %s: %s", st.id[:8], self.store.path, exc)
+
+    async def _owns_file(self, st: ChatState) -> bool:
+        """Whether this server may write or delete the session's file: always, unless servers share the
+        directory and the file names another owner; then the session is disowned here (its copy is
+        stale: the other server took it over) and its file left alone."""
+        if st.disowned:
+            return False
+        if not self.shared_dir or await self.worker.run(may_change, self.store.file(st.id), self.owner, st.taken_from):
+            return True
+        st.disowned = True
+        log.warning("session %s is held by another server sharing %s: its file is left to it",
+                    st.id[:8], self.store.path)
+        return False
 
     # ---- detached sessions leave their rows ----
 
@@ -564,7 +590,7 @@ class ChatServer(Listening):
                 st.parked = None
                 if st.session is not None:
                     await self.engine.release(st.session)
-                if self.store is not None and not st.disowned:  # closed or expired: the conversation is over
+                if self.store is not None and await self._owns_file(st):  # closed or expired: the conversation is over
                     await self.writer.delete(st.id)
 
     # ---- sending ----

@@ -37,6 +37,7 @@ class SavedConversation:
     history: list[dict]
     sampling: dict
     seq: int
+    owner: str | None = None  # the server that wrote the file (apps/server/ownership.py)
 
 
 class StateDir:
@@ -139,7 +140,8 @@ class StateDir:
         except Exception as exc:  # corrupt, truncated, foreign, another model: skip, keep the file
             log.warning("skipping saved session %s: %s", path, exc)
             return None
-        return SavedConversation(session_id, history, sampling, seq)
+        owner = conversation.get("owner")
+        return SavedConversation(session_id, history, sampling, seq, owner if isinstance(owner, str) else None)
 
 
 def _call_now(call) -> Future:
