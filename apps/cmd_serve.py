@@ -25,9 +25,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; other addresses expose the server)")
     p.add_argument("--port", type=int, default=8765, help="port (0 = any free port)")
-    p.add_argument("--token", default=os.environ.get("SINKSTREAM_TOKEN"),
+    p.add_argument("--token", default=None,
                    help="require this token (?token= or Authorization: Bearer); "
-                        "default $SINKSTREAM_TOKEN")
+                        "default $SINKSTREAM_TOKEN. Needed for a --host other than loopback")
+    p.add_argument("--no-token", action="store_true",
+                   help="serve a --host other than loopback without a token (anyone who reaches the "
+                        "port may chat and read /healthz)")
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="also accept websocket connections from pages of this origin, e.g. "
                         "https://example.org (repeatable; '*' = any). Same-origin and localhost "
@@ -59,6 +62,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         f"(default {D.max_new_tokens_cap})")
     g.add_argument("--idle-timeout", type=float, default=D.idle_timeout_s, metavar="SECONDS",
                    help=f"close sessions idle this long (default {D.idle_timeout_s:g})")
+    g.add_argument("--write-stall-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="close a connection whose client has read nothing this long while the server "
+                        "had events to send (a frozen client): its replies stop and its sessions give "
+                        "their rows back, resumable (default 5; 0 = never)")
     p.add_argument("--state-dir", metavar="DIR", default=None,
                    help="keep every session on disk in DIR (written atomically after each reply); a "
                         "restarted server resumes them from their last finished reply")
@@ -81,9 +88,31 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def resolve_token(args: argparse.Namespace) -> str | None:
+    """The token the server requires: --token, else $SINKSTREAM_TOKEN (unset or empty: none). A server
+    bound beyond loopback without one, or an explicitly empty --token, is refused (SystemExit) unless
+    --no-token says so; the front door of --ray is bound the same way."""
+    from apps.server.http import is_loopback
+
+    if args.token is not None and not args.token:
+        raise SystemExit("error: --token is empty, which would turn authentication off; give a token, "
+                         "or --no-token to serve without one")
+    if args.no_token and args.token:
+        raise SystemExit("error: give --token or --no-token, not both")
+    token = args.token or os.environ.get("SINKSTREAM_TOKEN") or None
+    if args.no_token:
+        return None
+    if token is None and not is_loopback(args.host):
+        raise SystemExit(f"error: --host {args.host} exposes the server beyond this machine, and no token "
+                         "is set: anyone who reaches the port could chat with it. Give --token (or "
+                         "$SINKSTREAM_TOKEN), or --no-token to serve without one")
+    return token
+
+
 def run(args: argparse.Namespace) -> int:
     from apps.server import ChatServer, ServerConfig
 
+    args.token = resolve_token(args)
     for name in ("max_sessions", "max_message_bytes", "max_prompt_tokens", "max_new_tokens",
                  "max_new_tokens_cap", "max_parked_sessions", "max_sessions_per_connection",
                  "max_requests_per_minute"):
@@ -91,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1")
     if args.idle_timeout <= 0:
         raise SystemExit("error: --idle-timeout must be > 0")
+    if not args.write_stall_timeout >= 0:
+        raise SystemExit("error: --write-stall-timeout must be >= 0 (0 = never)")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     limits = Limits(max_message_bytes=args.max_message_bytes,
@@ -106,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
                        allowed_hosts=tuple(args.allow_host), token=args.token,
                        model_name=os.path.basename(os.path.normpath(args.model or "bundled")),
                        state_dir=args.state_dir, engine_process=args.engine_process,
-                       compression=args.compression, pipelined=args.pipelined)
+                       compression=args.compression, pipelined=args.pipelined,
+                       write_stall_s=args.write_stall_timeout or None)
     if args.ray:  # the model loads in the replicas, not here
         from apps.cluster import cli as cluster
 

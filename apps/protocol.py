@@ -164,11 +164,15 @@ def _unicode_ok(text: str) -> bool:
 
 
 def _number(v, lo: float, hi: float, *, integer: bool = False) -> bool:
+    """A JSON number in [lo, hi] (an integer one when `integer`). Never raises: an int of hundreds of
+    digits is compared as an int (converting it to float overflows), NaN and +-Infinity are refused."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return False
-    if integer and not (isinstance(v, int) or float(v).is_integer()):
+    if isinstance(v, float) and not math.isfinite(v):
         return False
-    return math.isfinite(v) and lo <= v <= hi
+    if integer and not (isinstance(v, int) or v.is_integer()):
+        return False
+    return lo <= v <= hi  # (int against float compares exactly, at any size)
 
 
 def parse_sampling(s, limits: Limits, bad) -> dict:

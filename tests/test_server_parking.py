@@ -158,3 +158,33 @@ def test_delayed_close_checks_its_delay(rt):
     assert [a["code"] for a in answers] == ["bad_request"] * 6
     assert all("after_s" in a["message"] for a in answers)
     assert still_there
+
+
+def test_a_client_that_stops_reading_has_its_sessions_parked(rt):  # noqa: F811
+    """A frozen client (it reads nothing more) gives back its rows after ServerConfig.write_stall_s,
+    not after the keepalive's tens of seconds; its session resumes and goes on."""
+    async def main():
+        async with serve(rt, write_stall_s=1.0) as app:
+            frozen = await connect(ws_url(app))
+            sid = await create(frozen)
+            await send(frozen, type="message", session=sid, text="Talk.",
+                       sampling={"max_new_tokens": 100_000, "temperature": 1.0, "seed": 3})
+            await until(frozen, lambda e: e["type"] == "delta")
+            # As a SIGSTOPped client: it reads nothing more, so the server's socket buffers fill and its
+            # writes wait (websockets' flow control, here told at once that the buffers are full).
+            frozen.transport.pause_reading()
+            for conn in app.server.connections:
+                conn.pause_writing()
+            t0 = time.monotonic()
+            await _parked(app, sid, timeout=15)
+            took, active = time.monotonic() - t0, app.sessions.active
+            frozen.transport.abort()
+            async with connect(ws_url(app)) as ws:
+                await send(ws, type="session.create", resume=sid)
+                created = (await until(ws, lambda e: e["type"] in ("session.created", "error")))[-1]
+                reply = await _say(ws, sid, "Still there?")
+            return took, active, created, reply
+
+    took, active, created, reply = run(main())
+    assert active == 0 and took < 10  # (the keepalive would have taken 20 s and more)
+    assert created["type"] == "session.created" and created["resumed"] and reply

@@ -31,7 +31,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from apps import protocol
 from apps.protocol import ProtocolError
 from apps.cluster.routes import Replica, Route, RouteTable
-from apps.server.batching import BATCHED_QUERY, SEPARATOR, FrameWriter
+from apps.server.batching import BATCHED_QUERY, SEPARATOR, FrameWriter, close_stalled
 from apps.server.http import WS_PATH, Listening, listen
 from apps.server.loop_lag import LoopLag
 from apps.server.rate_limit import RateLimiter
@@ -133,6 +133,8 @@ class FrontDoor(Listening):
         self._hidden: dict[str, asyncio.Future] = {}  # our own resume requests, by id
         self._clients: set[_Client] = set()
         self._tasks: set[asyncio.Task] = set()  # background work: drains over HTTP, moves, closes
+        self._writers: dict = {}  # client websocket -> its FrameWriter (for ServerConfig.write_stall_s)
+        self._stall_watch: asyncio.Task | None = None
 
     # ---- lifecycle ----
 
@@ -145,12 +147,15 @@ class FrontDoor(Listening):
         gc.freeze()
         self.server = await listen(self.handler, self.cfg, self.health, {"/drain": self._drain_request})
         self._poller = asyncio.create_task(self._poll())
+        self._stall_watch = asyncio.create_task(close_stalled(self._writers, self.cfg.write_stall_s, log))
         self.lag.start()
         return self.server
 
     async def stop(self) -> None:
         if self._poller:
             self._poller.cancel()
+        if self._stall_watch:
+            self._stall_watch.cancel()
         self.lag.stop()
         gc.unfreeze()
         if self.server:
@@ -232,12 +237,22 @@ class FrontDoor(Listening):
             await self._read_replica(replica)
 
     async def _learn_sessions(self, replica: Replica) -> None:
-        """Route to a replica seen for the first time the sessions it already holds (this front door
-        was restarted, or the replica added): their resumes go there, not to a replica that would read
-        the same session from its file and hold a second copy of it."""
+        """Match what a replica seen for the first time (this front door restarted, the replica added,
+        or back after it seemed to fail) holds with the routes. A session without a route is routed
+        there: its resumes go there, not to a replica that would read the same session from its file
+        and hold a second copy of it. A session routed elsewhere (moved away while this replica seemed
+        failed, or on its way) has one owner, the other replica: this one forgets it without writing
+        or deleting its file, so its copy can never expire and delete the file the owner uses."""
+        stale = []
         for sid in await asyncio.wait_for(replica.backend.session_ids(), CALL_TIMEOUT_S):
-            if sid not in self.table.routes:
+            route = self.table.routes.get(sid)
+            if route is None:
                 self.table.place(sid, replica, None)
+            elif route.replica is not replica:
+                stale.append(sid)
+        if stale:
+            await asyncio.wait_for(replica.backend.disown(stale), CALL_TIMEOUT_S)
+            log.info("replica %s forgot %d sessions held elsewhere", replica.name, len(stale))
 
     async def _read_replica(self, replica: Replica) -> None:
         try:
@@ -338,6 +353,7 @@ class FrontDoor(Listening):
     async def handler(self, ws) -> None:
         conn = _Client(ws)
         self._clients.add(conn)
+        self._writers[ws] = conn.writer  # (a client that stops reading is closed: its sessions park)
         try:
             async for frame in ws:
                 try:
@@ -353,6 +369,7 @@ class FrontDoor(Listening):
         finally:
             conn.closed = True
             self._clients.discard(conn)
+            self._writers.pop(ws, None)
             for route in self.table.routes.values():
                 if route.conn is conn:  # detached: the replica parks it when its upstream closes
                     route.conn, route.replying = None, False

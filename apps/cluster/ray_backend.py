@@ -72,6 +72,9 @@ class RayBackend:
     async def session_ids(self) -> list[str]:
         return await self.handle.session_ids.remote()
 
+    async def disown(self, sids: list[str]) -> list[bool]:
+        return await self.handle.disown.remote(sids)
+
     async def pid(self) -> int:
         return await self.handle.pid.remote()
 

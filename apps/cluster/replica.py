@@ -126,6 +126,12 @@ class ReplicaServer:
             return list(self.app.sessions.by_id)
         return await self._call(read())
 
+    async def disown(self, sids: list[str]) -> list[bool]:
+        """Forget sessions another replica has taken over, leaving their files to it."""
+        async def all_of():
+            return list(await asyncio.gather(*(self.app.disown(sid) for sid in sids)))
+        return await self._call(all_of())
+
     async def pid(self) -> int:
         return os.getpid()
 
@@ -160,3 +166,6 @@ class LocalBackend:
 
     async def session_ids(self) -> list[str]:
         return await self.server.session_ids()
+
+    async def disown(self, sids: list[str]) -> list[bool]:
+        return await self.server.disown(sids)

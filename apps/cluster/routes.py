@@ -1,6 +1,6 @@
 """What the front door knows: its replicas, and which replica holds each session.
 
-A replica is anything with four async calls (`Backend`): the websocket address of its chat server,
+A replica is anything with the async calls of `Backend`: the websocket address of its chat server,
 its health, an identity that changes when it restarts, and `hand_off` (write sessions to the shared
 state directory and forget them). Ray Serve replicas are one kind (apps/cluster/ray_backend.py);
 tests also use in-process servers.
@@ -21,6 +21,7 @@ class Backend(Protocol):
     async def ident(self) -> str: ...             # changes when the replica restarts
     async def hand_off(self, sids: list[str]) -> list[bool]: ...
     async def session_ids(self) -> list[str]: ...  # the sessions its server holds now
+    async def disown(self, sids: list[str]) -> list[bool]: ...  # forget them, leaving their files alone
 
 
 @dataclass(eq=False)

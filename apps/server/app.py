@@ -8,6 +8,7 @@ import functools
 import gc
 import logging
 import os
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -15,12 +16,13 @@ from websockets.exceptions import ConnectionClosed
 
 from apps import protocol
 from apps.protocol import Limits, ProtocolError
-from apps.server.batching import FrameWriter, wants_batches
+from apps.server.batching import FrameWriter, close_stalled, wants_batches
 from apps.server.engine_local import LocalEngine
 from apps.server.engine_process import EngineProcess, EngineProcessError
 from apps.server.engine_spec import EngineSettings, ModelSource
 from apps.server.http import WS_PATH, Listening, listen
 from apps.server.loop_lag import LoopLag
+from apps.server.ownership import may_change
 from apps.server.sessions import ON_DISK, ChatState, ModelWorker, Registry
 from apps.server.rate_limit import RateLimiter
 from apps.server.state_dir import SESSION_ID, StateDir, conversation_of
@@ -69,6 +71,10 @@ class ServerConfig:
     # Step the engine in a process of its own (apps/server/engine_process.py), so the websockets'
     # work never holds the stepping thread's GIL. None: on a GPU yes, on CPU no.
     engine_process: bool | None = None
+    # A connection whose writes have waited this long for its client to read (a frozen or hung
+    # client) is closed: its sessions are parked as on a disconnect (the reply cancelled, the row
+    # given back, the session resumable). A reading client never waits this long. None: never.
+    write_stall_s: float | None = 5.0
 
 
 class ChatServer(Listening):
@@ -84,8 +90,13 @@ class ChatServer(Listening):
         self.started = time.time()
         self.server = None
         self._reaper: asyncio.Task | None = None
+        self._stall_watch: asyncio.Task | None = None
         self.store = StateDir(cfg.state_dir) if cfg.state_dir else None
         self.writer = StateWriter(self.store) if self.store is not None else None  # its writes and deletes
+        # Named in every file this server writes; where servers share the directory (scan_state_dir off),
+        # a file naming another is that server's (apps/server/ownership.py).
+        self.owner = secrets.token_urlsafe(12)
+        self.shared_dir = self.store is not None and not cfg.scan_state_dir
         self.rate = RateLimiter(cfg.limits.max_requests_per_minute)
         self.stopping = False  # stop() has begun: no more parking (the model worker is going away)
         self._writers: dict = {}  # connection -> its FrameWriter (batched frames for the --ray front door)
@@ -123,6 +134,7 @@ class ChatServer(Listening):
         self.engine.run()
         self.server = await listen(self.handler, self.cfg, self.health)
         self._reaper = asyncio.create_task(self._reap_idle())
+        self._stall_watch = asyncio.create_task(close_stalled(self._writers, self.cfg.write_stall_s, log))
         self.lag.start()
         return self.server
 
@@ -165,6 +177,8 @@ class ChatServer(Listening):
         await asyncio.gather(*self._parking, return_exceptions=True)  # (their snapshots need the engine)
         if self._reaper:
             self._reaper.cancel()
+        if self._stall_watch:
+            self._stall_watch.cancel()
         self.lag.stop()
         if self.engine is not None:
             await self.engine.stop()
@@ -272,10 +286,13 @@ class ChatServer(Listening):
         if "system" in msg:
             raise ProtocolError(protocol.BAD_REQUEST, "session.create: 'system' cannot be "
                                 "changed when resuming", request_id=rid)
-        st = self.sessions.by_id.get(msg["resume"]) or await self._adopt_saved(msg["resume"])
+        known = self.sessions.by_id.get(msg["resume"])
+        st = known or await self._adopt_saved(msg["resume"])
         if st is None:
             st = self.sessions.get(msg["resume"], rid)  # (raises unknown_session)
         await self.unpark(st, rid)
+        if known is None and self.shared_dir:
+            await self.persist(st)  # taken over from another server: the file names this one from now on
         st.close_at = None
         old, st.conn = st.conn, ws
         if old is not None and old is not ws:
@@ -313,7 +330,8 @@ class ChatServer(Listening):
 
     def _register_saved(self, conv) -> ChatState:
         """A session known from its file only: parked on disk until resumed."""
-        st = ChatState(conv.session_id, None, conv.history, conv.sampling, None, seq=conv.seq, parked=ON_DISK)
+        st = ChatState(conv.session_id, None, conv.history, conv.sampling, None, seq=conv.seq, parked=ON_DISK,
+                       taken_from=conv.owner)
         self.sessions.adopt(st)
         return st
 
@@ -329,7 +347,7 @@ class ChatServer(Listening):
         async with st.lock:
             if st.closed or self.sessions.by_id.get(sid) is not st:
                 return False
-            await self.persist(st)
+            await self.persist(st, handing_off=True)
             if st.session is not None:
                 await self.engine.release(st.session)
                 st.session = None
@@ -338,15 +356,51 @@ class ChatServer(Listening):
         log.info("session %s handed off (%d live)", sid[:8], len(self.sessions))
         return True
 
-    async def persist(self, st: ChatState) -> None:
-        """Write the session's state and transcript to --state-dir (atomically), when there is one."""
-        if self.store is None or st.session is None or st.closed or st.released:
+    async def disown(self, sid: str) -> bool:
+        """Forget a session that another server sharing --state-dir has taken over (the --ray front
+        door moved it while this server seemed to have failed): its reply stops and its row goes back,
+        and its file, now the other server's, is neither written nor deleted here. False when there is
+        no such session."""
+        st = self.sessions.by_id.get(sid)
+        if st is None:
+            return False
+        st.disowned = True
+        await self.drop(st)
+        log.info("session %s disowned: another server holds it (%d live)", sid[:8], len(self.sessions))
+        return True
+
+    async def persist(self, st: ChatState, *, handing_off: bool = False) -> None:
+        """Write the session's state and transcript to --state-dir (atomically), when there is one.
+
+        The file also reserves the delta numbers of the session's next reply (`seq_high`): a server
+        killed during that reply leaves this file, and whoever reads it back numbers on from the
+        reservation, past every delta the client may have got. A session handed off sends nothing more
+        here, so it reserves none."""
+        if self.store is None or st.session is None or st.closed or st.released or st.disowned:
+            return
+        # A reply sends at most one delta per token, and one more for the text its end flushes.
+        seq_high = st.seq if handing_off else st.seq + self.limits.max_new_tokens_cap + 1
+        if not await self._owns_file(st):
             return
         try:
             snapshot = await self.engine.snapshot(st.session)
-            await self.writer.write(st.id, snapshot, conversation_of(st.history, st.sampling, st.seq))
+            conversation = {**conversation_of(st.history, st.sampling, st.seq, seq_high), "owner": self.owner}
+            await self.writer.write(st.id, snapshot, conversation)
         except (OSError, EngineProcessError) as exc:  # a full or read-only disk must not break the chat: the last good file stays
             log.error("could not save session %s to %s: %s", st.id[:8], self.store.path, exc)
+
+    async def _owns_file(self, st: ChatState) -> bool:
+        """Whether this server may write or delete the session's file: always, unless servers share the
+        directory and the file names another owner; then the session is disowned here (its copy is
+        stale: the other server took it over) and its file left alone."""
+        if st.disowned:
+            return False
+        if not self.shared_dir or await self.worker.run(may_change, self.store.file(st.id), self.owner, st.taken_from):
+            return True
+        st.disowned = True
+        log.warning("session %s is held by another server sharing %s: its file is left to it",
+                    st.id[:8], self.store.path)
+        return False
 
     # ---- detached sessions leave their rows ----
 
@@ -536,7 +590,7 @@ class ChatServer(Listening):
                 st.parked = None
                 if st.session is not None:
                     await self.engine.release(st.session)
-                if self.store is not None:  # closed or expired: the conversation is over
+                if self.store is not None and await self._owns_file(st):  # closed or expired: the conversation is over
                     await self.writer.delete(st.id)
 
     # ---- sending ----

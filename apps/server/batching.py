@@ -41,6 +41,9 @@ class FrameWriter:
         self.ws, self.batched = ws, batched
         self.pending: list[str] = []
         self.task: asyncio.Task | None = None
+        # Since when (event-loop time) a write has waited for the client to read: a client that stops
+        # reading keeps this set (stalled_writers finds it); None while writes go out.
+        self.waiting_since: float | None = None
 
     def send(self, text: str) -> bool:
         """Queue `text`; False when the connection is no longer open."""
@@ -66,14 +69,41 @@ class FrameWriter:
             await asyncio.sleep(0)  # the other replies woken by the same engine step queue theirs first
             while self.pending:
                 batch, self.pending = self.pending, []
+                self.waiting_since = asyncio.get_running_loop().time()
                 if self.batched:
                     await self.ws.send(SEPARATOR.join(batch))
                 else:
                     await write_frames(self.ws, batch)
+                self.waiting_since = None
         except ConnectionClosed:
             self.pending.clear()
         finally:
             self.task = None
+            self.waiting_since = None
+
+
+async def close_stalled(writers: dict, after_s: float | None, logger) -> None:
+    """Forever: abort every connection of `writers` (websocket -> FrameWriter) whose writes have
+    waited `after_s` seconds for its client to read (ServerConfig.write_stall_s; None: never). Its
+    handler then ends as on any disconnect: its replies stop, its sessions are parked."""
+    if after_s is None:
+        return
+    while True:
+        await asyncio.sleep(min(1.0, after_s / 4))
+        for ws in stalled_writers(writers, after_s):
+            address = getattr(ws, "remote_address", None)
+            logger.warning("closing the connection of %s: its client has read nothing for %.1f s",
+                           address[0] if address else "?", after_s)
+            writers.pop(ws, None)
+            ws.transport.abort()
+
+
+def stalled_writers(writers: dict, after_s: float) -> list:
+    """The keys of `writers` (connection -> FrameWriter) whose writes have waited `after_s` seconds or
+    more for their client to read."""
+    now = asyncio.get_running_loop().time()
+    return [conn for conn, writer in list(writers.items())
+            if writer.waiting_since is not None and now - writer.waiting_since >= after_s]
 
 
 async def write_frames(ws, texts: list[str]) -> None:

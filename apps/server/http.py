@@ -10,10 +10,11 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import re
 from http import HTTPStatus
 from importlib import resources
 from typing import Callable
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 from websockets.datastructures import Headers
 from websockets.http11 import Response
@@ -45,14 +46,63 @@ def load_static() -> dict[str, bytes]:
     return {name: (web / name).read_bytes() for name, _ in set(STATIC.values())}
 
 
+# A Host header (RFC 9110): a DNS name or IPv4 address, or an IPv6 address in brackets, then at most
+# a numeric port. Nothing else: no user info ('evil@127.0.0.1'), fragment, path, or port of letters.
+_HOST = re.compile(r"(?P<name>[A-Za-z0-9_.-]+|\[(?P<v6>[0-9A-Fa-f:.]+)\])(?::(?P<port>[0-9]{1,5}))?")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def parse_host(value: str | None) -> tuple[str, int | None] | None:
+    """'localhost:8765' -> ('localhost', 8765); '[::1]:80' -> ('::1', 80); 'example.org' ->
+    ('example.org', None). None for anything malformed ('127.0.0.1:abc', '127.0.0.1:80.evil',
+    'evil@127.0.0.1', '127.0.0.1#.evil', '::1' without brackets, a port over 65535)."""
+    if not value:
+        return None
+    m = _HOST.fullmatch(value)
+    if m is None:
+        return None
+    name = m["name"].lower()
+    if m["v6"] is not None:
+        try:
+            name = str(ipaddress.IPv6Address(m["v6"]))
+        except ValueError:
+            return None
+    elif not name.strip(".") or ".." in name:
+        return None
+    port = int(m["port"]) if m["port"] is not None else None
+    if port is not None and not 0 < port < 65536:
+        return None
+    return name, port
+
+
+def parse_origin(value: str | None) -> tuple[str, str, int] | None:
+    """'http://127.0.0.1:8765' -> ('http', '127.0.0.1', 8765), the port defaulting by scheme; None
+    unless it is exactly an http(s) scheme, '://', and a host as parse_host takes it (one trailing
+    '/' tolerated)."""
+    if not value:
+        return None
+    scheme, sep, rest = value.lower().partition("://")
+    if not sep or scheme not in _DEFAULT_PORTS:
+        return None
+    host = parse_host(rest[:-1] if rest.endswith("/") else rest)
+    if host is None:
+        return None
+    return scheme, host[0], host[1] if host[1] is not None else _DEFAULT_PORTS[scheme]
+
+
 def hostname(host_header: str | None) -> str | None:
-    """'localhost:8765' -> 'localhost'; '[::1]:80' -> '::1'."""
-    if not host_header:
-        return None
+    """'localhost:8765' -> 'localhost'; '[::1]:80' -> '::1'; None when malformed (parse_host)."""
+    host = parse_host(host_header)
+    return host[0] if host is not None else None
+
+
+def _normal_name(name: str) -> str:
+    """An --allow-host name as parse_host gives it: lower case, an IPv6 address in its short form."""
+    name = name.lower().strip("[]") if name.startswith("[") else name.lower()
     try:
-        return urlsplit("//" + host_header).hostname
+        return str(ipaddress.IPv6Address(name))
     except ValueError:
-        return None
+        return name
 
 
 def response(status: int, body: bytes, content_type: str, extra: dict | None = None) -> Response:
@@ -81,27 +131,31 @@ class Gate:
         self.token = token
         # DNS-rebinding guard: a server bound to loopback answers only to loopback host names.
         loopback = is_loopback(bind_host)
-        self.hosts = {h.lower() for h in allowed_hosts} | (LOOPBACK_NAMES if loopback else set())
+        self.hosts = {_normal_name(h) for h in allowed_hosts} | (LOOPBACK_NAMES if loopback else set())
         self.check_host = loopback or bool(allowed_hosts)
 
     def host_ok(self, host_header: str | None) -> bool:
+        if host_header is not None and parse_host(host_header) is None:
+            return False  # malformed: refused whatever the configuration
         if not self.check_host or "*" in self.hosts:
             return True
         name = hostname(host_header)
-        return name is not None and (name.lower() in self.hosts or is_loopback(name))
+        return name is not None and (name in self.hosts or is_loopback(name))
 
     def origin_ok(self, origin: str | None, host_header: str | None) -> bool:
         if origin is None:
             return True  # not a browser: browsers always send Origin on websocket handshakes
-        origin = origin.rstrip("/").lower()
-        if "*" in self.origins or origin in self.origins:
+        text = origin.rstrip("/").lower()
+        if "*" in self.origins or text in self.origins:
             return True
-        parts = urlsplit(origin)
-        if parts.scheme not in ("http", "https"):
+        parsed = parse_origin(origin)
+        if parsed is None:
             return False
-        if host_header and parts.netloc == host_header.lower():
+        scheme, name, port = parsed
+        host = parse_host(host_header)
+        if host is not None and host[0] == name and (host[1] or _DEFAULT_PORTS[scheme]) == port:
             return True  # same origin as the page this server served
-        return is_loopback(parts.hostname)
+        return is_loopback(name)
 
     def token_ok(self, query: str, headers: Headers) -> bool:
         if not self.token:

@@ -50,6 +50,8 @@ class ChatState:
     closed: bool = False
     replying: bool = False               # a reply holds the session (cleared before its row may go back)
     released: bool = False               # the session's row went back to the pool
+    disowned: bool = False               # another server sharing --state-dir holds it: its file is not ours
+    taken_from: str | None = None        # owner named in its file when read from there (ownership.py)
     job: Any = None                      # the running reply's engine job
     ready: asyncio.Event | None = None   # set when the running reply has news
     seq: int = 0                         # last delta sequence number sent (per session)

@@ -37,6 +37,7 @@ class SavedConversation:
     history: list[dict]
     sampling: dict
     seq: int
+    owner: str | None = None  # the server that wrote the file (apps/server/ownership.py)
 
 
 class StateDir:
@@ -131,13 +132,16 @@ class StateDir:
             if not isinstance(conversation, dict):
                 raise ValueError("no server transcript in the file")
             history, sampling, seq = conversation["history"], conversation["sampling"], conversation["seq"]
+            seq_high = conversation.get("seq_high", seq)  # (absent from older files)
             if not (isinstance(history, list) and all(isinstance(m, dict) for m in history)
-                    and isinstance(sampling, dict) and isinstance(seq, int)):
+                    and isinstance(sampling, dict) and isinstance(seq, int) and isinstance(seq_high, int)):
                 raise ValueError("malformed server transcript")
+            seq = max(seq, seq_high)  # a reply cut after this write may have sent numbers up to seq_high
         except Exception as exc:  # corrupt, truncated, foreign, another model: skip, keep the file
             log.warning("skipping saved session %s: %s", path, exc)
             return None
-        return SavedConversation(session_id, history, sampling, seq)
+        owner = conversation.get("owner")
+        return SavedConversation(session_id, history, sampling, seq, owner if isinstance(owner, str) else None)
 
 
 def _call_now(call) -> Future:
@@ -161,6 +165,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def conversation_of(history: list[dict], sampling: dict, seq: int) -> dict:
-    """The JSON-able transcript stored next to a session's cache state."""
-    return json.loads(json.dumps({"history": history, "sampling": sampling, "seq": seq}))
+def conversation_of(history: list[dict], sampling: dict, seq: int, seq_high: int | None = None) -> dict:
+    """The JSON-able transcript stored next to a session's cache state. `seq`: the last delta number
+    sent; `seq_high`: the highest one the session may send before its next write (a server that reads
+    the file back goes on after it, so no number a client saw comes twice)."""
+    conversation = {"history": history, "sampling": sampling, "seq": seq}
+    if seq_high is not None:
+        conversation["seq_high"] = seq_high
+    return json.loads(json.dumps(conversation))
