@@ -172,6 +172,8 @@ class ChatServer(Listening):
             self.server.close()
             await self.server.wait_closed()
         if self.writer is not None:
+            for st in [x for x in self.sessions.parked() if x.parked is not ON_DISK]:
+                await self._write_state(st, st.parked)  # parked in memory when a write failed: try again
             await self.writer.close()
         self.worker.shutdown()
         gc.unfreeze()  # (start froze what existed then; an embedding process goes on collecting it)
@@ -329,7 +331,10 @@ class ChatServer(Listening):
         async with st.lock:
             if st.closed or self.sessions.by_id.get(sid) is not st:
                 return False
-            await self.persist(st)
+            written = (await self.persist(st) if st.session is not None
+                       else st.parked is ON_DISK or await self._write_state(st, st.parked))
+            if not written:  # its file would be older than its state: it stays here
+                return False
             if st.session is not None:
                 await self.engine.release(st.session)
                 st.session = None
@@ -338,15 +343,28 @@ class ChatServer(Listening):
         log.info("session %s handed off (%d live)", sid[:8], len(self.sessions))
         return True
 
-    async def persist(self, st: ChatState) -> None:
-        """Write the session's state and transcript to --state-dir (atomically), when there is one."""
+    async def persist(self, st: ChatState) -> bool:
+        """Write the session's state and transcript to --state-dir (atomically), when there is one and
+        the session holds a row. False when nothing was written: a failure is logged, never raised (a
+        full or read-only disk must not break the chat), and the last good file stays."""
         if self.store is None or st.session is None or st.closed or st.released:
-            return
+            return False
         try:
             snapshot = await self.engine.snapshot(st.session)
+        except Exception as exc:
+            log.error("could not save session %s: no snapshot (%s: %s)", st.id[:8], type(exc).__name__, exc)
+            return False
+        return await self._write_state(st, snapshot)
+
+    async def _write_state(self, st: ChatState, snapshot) -> bool:
+        """Write a snapshot of the session with its transcript; False (logged) when that failed."""
+        try:
             await self.writer.write(st.id, snapshot, conversation_of(st.history, st.sampling, st.seq))
-        except (OSError, EngineProcessError) as exc:  # a full or read-only disk must not break the chat: the last good file stays
-            log.error("could not save session %s to %s: %s", st.id[:8], self.store.path, exc)
+            return True
+        except Exception as exc:  # whatever the file system or the file format library raised
+            log.error("could not save session %s to %s: %s: %s", st.id[:8], self.store.path,
+                      type(exc).__name__, exc)
+            return False
 
     # ---- detached sessions leave their rows ----
 
@@ -355,22 +373,28 @@ class ChatServer(Listening):
         task = asyncio.create_task(self.park(st))
         self._parking.add(task)
         task.add_done_callback(self._parking.discard)
+        task.add_done_callback(_log_failure)
 
     async def park(self, st: ChatState) -> None:
         """Move a detached, idle session's cache state to host memory and give its row back, so
-        disconnected users never lock others out; `unpark` brings it back on resume."""
+        disconnected users never lock others out; `unpark` brings it back on resume. With --state-dir
+        the file is the parked state; a state that could not be written stays in memory instead."""
         async with st.lock:
             if st.session is None or st.closed or st.busy or st.conn is not None or self.stopping:
                 return
-            if self.store is not None:  # the file is the parked state: nothing kept in memory
-                await self.persist(st)
-                st.parked = ON_DISK
-            else:
-                st.parked = await self.engine.snapshot(st.session)
+            try:
+                snapshot = await self.engine.snapshot(st.session)
+            except Exception as exc:  # (it keeps its row: nothing is lost)
+                log.error("could not park session %s: %s: %s", st.id[:8], type(exc).__name__, exc)
+                return
+            st.parked = snapshot
+            if self.store is not None and await self._write_state(st, snapshot):
+                st.parked = ON_DISK  # nothing kept in memory
             await self.engine.release(st.session)
             st.session = None
-        log.info("session %s parked (%d active, %d parked)", st.id[:8], self.sessions.active,
-                 len(self.sessions.parked()))
+        log.info("session %s parked%s (%d active, %d parked)", st.id[:8],
+                 " in memory" if self.store is not None and st.parked is not ON_DISK else "",
+                 self.sessions.active, len(self.sessions.parked()))
         in_memory = [x for x in self.sessions.parked() if x.parked is not ON_DISK]  # disk ones cost no memory
         over = len(in_memory) - self.limits.max_parked_sessions
         for old in sorted(in_memory, key=lambda x: x.last_active)[:max(0, over)]:
@@ -577,6 +601,12 @@ class ChatServer(Listening):
                         protocol.IDLE_TIMEOUT, f"session closed after {timeout:g}s without "
                         "activity", session=st.id))
                 log.info("session %s expired (%d live)", st.id[:8], len(self.sessions))
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    """A background task's exception, logged (it has no caller to raise it to)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s failed", task.get_coro().__qualname__, exc_info=task.exception())
 
 
 def _client(ws) -> str:
