@@ -141,3 +141,18 @@ def test_a_save_that_fails_midway_keeps_the_old_file(tmp_path):
     assert out.stdout.split() == ["OSError", "True"], out.stderr
     assert state.load(tmp_path / "s.safetensors")[2] == {"n": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]
+
+
+def test_chat_save_onto_a_fifo_is_refused_and_the_chat_goes_on(tmp_path):
+    from tests.test_cli import model_args, sinkstream
+    from tests.tiny_checkpoint import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "lckv")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    r = sinkstream("chat", *model_args(ckpt), "-n", 4, input="\n".join(["hello", f"/save {fifo}", "/stats", ""]))
+    assert r.returncode == 0, r.stderr
+    failed = [line for line in r.stdout.splitlines() if line.startswith("[save failed: ")]
+    assert len(failed) == 1 and str(fifo) in failed[0] and "not a regular file" in failed[0], r.stdout
+    assert "tokens seen" in r.stdout.split(failed[0])[1]  # the next command still ran
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
