@@ -105,3 +105,30 @@ def test_a_session_whose_state_could_not_be_written_stays_resumable(rt, tmp_path
     assert in_memory and active == 0  # parked in host memory, its row given back
     assert created["type"] == "session.created" and created["resumed"] and created["messages"] == 3
     assert left == stayed
+
+
+def test_a_hand_off_whose_write_failed_keeps_the_session(rt, tmp_path, monkeypatch):
+    """Another server would resume it from an older file: it stays here, and is handed off once the
+    disk takes writes again."""
+    full = _disk(monkeypatch, OSError(28, "No space left on device"))
+    path = tmp_path / "state"
+
+    async def main():
+        async with serve(rt, state_dir=str(path)) as app:
+            async with connect(ws_url(app)) as ws:
+                sid = await create(ws)
+                full["on"] = True
+                await _say(ws, sid, "Name a river.")
+                refused = await app.hand_off(sid)
+                kept = sid in app.sessions.by_id and app.sessions.by_id[sid].session is not None
+                reply = await _say(ws, sid, "And a mountain?")  # still served here
+                full["on"] = False
+                handed = await app.hand_off(sid)
+                return refused, kept, reply, handed, sid in app.sessions.by_id, sid
+
+    refused, kept, reply, handed, still_here, sid = run(main())
+    assert refused is False and kept and reply
+    assert handed is True and not still_here
+    from cache import state as cache_state
+
+    assert len(cache_state.load(path / f"{sid}.session.safetensors")[2]["server"]["history"]) == 4
