@@ -2,9 +2,12 @@
 
 The file is a safetensors file: an 8-byte header length, a JSON header (the tensor table and
 `__metadata__`, a dict of strings), then the tensor data. `__metadata__["checksum"]` is
-"sha256:<hex>" of the header without that field (canonical JSON: sorted keys, no spaces) followed by
-the tensor data, so it covers every tensor's bytes, name, dtype and shape, and the cache meta and extra
-data. A file without the field (written before it existed) loads unchecked.
+"crc32:<8 hex digits>" of the header without that field (canonical JSON: sorted keys, no spaces)
+followed by the tensor data, so it covers every tensor's bytes, name, dtype and shape, and the cache
+meta and extra data. It detects damage (a disk's, a copy's), not tampering: whoever can write the file
+can write a matching checksum too. CRC-32 rather than sha256: 0.6 ms against 1.5 ms for a 1.5 MB state
+on a 2-core CPU, paid on every write of a busy server. A file without the field (written before it
+existed) loads unchecked.
 
 A write goes to a temporary file of a unique name (the writer's pid and a random suffix) in the target's
 directory, flushed to disk, then renamed over the target: a crash leaves the old file or the new one,
@@ -15,18 +18,17 @@ regular file or absent: a directory, device, FIFO or socket there is refused, ne
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import secrets
 import stat
 import struct
+import zlib
 from pathlib import Path
 
 from .errors import CacheStateError
 
 CHECKSUM = "checksum"  # the __metadata__ field
-ALGORITHM = "sha256"
 
 
 def read_header(blob: bytes, origin: str = "state") -> tuple[dict, int]:
@@ -49,9 +51,8 @@ def checksum(header: dict, data) -> str:
     """The checksum of a header (its own checksum field left out) and the tensor data after it."""
     fields = {k: v for k, v in (header.get("__metadata__") or {}).items() if k != CHECKSUM}
     unsealed = {**header, "__metadata__": fields}
-    digest = hashlib.new(ALGORITHM, json.dumps(unsealed, sort_keys=True, separators=(",", ":")).encode())
-    digest.update(data)
-    return f"{ALGORITHM}:{digest.hexdigest()}"
+    crc = zlib.crc32(json.dumps(unsealed, sort_keys=True, separators=(",", ":")).encode())
+    return f"crc32:{zlib.crc32(data, crc):08x}"
 
 
 def verify(origin: str, header: dict, data) -> None:
