@@ -132,3 +132,29 @@ def test_a_hand_off_whose_write_failed_keeps_the_session(rt, tmp_path, monkeypat
     from cache import state as cache_state
 
     assert len(cache_state.load(path / f"{sid}.session.safetensors")[2]["server"]["history"]) == 4
+
+
+def test_a_file_damaged_while_its_session_is_parked_is_skipped_on_resume(rt, tmp_path, caplog):
+    """As at start: logged, and the resume answered `unknown_session` (the file is kept)."""
+    path = tmp_path / "state"
+
+    async def main():
+        async with serve(rt, state_dir=str(path)) as app:
+            async with connect(ws_url(app)) as ws:
+                sid = await create(ws)
+                await _say(ws, sid, "Name a river.")
+            await _parked(app, sid)
+            file = path / f"{sid}.session.safetensors"
+            blob = bytearray(file.read_bytes())
+            blob[-300:-236] = bytes(b ^ 0xFF for b in blob[-300:-236])  # inside the tensor data
+            file.write_bytes(bytes(blob))
+            async with connect(ws_url(app)) as ws:
+                await send(ws, type="session.create", resume=sid, id=3)
+                answer = await recv(ws)
+            return answer, sid in app.sessions.by_id, file.exists()
+
+    with caplog.at_level("WARNING", logger="sinkstream.server"):
+        answer, known, kept = run(main())
+    assert answer["type"] == "error" and answer["code"] == "unknown_session" and answer["id"] == 3, answer
+    assert "skipping saved session" in caplog.text and "checksum" in caplog.text
+    assert not known and kept

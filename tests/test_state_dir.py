@@ -59,7 +59,7 @@ def test_a_damaged_file_is_skipped_with_a_log_line(tmp_path, caplog):
     store.write(SID, _snapshot(1.0), _conversation(1))
     path = store.file(SID)
     blob = bytearray(path.read_bytes())
-    blob[-20:-4] = bytes(16)  # inside the tensor data
+    blob[-20:-4] = bytes(b ^ 0xFF for b in blob[-20:-4])  # inside the tensor data
     path.write_bytes(bytes(blob))
     with caplog.at_level(logging.WARNING, logger="sinkstream.server"):
         assert store.scan(lambda *state: None) == []

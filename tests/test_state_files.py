@@ -47,7 +47,7 @@ def test_damaged_tensor_data_is_refused_naming_the_file(rt, tmp_path):
     blob = bytearray(path.read_bytes())
     start = _data_start(path)
     middle = start + (len(blob) - start) // 2
-    blob[middle:middle + 64] = bytes(64)  # 64 bytes of one tensor's data zeroed: still a valid file layout
+    blob[middle:middle + 64] = bytes(b ^ 0xFF for b in blob[middle:middle + 64])  # one tensor's data: still a valid layout
     path.write_bytes(bytes(blob))
     with pytest.raises(CacheStateError, match="checksum") as raised:
         state.load(path)

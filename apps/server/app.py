@@ -25,6 +25,7 @@ from apps.server.sessions import ON_DISK, ChatState, ModelWorker, Registry
 from apps.server.rate_limit import RateLimiter
 from apps.server.state_dir import SESSION_ID, StateDir, conversation_of
 from apps.server.state_writer import StateWriter
+from cache.errors import CacheStateError
 from streaming import PoolFullError
 from streaming.session import SessionStats
 
@@ -406,9 +407,20 @@ class ChatServer(Listening):
         async with st.lock:
             if st.parked is None:
                 return
-            saved = st.parked if st.parked is not ON_DISK else await self.worker.run(self.store.read, st.id)
+            saved = st.parked if st.parked is not ON_DISK else await self._read_saved(st, rid)
             st.session = await self.take_row(rid, saved)
             st.parked = None
+
+    async def _read_saved(self, st: ChatState, rid):
+        """The state of a session parked on disk. A file that became unreadable since (damaged,
+        truncated, deleted) is skipped as at start: logged, the session forgotten, the file kept."""
+        try:
+            return await self.worker.run(self.store.read, st.id)
+        except CacheStateError as exc:
+            log.warning("skipping saved session %s: %s", self.store.file(st.id), exc)
+            self.sessions.remove(st)
+            raise ProtocolError(protocol.UNKNOWN_SESSION, f"session {st.id[:64]!r} cannot be resumed: its "
+                                "saved state is unreadable", session=st.id, request_id=rid) from None
 
     async def take_row(self, rid, saved=None):
         """A pool session for a new chat, or for a parked one restored from `saved` (its state);
