@@ -142,7 +142,7 @@ def _kind(mode: int) -> str:
                        (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
         if test(mode):
             return name
-    return "not a file"
+    return "an unknown kind of file"
 
 
 def fsync_dir(path: Path) -> None:
