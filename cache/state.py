@@ -2,22 +2,20 @@
 
 A state is a dict of CPU tensors (`k.<layer>`, `v.<layer>`, `length`) plus a JSON-able `meta` dict that
 says which cache layout it fits; restoring into a cache of another layout raises CacheStateError.
-On disk it is one safetensors file (no pickle), the meta stored in its header.
+On disk it is one safetensors file (no pickle), the meta stored in its header with a checksum of the
+whole (cache/state_file.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
-from safetensors.torch import save_file
 
+from . import state_file
 from .buffers import KVBuffers
 from .errors import CacheStateError
 from .full import FullCache
@@ -119,77 +117,73 @@ def restore(cache: KVBuffers, tensors: dict[str, torch.Tensor], meta: dict, row:
 
 
 def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict, extra: dict | None = None) -> None:
-    """Write a captured state (and optional JSON-able `extra` data) to one safetensors file."""
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=_header(meta, extra))
+    """Write a captured state (and optional JSON-able `extra` data) to one safetensors file, atomically
+    (cache/state_file.py: a checksummed file under a unique temporary name, fsynced, renamed over
+    `path`). OSError naming `path` when it cannot be written (a missing directory, a full disk, a
+    target that is a directory, device or FIFO); the file that was there stays."""
+    save_packed(path, to_bytes(tensors, meta, extra))
 
 
 def to_bytes(tensors: dict[str, torch.Tensor], meta: dict, extra: dict | None = None) -> bytes:
-    """The bytes of the file `save` would write: how a state crosses a process boundary (no pickle),
-    and what `save_packed` writes without decoding it again."""
+    """The bytes of the file `save` would write, less its checksum: how a state crosses a process
+    boundary (no pickle), and what `save_packed` writes without decoding it again."""
     return save_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata=_header(meta, extra))
 
 
 def from_bytes(blob: bytes) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """The inverse of `to_bytes`: (tensors, cache meta, extra); CacheStateError when it is not one."""
-    header = _read_header(blob)[0].get("__metadata__") or {}
-    try:
-        tensors = load_bytes(blob)
-        meta, extra = json.loads(header["cache"]), json.loads(header.get("extra", "{}"))
-    except Exception as exc:
-        raise CacheStateError(f"not a sinkstream cache state ({exc})") from None
-    return _checked("state", tensors, meta, extra)
+    """The inverse of `to_bytes` (or the bytes of a file): (tensors, cache meta, extra); CacheStateError
+    when it is not one, or its checksum does not match."""
+    return _decoded("state", blob)
 
 
-def save_packed(path: str | Path, blob: bytes, extra_updates: dict | None = None, *, fsync: bool = False) -> None:
-    """Write a state's `to_bytes` to a file, its `extra` updated with `extra_updates` (keys replaced):
-    only the header is rewritten, the tensor bytes are written as they came. `fsync`: the file's
-    contents are on disk when this returns."""
-    header, data_start = _read_header(blob)
+def save_packed(path: str | Path, blob: bytes, extra_updates: dict | None = None) -> None:
+    """Write a state's `to_bytes` to a file as `save` does, its `extra` updated with `extra_updates`
+    (keys replaced): only the header is rewritten, the tensor bytes are written as they came."""
+    state_file.write(path, *_packed(blob, extra_updates))
+
+
+def save_packed_temp(path: str | Path, blob: bytes, extra_updates: dict | None = None) -> tuple[Path, Path]:
+    """The first half of `save_packed`: the file written and fsynced under a unique temporary name next
+    to `path`; returns (that name, the target) for `state_file.commit`, which renames it (so that many
+    files can be renamed, then their directory fsynced once)."""
+    return state_file.write_temp(path, *_packed(blob, extra_updates))
+
+
+def _packed(blob: bytes, extra_updates: dict | None) -> tuple[dict, memoryview]:
+    header, data_start = state_file.read_header(blob)
     if extra_updates:
         fields = header.setdefault("__metadata__", {})
         fields["extra"] = json.dumps({**json.loads(fields.get("extra", "{}")), **extra_updates})
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the tensor data starts 8-byte aligned, as safetensors writes it
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(text)) + text)
-        handle.write(memoryview(blob)[data_start:])
-        if fsync:
-            handle.flush()
-            os.fsync(handle.fileno())
+    return header, memoryview(blob)[data_start:]
 
 
 def _header(meta: dict, extra: dict | None) -> dict[str, str]:
     return {"cache": json.dumps(meta), "extra": json.dumps(extra or {})}
 
 
-def _read_header(blob: bytes) -> tuple[dict, int]:
-    """A safetensors blob's header (JSON) and where its tensor data starts."""
-    if len(blob) < 8:
-        raise CacheStateError("not a sinkstream cache state (too short)")
-    (size,) = struct.unpack_from("<Q", blob)
-    if size > len(blob) - 8:
-        raise CacheStateError("not a sinkstream cache state (its header runs past its end)")
-    try:
-        header = json.loads(bytes(memoryview(blob)[8:8 + size]))
-    except ValueError:
-        raise CacheStateError("not a sinkstream cache state (its header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise CacheStateError("not a sinkstream cache state (its header is not a JSON object)")
-    return header, 8 + size
-
-
 def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """Read a state file written by `save` (or `save_packed`): (tensors, cache meta, extra)."""
+    """Read a state file written by `save` (or `save_packed`): (tensors, cache meta, extra).
+    CacheStateError naming `path` when it is missing, unreadable, not a state, or damaged (its checksum
+    does not match; files written before states had a checksum load unchecked)."""
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            header = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-        meta, extra = json.loads(header["cache"]), json.loads(header.get("extra", "{}"))
+        blob = Path(path).read_bytes()
     except FileNotFoundError:
         raise CacheStateError(f"{path}: no such cache state file") from None
+    except OSError as exc:
+        raise CacheStateError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    return _decoded(str(path), blob)
+
+
+def _decoded(origin: str, blob: bytes) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    header, data_start = state_file.read_header(blob, origin)
+    state_file.verify(origin, header, memoryview(blob)[data_start:])
+    fields = header.get("__metadata__") or {}
+    try:
+        tensors = load_bytes(blob)
+        meta, extra = json.loads(fields["cache"]), json.loads(fields.get("extra", "{}"))
     except Exception as exc:
-        raise CacheStateError(f"{path}: not a sinkstream cache state ({exc})") from None
-    return _checked(str(path), tensors, meta, extra)
+        raise CacheStateError(f"{origin}: not a sinkstream cache state ({exc})") from None
+    return _checked(origin, tensors, meta, extra)
 
 
 def _checked(origin: str, tensors: dict, meta: dict, extra: dict) -> tuple[dict[str, torch.Tensor], dict, dict]:

@@ -156,15 +156,21 @@ class Runtime:
                       prefill_budget=prefill_budget, pipelined=pipelined)
 
     def restore_session(self, path) -> Session:
-        """Re-open a session saved with `Session.save(path)`."""
-        tensors, meta, extra = cache_state.load(path)
-        if meta.get("kind") == "sink_window":
-            session = self.session(meta["sinks"], meta["window"], chunk=extra.get("chunk"))
-        else:
-            session = self.session(unbounded_cache=True, chunk=extra.get("chunk"))
-        if bool(extra.get("sequential", False)):
-            session.engine.sequential = True
-        session.restore(tensors, meta, extra)
+        """Re-open a session saved with `Session.save(path)`. CacheStateError naming `path` when the file
+        is missing, not a state, damaged (its checksum does not match) or made for another model."""
+        tensors, meta, extra = cache_state.load(path)  # (its errors name the path)
+        try:
+            if meta.get("kind") == "sink_window":
+                session = self.session(meta["sinks"], meta["window"], chunk=extra.get("chunk"))
+            else:
+                session = self.session(unbounded_cache=True, chunk=extra.get("chunk"))
+            if bool(extra.get("sequential", False)):
+                session.engine.sequential = True
+            session.restore(tensors, meta, extra)
+        except cache_state.CacheStateError as exc:
+            raise cache_state.CacheStateError(f"{path}: {exc}") from None
+        except (KeyError, TypeError, ValueError) as exc:  # settings no session can have
+            raise cache_state.CacheStateError(f"{path}: not a usable session state ({exc!r})") from None
         return session
 
     def require_tokenizer(self) -> Tokenizer:

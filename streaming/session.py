@@ -347,7 +347,11 @@ class Session:
             self._replies = 0
 
     def save(self, path) -> None:
-        """Write this session's cache and conversation state to `path` (one safetensors file)."""
+        """Write this session's cache and conversation state to `path` (one safetensors file with a
+        checksum), atomically: a unique temporary file in the same directory, fsynced, renamed over
+        `path`. OSError naming `path` when it cannot be written: a missing directory, a full disk, or a
+        target that exists and is not a regular file (a directory, device or FIFO is never replaced).
+        A symlink keeps pointing where it did; the file it names is replaced."""
         cache_state.save(path, *self.snapshot())
 
     def snapshot(self) -> tuple[dict, dict, dict]:

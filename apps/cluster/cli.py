@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import os
 import secrets
+import shutil
 import tempfile
 
 from apps.common import eprint
@@ -52,17 +53,27 @@ def run(args: argparse.Namespace, cfg) -> int:
         from ray import serve  # noqa: F401
     except ImportError:
         raise SystemExit("error: --ray needs Ray Serve: pip install -e \".[ray]\"") from None
-    from apps.cluster.ray_backend import Deployer, Placement, Scaler, cluster_gpus, start_ray
-    from apps.cluster.replica import ReplicaSpec
-
     least, most = replica_counts(args)
     state_dir = cfg.state_dir
+    made = None  # a temporary state directory made here, removed at the end (never a --state-dir)
     if state_dir is None:
         if args.address:
             raise SystemExit("error: a Ray cluster of several machines needs --state-dir on storage every "
                              "node sees (sessions move between replicas through it)")
-        state_dir = tempfile.mkdtemp(prefix="sinkstream-state-")
-        eprint(f"[sessions are kept in {state_dir} (give --state-dir to keep them across restarts)]")
+        state_dir = made = tempfile.mkdtemp(prefix="sinkstream-state-")
+        eprint(f"[sessions are kept in {state_dir} until this server stops (give --state-dir to keep them "
+               "across restarts)]")
+    try:
+        return _run_replicas(args, cfg, state_dir, least, most)
+    finally:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+
+
+def _run_replicas(args: argparse.Namespace, cfg, state_dir: str, least: int, most: int) -> int:
+    from apps.cluster.ray_backend import Deployer, Placement, cluster_gpus, start_ray
+    from apps.cluster.replica import ReplicaSpec
+
     started = start_ray(args.address)
     gpus = args.gpus_per_replica if args.gpus_per_replica is not None else (1.0 if cluster_gpus() > 0 else 0.0)
     limits = dataclasses.asdict(cfg.limits)

@@ -27,6 +27,7 @@ from apps.server.sessions import ON_DISK, ChatState, ModelWorker, Registry
 from apps.server.rate_limit import RateLimiter
 from apps.server.state_dir import SESSION_ID, StateDir, conversation_of
 from apps.server.state_writer import StateWriter
+from cache.errors import CacheStateError
 from streaming import PoolFullError
 from streaming.session import SessionStats
 
@@ -186,6 +187,8 @@ class ChatServer(Listening):
             self.server.close()
             await self.server.wait_closed()
         if self.writer is not None:
+            for st in [x for x in self.sessions.parked() if x.parked is not ON_DISK]:
+                await self._write_state(st, st.parked)  # parked in memory when a write failed: try again
             await self.writer.close()
         self.worker.shutdown()
         gc.unfreeze()  # (start froze what existed then; an embedding process goes on collecting it)
@@ -347,7 +350,10 @@ class ChatServer(Listening):
         async with st.lock:
             if st.closed or self.sessions.by_id.get(sid) is not st:
                 return False
-            await self.persist(st, handing_off=True)
+            written = (await self.persist(st, handing_off=True) if st.session is not None
+                       else st.parked is ON_DISK or await self._write_state(st, st.parked, handing_off=True))
+            if not written:  # its file would be older than its state: it stays here
+                return False
             if st.session is not None:
                 await self.engine.release(st.session)
                 st.session = None
@@ -369,25 +375,39 @@ class ChatServer(Listening):
         log.info("session %s disowned: another server holds it (%d live)", sid[:8], len(self.sessions))
         return True
 
-    async def persist(self, st: ChatState, *, handing_off: bool = False) -> None:
-        """Write the session's state and transcript to --state-dir (atomically), when there is one.
+    async def persist(self, st: ChatState, *, handing_off: bool = False) -> bool:
+        """Write the session's state and transcript to --state-dir (atomically), when there is one and
+        the session holds a row. False when nothing was written: a failure is logged, never raised (a
+        full or read-only disk must not break the chat), and the last good file stays."""
+        if self.store is None or st.session is None or st.closed or st.released or st.disowned:
+            return False
+        try:
+            snapshot = await self.engine.snapshot(st.session)
+        except Exception as exc:
+            log.error("could not save session %s: no snapshot (%s: %s)", st.id[:8], type(exc).__name__, exc)
+            return False
+        return await self._write_state(st, snapshot, handing_off=handing_off)
+
+    async def _write_state(self, st: ChatState, snapshot, *, handing_off: bool = False) -> bool:
+        """Write a snapshot of the session with its transcript; False (logged) when that failed, or when
+        the file is another server's (`_owns_file`).
 
         The file also reserves the delta numbers of the session's next reply (`seq_high`): a server
         killed during that reply leaves this file, and whoever reads it back numbers on from the
         reservation, past every delta the client may have got. A session handed off sends nothing more
         here, so it reserves none."""
-        if self.store is None or st.session is None or st.closed or st.released or st.disowned:
-            return
+        if not await self._owns_file(st):
+            return False
         # A reply sends at most one delta per token, and one more for the text its end flushes.
         seq_high = st.seq if handing_off else st.seq + self.limits.max_new_tokens_cap + 1
-        if not await self._owns_file(st):
-            return
         try:
-            snapshot = await self.engine.snapshot(st.session)
             conversation = {**conversation_of(st.history, st.sampling, st.seq, seq_high), "owner": self.owner}
             await self.writer.write(st.id, snapshot, conversation)
-        except (OSError, EngineProcessError) as exc:  # a full or read-only disk must not break the chat: the last good file stays
-            log.error("could not save session %s to %s: %s", st.id[:8], self.store.path, exc)
+            return True
+        except Exception as exc:  # whatever the file system or the file format library raised
+            log.error("could not save session %s to %s: %s: %s", st.id[:8], self.store.path,
+                      type(exc).__name__, exc)
+            return False
 
     async def _owns_file(self, st: ChatState) -> bool:
         """Whether this server may write or delete the session's file: always, unless servers share the
@@ -409,22 +429,28 @@ class ChatServer(Listening):
         task = asyncio.create_task(self.park(st))
         self._parking.add(task)
         task.add_done_callback(self._parking.discard)
+        task.add_done_callback(_log_failure)
 
     async def park(self, st: ChatState) -> None:
         """Move a detached, idle session's cache state to host memory and give its row back, so
-        disconnected users never lock others out; `unpark` brings it back on resume."""
+        disconnected users never lock others out; `unpark` brings it back on resume. With --state-dir
+        the file is the parked state; a state that could not be written stays in memory instead."""
         async with st.lock:
             if st.session is None or st.closed or st.busy or st.conn is not None or self.stopping:
                 return
-            if self.store is not None:  # the file is the parked state: nothing kept in memory
-                await self.persist(st)
-                st.parked = ON_DISK
-            else:
-                st.parked = await self.engine.snapshot(st.session)
+            try:
+                snapshot = await self.engine.snapshot(st.session)
+            except Exception as exc:  # (it keeps its row: nothing is lost)
+                log.error("could not park session %s: %s: %s", st.id[:8], type(exc).__name__, exc)
+                return
+            st.parked = snapshot
+            if self.store is not None and await self._write_state(st, snapshot):
+                st.parked = ON_DISK  # nothing kept in memory
             await self.engine.release(st.session)
             st.session = None
-        log.info("session %s parked (%d active, %d parked)", st.id[:8], self.sessions.active,
-                 len(self.sessions.parked()))
+        log.info("session %s parked%s (%d active, %d parked)", st.id[:8],
+                 " in memory" if self.store is not None and st.parked is not ON_DISK else "",
+                 self.sessions.active, len(self.sessions.parked()))
         in_memory = [x for x in self.sessions.parked() if x.parked is not ON_DISK]  # disk ones cost no memory
         over = len(in_memory) - self.limits.max_parked_sessions
         for old in sorted(in_memory, key=lambda x: x.last_active)[:max(0, over)]:
@@ -436,9 +462,36 @@ class ChatServer(Listening):
         async with st.lock:
             if st.parked is None:
                 return
-            saved = st.parked if st.parked is not ON_DISK else await self.worker.run(self.store.read, st.id)
+            saved = st.parked if st.parked is not ON_DISK else await self._read_saved(st, rid)
             st.session = await self.take_row(rid, saved)
             st.parked = None
+
+    async def _read_saved(self, st: ChatState, rid):
+        """The state of a session parked on disk. A file that became unreadable since (damaged,
+        truncated, deleted) is skipped as at start: logged, the session forgotten, the file kept."""
+        try:
+            saved = await self.worker.run(self.store.read, st.id)
+            self._adopt_transcript(st, saved[2])
+            return saved
+        except CacheStateError as exc:
+            log.warning("skipping saved session %s: %s", self.store.file(st.id), exc)
+            self.sessions.remove(st)
+            raise ProtocolError(protocol.UNKNOWN_SESSION, f"session {st.id[:64]!r} cannot be resumed: its "
+                                "saved state is unreadable", session=st.id, request_id=rid) from None
+
+    def _adopt_transcript(self, st: ChatState, extra: dict) -> None:
+        """The cache state read back and the transcript held in memory must tell one conversation. When
+        the file holds another one (a stale copy of the session on a server sharing the directory wrote
+        it after this server parked the session), the transcript written with that state is taken."""
+        conversation = extra.get("server") if isinstance(extra, dict) else None
+        history = conversation.get("history") if isinstance(conversation, dict) else None
+        if not isinstance(history, list) or history == st.history:
+            return
+        log.warning("session %s: its file holds %d messages where %d were parked; resuming what the file "
+                    "holds", st.id[:8], len(history), len(st.history))
+        st.history = history
+        seqs = [v for v in (conversation.get("seq"), conversation.get("seq_high")) if isinstance(v, int)]
+        st.seq = max([st.seq, *seqs])  # never a number a client may have seen
 
     async def take_row(self, rid, saved=None):
         """A pool session for a new chat, or for a parked one restored from `saved` (its state);
@@ -631,6 +684,12 @@ class ChatServer(Listening):
                         protocol.IDLE_TIMEOUT, f"session closed after {timeout:g}s without "
                         "activity", session=st.id))
                 log.info("session %s expired (%d live)", st.id[:8], len(self.sessions))
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    """A background task's exception, logged (it has no caller to raise it to)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s failed", task.get_coro().__qualname__, exc_info=task.exception())
 
 
 def _client(ws) -> str:

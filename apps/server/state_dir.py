@@ -4,25 +4,28 @@ from its last finished reply without reprocessing its history.
 
 A file holds the session's cache row state (`Session.snapshot`: cache, logits, penalty history,
 chat progress, model fingerprint) and, in its header, the server's transcript of the conversation
-(messages, sampling settings, delta sequence number). It is written to a temporary file in the same
-directory, flushed to disk, then renamed over the old one: a crash leaves either the old or the new
-file, never a mix. At start every file is checked completely (format, fingerprint, layout, shapes);
-a corrupt, truncated or foreign file is reported and skipped, never half-loaded.
+(messages, sampling settings, delta sequence number), with a checksum of the whole. It is written to
+a temporary file of a unique name in the same directory, flushed to disk, then renamed over the old
+one: a crash leaves either the old or the new file, never a mix. At start every file is checked
+completely (checksum, format, fingerprint, layout, shapes); a corrupt, truncated or foreign file is
+reported and skipped, never half-loaded. The directory is created readable by its owner only.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
-import os
 import re
+import stat
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
 from apps.server.engine_spec import PackedState
 from cache import state as cache_state
+from cache import state_file
 
 log = logging.getLogger("sinkstream.server")
 
@@ -43,7 +46,7 @@ class SavedConversation:
 class StateDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        _private_dir(self.path)
 
     def file(self, session_id: str) -> Path:
         if not SESSION_ID.match(session_id):
@@ -76,8 +79,7 @@ class StateDir:
         for sid, i in last.items():
             try:
                 if ops[i][0] == "write":
-                    temp, target = prepared[i].result()
-                    os.replace(temp, target)
+                    state_file.commit(*prepared[i].result())  # (the temporary file goes if this fails)
                 elif ops[i][0] == "delete":
                     self.file(sid).unlink(missing_ok=True)
                 else:
@@ -93,16 +95,14 @@ class StateDir:
         return [results[last[sid]] for _, sid, _ in ops]
 
     def _write_temp(self, session_id: str, snapshot, conversation: dict) -> tuple[Path, Path]:
+        """The session's new file under a unique temporary name (pid and random suffix: servers that
+        share the directory never write into one file), fsynced: (temp, target) for the rename."""
         target = self.file(session_id)
-        temp = target.with_name(target.name + ".tmp")
         if isinstance(snapshot, PackedState):  # from the engine process: already the file's bytes
-            cache_state.save_packed(temp, snapshot.blob, {"server": conversation}, fsync=True)
-            return temp, target
+            return cache_state.save_packed_temp(target, snapshot.blob, {"server": conversation})
         tensors, meta, extra = snapshot
-        cache_state.save(temp, tensors, meta, {**extra, "server": conversation})
-        with open(temp, "rb") as handle:
-            os.fsync(handle.fileno())
-        return temp, target
+        return cache_state.save_packed_temp(target, cache_state.to_bytes(tensors, meta, extra),
+                                            {"server": conversation})
 
     def read(self, session_id: str) -> tuple[dict, dict, dict]:
         """(tensors, cache meta, extra) of a saved session (CacheStateError when unreadable)."""
@@ -111,7 +111,7 @@ class StateDir:
     def scan(self, check) -> list[SavedConversation]:
         """Every readable session file whose state passes `check(tensors, meta, extra)` (which raises
         on a mismatch); the others are logged and skipped. Leftover temp files are removed."""
-        for leftover in self.path.glob("*" + SUFFIX + ".tmp"):  # a write that a crash interrupted
+        for leftover in self.path.glob("*" + SUFFIX + "*.tmp"):  # a write that a crash interrupted
             leftover.unlink(missing_ok=True)
         found = [self.load(path.name[: -len(SUFFIX)], check) for path in sorted(self.path.glob("*" + SUFFIX))]
         return [conv for conv in found if conv is not None]
@@ -155,14 +155,26 @@ def _call_now(call) -> Future:
 
 
 def _fsync_dir(path: Path) -> None:
+    state_file.fsync_dir(path)
+
+
+def _private_dir(path: Path) -> None:
+    """Create the state directory readable by its owner only (0700): the file names are session ids,
+    and knowing one allows resuming its conversation. One that exists already is used as it is, with a
+    warning when other users may list or change it."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms without directory handles
+        path.mkdir(mode=0o700, parents=True)
+        path.chmod(0o700)  # (exactly: a umask could only have narrowed it, never widened it)
         return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    except FileExistsError:
+        pass
+    mode = path.stat().st_mode
+    if not stat.S_ISDIR(mode):
+        raise NotADirectoryError(errno.ENOTDIR, "the state directory is not a directory", str(path))
+    if mode & 0o077:
+        log.warning("state directory %s has mode %o: other users may list it, and its file names are "
+                    "session ids, which allow resuming those conversations (chmod 700 %s)",
+                    path, stat.S_IMODE(mode), path)
 
 
 def conversation_of(history: list[dict], sampling: dict, seq: int, seq_high: int | None = None) -> dict:
