@@ -158,3 +158,33 @@ def test_a_file_damaged_while_its_session_is_parked_is_skipped_on_resume(rt, tmp
     assert answer["type"] == "error" and answer["code"] == "unknown_session" and answer["id"] == 3, answer
     assert "skipping saved session" in caplog.text and "checksum" in caplog.text
     assert not known and kept
+
+
+def test_a_parked_session_whose_file_another_server_rewrote_resumes_what_the_file_holds(rt, tmp_path):
+    """Servers sharing a directory: a stale copy of a session may write the file after this server
+    parked the session on disk. The resume then takes the file's cache state with the transcript it was
+    written with (never the cache of one conversation with the transcript of another), and the reply
+    equals that of a session that held the file's conversation all along."""
+    path = tmp_path / "state"
+
+    async def main():
+        async with serve(rt, state_dir=str(path)) as app:
+            async with connect(ws_url(app)) as ws:
+                sid = await create(ws)
+                await _say(ws, sid, "Name a river.")
+                older = (path / f"{sid}.session.safetensors").read_bytes()  # what the stale copy holds
+                await _say(ws, sid, "And a mountain?")
+            await _parked(app, sid)
+            assert app.sessions.by_id[sid].parked is ON_DISK
+            (path / f"{sid}.session.safetensors").write_bytes(older)
+            async with connect(ws_url(app)) as ws:
+                await create(ws, resume=sid)
+                resumed = await _say(ws, sid, "Hello.")
+                reference = await create(ws)
+                await _say(ws, reference, "Name a river.")
+                expected = await _say(ws, reference, "Hello.")
+            return resumed, expected, len(app.sessions.by_id[sid].history)
+
+    resumed, expected, messages = run(main())
+    assert resumed and resumed == expected
+    assert messages == 4  # the file's two turns, then this one
