@@ -153,5 +153,6 @@ def test_pipelined_by_default_only_on_cuda(runtime):
     assert Engine(runtime, 1, sinks=SINKS, window=WINDOW, chunk=CHUNK).pipelined is False
     with pytest.raises(InvalidInputError, match="several rows"):
         Engine(runtime, 1, sinks=SINKS, window=WINDOW, chunk=CHUNK, pipelined=True)
-    assert runtime.pool(2, sinks=SINKS, window=WINDOW, chunk=CHUNK).engine.pipelined is False
+    assert runtime.pool(2, sinks=SINKS, window=WINDOW, chunk=CHUNK).engine.pipelined is (runtime.device.type == "cuda")
+    assert runtime.pool(2, sinks=SINKS, window=WINDOW, chunk=CHUNK, pipelined=False).engine.pipelined is False
     assert runtime.pool(2, sinks=SINKS, window=WINDOW, chunk=CHUNK, pipelined=True).engine.pipelined is True
