@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator, Iterator, Sequence
 
 import torch
@@ -63,6 +63,9 @@ class OpenReply:
     job: "Job"
     turn: ChatTurn | None = None  # the chat turn to record when it ends
     ended: bool = False
+    # Held while the reply is ended: two threads may end it at once (an abandoned agenerate's
+    # finalizer and the session's next operation); the second waits and finds it ended.
+    ending: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def reply(self):
@@ -251,21 +254,23 @@ class Session:
 
     def end_reply(self, reply: OpenReply) -> None:
         """Stop the reply if it still runs (the engine drops it before its next step), record a chat
-        turn, and free the session. Idempotent; call it in `finally`."""
-        if reply.ended:
-            return
-        try:
-            job = reply.job
-            if not job.finished:
-                self.engine.cancel(job)
-                self.engine.wait(job, raise_error=False)
-            if reply.turn is not None:
-                self._chat.record(reply.turn, job.generated, self.runtime)
-        finally:
-            reply.ended = True
-            if self._abandoned is reply:
-                self._abandoned = None
-            self._lock.release()
+        turn, and free the session. Idempotent and thread-safe: the session is freed exactly once,
+        by whichever call ends the reply (a later one returns at once); call it in `finally`."""
+        with reply.ending:
+            if reply.ended:
+                return
+            try:
+                job = reply.job
+                if not job.finished:
+                    self.engine.cancel(job)
+                    self.engine.wait(job, raise_error=False)
+                if reply.turn is not None:
+                    self._chat.record(reply.turn, job.generated, self.runtime)
+            finally:
+                reply.ended = True
+                if self._abandoned is reply:
+                    self._abandoned = None
+                self._lock.release()
 
     def _generate(self, request: ReplyRequest, turn: ChatTurn | None = None) -> Iterator[Response]:
         reply = self.begin_reply(request, turn)
