@@ -255,7 +255,12 @@ class Session:
     def end_reply(self, reply: OpenReply) -> None:
         """Stop the reply if it still runs (the engine drops it before its next step), record a chat
         turn, and free the session. Idempotent and thread-safe: the session is freed exactly once,
-        by whichever call ends the reply (a later one returns at once); call it in `finally`."""
+        by whichever call ends the reply (a later one returns at once); call it in `finally`.
+
+        A chat turn stopped before its prompt was all in (a cancel right after the message, or
+        between its chunks) has the rest of its prompt ingested here: stopping stops the decoding
+        only, so the stream holds every message the conversation records (the system prompt
+        included), followed by the reply as far as it went, perhaps empty."""
         with reply.ending:
             if reply.ended:
                 return
@@ -265,6 +270,9 @@ class Session:
                     self.engine.cancel(job)
                     self.engine.wait(job, raise_error=False)
                 if reply.turn is not None:
+                    rest = job.ids[job.ingested:]
+                    if rest and job.error is None:
+                        self.ingest(rest)
                     self._chat.record(reply.turn, job.generated, self.runtime)
             finally:
                 reply.ended = True
@@ -323,7 +331,9 @@ class Session:
         session generated included; only the messages after those already in the stream are fed. The
         session itself keeps just a count and the last few KiB of the fed text (constant memory): the
         rendered conversation must continue that text, else the new turns are rendered on their own.
-        A reply stopped early (closed iterator, cancel) still counts as the assistant's turn.
+        A reply stopped early (closed iterator, cancel) still counts as the assistant's turn, and its
+        new messages are in the stream all the same: stopping before the prompt was all in ingests
+        the rest of it first (see `end_reply`).
         """
         turn = self.chat_turn(messages, stop=stop)
         request = self.prepare_reply(turn.prompt, stop=turn.stop, **sampling)

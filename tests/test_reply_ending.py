@@ -118,3 +118,50 @@ def test_an_abandoned_agenerate_and_the_next_operation_in_a_thread_end_it_once(r
         stop.set()
         busy.join(30)
     assert trials > 0 and not s._lock.locked()
+
+
+SYSTEM = {"role": "system", "content": "You answer in one word."}
+LONG_MESSAGE = " ".join(f"word{i}" for i in range(60))  # several chunks of 16 tokens
+
+
+def _turns(message):
+    first = [SYSTEM, {"role": "user", "content": message}]
+    return first, first + [{"role": "assistant", "content": ""}, {"role": "user", "content": "Name a river."}]
+
+
+def _reference_stream(runtime, message):
+    """The ids a session holds after the first turn with an empty reply, then the second turn's prompt."""
+    first, second = _turns(message)
+    r = runtime.session(window=512)
+    list(r.chat(first, max_new_tokens=0))
+    list(r.chat(second, max_new_tokens=0))
+    return r.recent_ids()
+
+
+@pytest.mark.parametrize("how", ["pool at once", "pool mid-prompt", "standalone at once"])
+def test_a_chat_turn_stopped_before_its_prompt_was_in_still_feeds_its_messages(runtime, how):
+    # A cancel right after the message (begin, then end at once) or between its prompt's chunks:
+    # the turn is recorded, so its messages (the system prompt included) must be in the stream, and
+    # the next turn then feeds only its own; the stream equals that of the turn run with an empty reply.
+    message = LONG_MESSAGE if "mid-prompt" in how else "Tell me a story."
+    first, second = _turns(message)
+    if how.startswith("pool"):
+        pool = runtime.pool(2, window=512, chunk=16)
+        s = pool.session()
+        reply = pool.begin_chat(s, first, max_new_tokens=20)
+        if "mid-prompt" in how:
+            while reply.job.ingested < 16:
+                pool.engine.step()
+            assert reply.job.prefilling
+        pool.end(reply)
+    else:
+        s = runtime.session(window=512)
+        turn = s.chat_turn(first)
+        reply = s.begin_reply(s.prepare_reply(turn.prompt, stop=turn.stop, max_new_tokens=20), turn)
+        s.end_reply(reply)
+    assert reply.job.cancelled and reply.job.generated == []
+    list(s.chat(second, max_new_tokens=0))
+    stream = s.recent_ids()
+    assert runtime.tokenizer.decode(stream).startswith(runtime.tokenizer.render_chat(first, add_generation_prompt=True))
+    assert stream == _reference_stream(runtime, message)
+    assert s.stats().tokens_seen == len(stream)
