@@ -305,3 +305,41 @@ def test_calls_made_in_one_loop_iteration_cross_as_one_message_in_order(rt, monk
     assert all(s.tokens_seen == 0 and s.cache_bytes > 0 for s in got[:4])
     assert isinstance(got[4], KeyError)  # only the unknown handle's call failed
     assert got[5] is None and isinstance(got[6], KeyError)  # released before its stats were asked
+
+
+def test_an_unreadable_message_from_the_engine_process_fails_what_waits_on_it():
+    # A message that cannot be unpickled must not end the reader thread silently: the calls and
+    # replies waiting on the process fail with the reason, the server is told (on_death), and the
+    # process, whose pipe can no longer be trusted, is stopped. (A stand-in process and pipe.)
+    import multiprocessing
+    import threading
+
+    from apps.server.engine_process import RemoteJob
+
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    deaths = []
+    engine = EngineProcess(None, None, on_death=deaths.append)
+
+    async def main():
+        ours, theirs = multiprocessing.Pipe()
+        engine._loop, engine.process, engine._conn = asyncio.get_running_loop(), stand_in, ours
+        job = RemoteJob(1, asyncio.Event())
+        engine._jobs[job.id] = job
+        call = engine.call("session_stats", 0)
+        assert theirs.recv()[0] == "call"
+        threading.Thread(target=engine._read, daemon=True).start()
+        theirs.send_bytes(b"not a pickle")
+        await asyncio.wait_for(job.ready.wait(), 5)
+        with pytest.raises(EngineProcessError, match="could not be read"):
+            await asyncio.wait_for(asyncio.wrap_future(call), 5)
+        await asyncio.sleep(0.05)  # (on_death is called on the loop)
+        return job
+
+    try:
+        job = asyncio.run(main())
+        stopped = stand_in.poll()  # (the reader waited for it to exit)
+    finally:
+        stand_in.kill()
+    assert job.finished and isinstance(job.error, EngineProcessError)
+    assert deaths and "could not be read" in deaths[0] and engine.dead == deaths[0]
+    assert stopped is not None
