@@ -343,3 +343,22 @@ def test_an_unreadable_message_from_the_engine_process_fails_what_waits_on_it():
     assert job.finished and isinstance(job.error, EngineProcessError)
     assert deaths and "could not be read" in deaths[0] and engine.dead == deaths[0]
     assert stopped is not None
+
+
+def test_an_unreadable_message_from_the_server_stops_the_engine_process_cleanly():
+    # The engine process's side: it logs and stops serving (closing its end, so the server's reader
+    # sees the process go), instead of raising out of serve(). (A stand-in child, no model.)
+    import multiprocessing
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from apps.server.engine_child import EngineChild
+
+    child = EngineChild.__new__(EngineChild)
+    ours, theirs = multiprocessing.Pipe()
+    child.conn, child.jobs = ours, {}
+    child.worker, child.loop = ThreadPoolExecutor(max_workers=1), SimpleNamespace(stop=lambda: None)
+    theirs.send_bytes(b"not a pickle")
+    child.serve()
+    with pytest.raises(EOFError):
+        theirs.recv()
