@@ -35,6 +35,8 @@ class _Watched(OpenReply):
 
 
 class _SignallingLock:
+    """The reply's `ending` lock, telling when a thread other than the first is about to take it."""
+
     def __init__(self, reply):
         self.reply, self.lock = reply, threading.Lock()
 
