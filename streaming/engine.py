@@ -86,7 +86,7 @@ class Job:
     responses: deque = field(default_factory=deque)  # produced, not yet taken by the consumer
     generated: list[int] = field(default_factory=list)
     launched: int = 0  # decode steps queued for this reply (the host reads their ids a step later when pipelined)
-    finished: bool = False
+    finished: bool = False  # set once its row is consistent (a queued step taken back): readable without the lock
     cancelled: bool = False
     error: BaseException | None = None
     # Called (in the thread that steps the engine) after each step that gave this job Responses or
@@ -106,6 +106,7 @@ class _Launched:
     jobs: list[Job]
     ids: torch.Tensor  # [k] long on the host
     ready: torch.cuda.Event | None
+    counted: bool = False  # its tokens are accounted in their rows (`Engine._count`)
 
     def tokens(self) -> list[int]:
         if self.ready is not None:
@@ -126,7 +127,9 @@ class Engine:
     pipelined: at batch 1 it measured slower (570 against 611 tok/s) and an LCKV one-row capture
     failed on the H200 (benchmarks/RESULTS.md), so asking for it is an error. Thread-safe: any
     thread may call `step()` (or iterate `responses()`), one iteration runs at a time and advances
-    every stream.
+    every stream. A step that fails (a callback raising, the device) ends every job that took part
+    with the error (`job.error`) and raises it; the rows count every token their caches hold (a
+    queued step's included), so their streams can go on.
     """
 
     def __init__(self, runtime: "Runtime", rows: int, *, sinks: int = 4, window: int = 1020,
@@ -354,6 +357,7 @@ class Engine:
             live = [j for j in (*self._decoding, *self._prefilling) if not j.cancelled]
             stepping = list(dict.fromkeys((*live, *waiting)))
             times.admit_s = time.perf_counter() - t
+            launched = None  # this iteration's decode step, once queued (the failure path reads it too)
             try:
                 t = time.perf_counter()
                 self._launched = None
@@ -377,6 +381,7 @@ class Engine:
                     times.prefill_s = time.perf_counter() - t
             except BaseException as exc:  # every job that took part sees the failure
                 self._launched = None
+                self._count_unread(earlier, launched)
                 for job in stepping:
                     job.error = exc
                     self._finish(job)
@@ -386,6 +391,18 @@ class Engine:
                     if job.notify is not None and (job.responses or job.finished):
                         job.notify()
             return bool(self._decoding or self._prefilling or self._inbox or self._launched)
+
+    def _count_unread(self, *steps: _Launched | None) -> None:
+        """After a failed step: the tokens of decode steps whose ids were not read yet are in their
+        rows all the same (a queued step included), so they are accounted, and the rows stay
+        consistent for the streams' next replies. Their Responses are not made (the jobs end with
+        the error). A device that cannot give the ids back any more leaves nothing to account."""
+        for step in steps:
+            if step is not None and not step.counted:
+                try:
+                    self._count(step)
+                except Exception:
+                    return
 
     def _admit(self) -> list[Job]:
         """Move the jobs submitted since the last step into the schedule (their rows' settings set)."""
@@ -429,24 +446,38 @@ class Engine:
 
     def _read_decoded(self, step: _Launched, *, then: _Launched | None) -> None:
         """The host's part of a decode step: ids -> Responses, stops, finishes. A job that ends here
-        but already has a token in `then` (the step queued after) gets that step taken back."""
+        but already has a token in `then` (the step queued after) gets that step taken back, and is
+        finished only after that: whoever sees `job.finished` (without the engine's lock) finds its
+        row as the reply left it."""
+        live = [(job, token) for job, token in zip(step.jobs, self._count(step)) if token is not None]
         ended = []
-        for job, token in zip(step.jobs, step.tokens()):
-            if job.finished:  # its row was closed meanwhile (and reset after this step)
-                continue
-            self.seen[job.row] += 1
-            job.generated.append(token)
+        for job, token in live:
             job.responses.append(job.reply.push(token))
             if not job.reply.finished and not job.reply.wants_token():
                 job.responses.append(job.reply.end())
             if job.reply.finished:
-                self._finish(job)
                 ended.append(job)
         if then is not None and ended:
             position = {job: i for i, job in enumerate(then.jobs)}
             undo = [job for job in ended if job in position]
             if undo:
                 self._take_back([position[job] for job in undo], undo)
+        for job in ended:
+            self._finish(job)
+
+    def _count(self, step: _Launched) -> list[int | None]:
+        """Account a decode step's tokens in their rows (`seen`, `job.generated`), before anything
+        that may fail works on them, so a row's count always matches its cache. Returns the tokens,
+        None for a job whose row was closed meanwhile (and reset after this step). Once per step."""
+        tokens = step.tokens()
+        step.counted = True
+        for i, (job, token) in enumerate(zip(step.jobs, tokens)):
+            if job.finished:
+                tokens[i] = None
+                continue
+            self.seen[job.row] += 1
+            job.generated.append(token)
+        return tokens
 
     def index_tensor(self, values: list) -> torch.Tensor:
         """A long tensor (of a list, or a list of equal-length lists) on the engine's device; pipelined,
@@ -530,9 +561,10 @@ class Engine:
             self.sampling.observe(self.index_tensor(rows), ids)
         else:
             logits = self.prefill_rows(self.index_tensor(rows), ids, all_logits)  # [k, n or 1, V]
-        for i, job in enumerate(jobs):
+        for job in jobs:  # counted first: a callback that raises leaves every row's count right
             job.ingested += n
             self.seen[job.row] += n
+        for i, job in enumerate(jobs):
             if job.on_logits is not None:
                 job.on_logits(logits[i])
 

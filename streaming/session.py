@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator, Iterator, Sequence
 
 import torch
@@ -63,6 +63,9 @@ class OpenReply:
     job: "Job"
     turn: ChatTurn | None = None  # the chat turn to record when it ends
     ended: bool = False
+    # Held while the reply is ended: two threads may end it at once (an abandoned agenerate's
+    # finalizer and the session's next operation); the second waits and finds it ended.
+    ending: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def reply(self):
@@ -251,21 +254,31 @@ class Session:
 
     def end_reply(self, reply: OpenReply) -> None:
         """Stop the reply if it still runs (the engine drops it before its next step), record a chat
-        turn, and free the session. Idempotent; call it in `finally`."""
-        if reply.ended:
-            return
-        try:
-            job = reply.job
-            if not job.finished:
-                self.engine.cancel(job)
-                self.engine.wait(job, raise_error=False)
-            if reply.turn is not None:
-                self._chat.record(reply.turn, job.generated, self.runtime)
-        finally:
-            reply.ended = True
-            if self._abandoned is reply:
-                self._abandoned = None
-            self._lock.release()
+        turn, and free the session. Idempotent and thread-safe: the session is freed exactly once,
+        by whichever call ends the reply (a later one returns at once); call it in `finally`.
+
+        A chat turn stopped before its prompt was all in (a cancel right after the message, or
+        between its chunks) has the rest of its prompt ingested here: stopping stops the decoding
+        only, so the stream holds every message the conversation records (the system prompt
+        included), followed by the reply as far as it went, perhaps empty."""
+        with reply.ending:
+            if reply.ended:
+                return
+            try:
+                job = reply.job
+                if not job.finished:
+                    self.engine.cancel(job)
+                    self.engine.wait(job, raise_error=False)
+                if reply.turn is not None:
+                    rest = job.ids[job.ingested:]
+                    if rest and job.error is None:
+                        self.ingest(rest)
+                    self._chat.record(reply.turn, job.generated, self.runtime)
+            finally:
+                reply.ended = True
+                if self._abandoned is reply:
+                    self._abandoned = None
+                self._lock.release()
 
     def _generate(self, request: ReplyRequest, turn: ChatTurn | None = None) -> Iterator[Response]:
         reply = self.begin_reply(request, turn)
@@ -318,7 +331,9 @@ class Session:
         session generated included; only the messages after those already in the stream are fed. The
         session itself keeps just a count and the last few KiB of the fed text (constant memory): the
         rendered conversation must continue that text, else the new turns are rendered on their own.
-        A reply stopped early (closed iterator, cancel) still counts as the assistant's turn.
+        A reply stopped early (closed iterator, cancel) still counts as the assistant's turn, and its
+        new messages are in the stream all the same: stopping before the prompt was all in ingests
+        the rest of it first (see `end_reply`).
         """
         turn = self.chat_turn(messages, stop=stop)
         request = self.prepare_reply(turn.prompt, stop=turn.stop, **sampling)

@@ -33,11 +33,12 @@ def reference_tokens(runtime, prompt_ids, params, max_new_tokens):
                             window=WINDOW, dtype=runtime.dtype, device=runtime.device)
     sampling = RowSampling(1, config.vocab_size, device=runtime.device, history=SINKS + WINDOW)
     sampling.configure(0, params)
-    row = torch.tensor([0])
+    device = runtime.device  # (ids and row indices live with the model: on CUDA too)
+    row = torch.tensor([0], device=device)
     out = []
     with torch.inference_mode():
         for start in range(0, len(prompt_ids), CHUNK):
-            piece = torch.tensor([prompt_ids[start : start + CHUNK]])
+            piece = torch.tensor([prompt_ids[start : start + CHUNK]], device=device)
             logits = forward_tokens(runtime.model, cache, piece)[:, -1]
             sampling.observe(row, piece)
         for _ in range(max_new_tokens):

@@ -153,5 +153,88 @@ def test_pipelined_by_default_only_on_cuda(runtime):
     assert Engine(runtime, 1, sinks=SINKS, window=WINDOW, chunk=CHUNK).pipelined is False
     with pytest.raises(InvalidInputError, match="several rows"):
         Engine(runtime, 1, sinks=SINKS, window=WINDOW, chunk=CHUNK, pipelined=True)
-    assert runtime.pool(2, sinks=SINKS, window=WINDOW, chunk=CHUNK).engine.pipelined is False
+    assert runtime.pool(2, sinks=SINKS, window=WINDOW, chunk=CHUNK).engine.pipelined is (runtime.device.type == "cuda")
+    assert runtime.pool(2, sinks=SINKS, window=WINDOW, chunk=CHUNK, pipelined=False).engine.pipelined is False
     assert runtime.pool(2, sinks=SINKS, window=WINDOW, chunk=CHUNK, pipelined=True).engine.pipelined is True
+
+
+def _ending_on_eos(runtime, monkeypatch, prompt, at):
+    """Greedy ids of `prompt` alone, and EOS made of a token it generates at index >= `at` (not earlier)."""
+    ids, _, _ = _greedy_alone(runtime, prompt, 30)
+    eos = next(t for i, t in enumerate(ids) if i >= at and t not in ids[:i])
+    monkeypatch.setattr(runtime, "eos_ids", runtime.eos_ids | {eos})
+    return eos
+
+
+def test_a_job_is_finished_only_once_its_row_is_taken_back(runtime, monkeypatch):
+    # A reader that sees `finished` without the engine's lock (end_reply, then a snapshot) must find
+    # the row as the reply left it: the step queued after its last token already taken back. Each
+    # job's row is looked at the very moment `finished` is set.
+    _ending_on_eos(runtime, monkeypatch, PROMPTS[2], 6)
+    engine = _engine(runtime, 3, pipelined=True)
+    seen_at_finish = {}
+    finish = Engine._finish
+
+    def watching(self, job, **kw):
+        finish(self, job, **kw)
+        if job.finished and job not in seen_at_finish:
+            seen_at_finish[job] = (self.cache.lengths[job.row].item(), self.seen[job.row], len(job.generated))
+
+    monkeypatch.setattr(Engine, "_finish", watching)
+    other = engine.submit(engine.open_row(), _ids(runtime, PROMPTS[0]), params=SamplingParams(), max_new_tokens=None)
+    job = engine.submit(engine.open_row(), _ids(runtime, PROMPTS[2]), params=SamplingParams(temperature=0.0),
+                        max_new_tokens=30)
+    for _ in range(100):
+        if job.finished:
+            break
+        engine.step()
+    assert job.responses[-1].finish_reason == "eos" and not other.finished  # (its step was queued: taken back)
+    length, seen, generated = seen_at_finish[job]
+    assert length == seen == len(_ids(runtime, PROMPTS[2])) + generated
+
+
+def _failing_after(calls, exc):
+    """A callback that raises `exc` on its `calls`-th call."""
+    count = [0]
+
+    def callback(*_):
+        count[0] += 1
+        if count[0] == calls:
+            raise exc
+    return callback
+
+
+@pytest.mark.parametrize("where", ["prompt", "reply"])
+def test_a_failed_step_leaves_every_row_consistent(runtime, where):
+    # A step fails after this iteration's decode step was queued (a prompt chunk's callback raises) or
+    # while the previous step's ids are read (a reply's bookkeeping raises for the first row of the
+    # batch). The jobs end with the error; every row still holds exactly the tokens it counts, equal
+    # to the plain loop stopped at the same tokens, so the streams can go on.
+    engine = _engine(runtime, 3, pipelined=True)
+    prompts, settings = [_ids(runtime, PROMPTS[0]), _ids(runtime, PROMPTS[1])], [SETTINGS[0], SETTINGS[2]]
+    jobs = [engine.submit(engine.open_row(), p, params=SamplingParams(**s), max_new_tokens=30)
+            for p, s in zip(prompts, settings)]
+    while len(jobs[0].generated) < 4:
+        engine.step()
+    if where == "prompt":
+        engine.submit(engine.open_row(), list(range(3, 40)), on_logits=_failing_after(2, ValueError("callback")))
+    else:
+        push = jobs[0].reply.push
+        failing = _failing_after(2, ValueError("callback"))
+        jobs[0].reply.push = lambda token: (failing(), push(token))[1]
+    with pytest.raises(ValueError, match="callback"):
+        _run(engine, jobs)
+    assert all(job.finished and isinstance(job.error, ValueError) for job in jobs)
+    for row in engine._open:
+        assert engine.cache.lengths[row].item() == engine.seen[row]
+    plain = _engine(runtime, 3, pipelined=False)
+    alike = [plain.submit(plain.open_row(), p, params=SamplingParams(**s), max_new_tokens=len(job.generated))
+             for job, p, s in zip(jobs, prompts, settings)]
+    _run(plain, alike)
+    for job, same in zip(jobs, alike):
+        assert same.generated == job.generated
+        _assert_same_row(plain, same.row, engine, job.row)
+    # and the streams go on
+    more = engine.submit(jobs[1].row, [], params=SamplingParams(temperature=0.0), max_new_tokens=3)
+    _run(engine, [more])
+    assert len(more.generated) == 3 and engine.cache.lengths[more.row].item() == engine.seen[more.row]

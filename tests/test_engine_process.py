@@ -80,7 +80,7 @@ ENGINE_TESTS = [
     test_server.test_disconnect_stops_generation_and_session_resumes,
     test_server.test_bad_frames_get_errors_and_other_sessions_keep_streaming,
     test_server_engine.test_a_stream_keeps_going_while_another_session_sends_a_long_prompt,
-    test_server_engine.test_cancel_during_a_long_prompt_stops_between_chunks,
+    test_server_engine.test_cancel_during_a_long_prompt_ends_the_reply_once_the_prompt_is_in,
     test_server_engine.test_close_while_the_reply_finishes_gives_the_row_back,
     test_server_parking.test_a_parked_session_continues_exactly_as_if_never_left,
     test_server_parking.test_resume_when_every_row_is_taken_says_the_server_is_full,
@@ -305,3 +305,60 @@ def test_calls_made_in_one_loop_iteration_cross_as_one_message_in_order(rt, monk
     assert all(s.tokens_seen == 0 and s.cache_bytes > 0 for s in got[:4])
     assert isinstance(got[4], KeyError)  # only the unknown handle's call failed
     assert got[5] is None and isinstance(got[6], KeyError)  # released before its stats were asked
+
+
+def test_an_unreadable_message_from_the_engine_process_fails_what_waits_on_it():
+    # A message that cannot be unpickled must not end the reader thread silently: the calls and
+    # replies waiting on the process fail with the reason, the server is told (on_death), and the
+    # process, whose pipe can no longer be trusted, is stopped. (A stand-in process and pipe.)
+    import multiprocessing
+    import threading
+
+    from apps.server.engine_process import RemoteJob
+
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    deaths = []
+    engine = EngineProcess(None, None, on_death=deaths.append)
+
+    async def main():
+        ours, theirs = multiprocessing.Pipe()
+        engine._loop, engine.process, engine._conn = asyncio.get_running_loop(), stand_in, ours
+        job = RemoteJob(1, asyncio.Event())
+        engine._jobs[job.id] = job
+        call = engine.call("session_stats", 0)
+        assert theirs.recv()[0] == "call"
+        threading.Thread(target=engine._read, daemon=True).start()
+        theirs.send_bytes(b"not a pickle")
+        await asyncio.wait_for(job.ready.wait(), 5)
+        with pytest.raises(EngineProcessError, match="could not be read"):
+            await asyncio.wait_for(asyncio.wrap_future(call), 5)
+        await asyncio.sleep(0.05)  # (on_death is called on the loop)
+        return job
+
+    try:
+        job = asyncio.run(main())
+        stopped = stand_in.poll()  # (the reader waited for it to exit)
+    finally:
+        stand_in.kill()
+    assert job.finished and isinstance(job.error, EngineProcessError)
+    assert deaths and "could not be read" in deaths[0] and engine.dead == deaths[0]
+    assert stopped is not None
+
+
+def test_an_unreadable_message_from_the_server_stops_the_engine_process_cleanly():
+    # The engine process's side: it logs and stops serving (closing its end, so the server's reader
+    # sees the process go), instead of raising out of serve(). (A stand-in child, no model.)
+    import multiprocessing
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from apps.server.engine_child import EngineChild
+
+    child = EngineChild.__new__(EngineChild)
+    ours, theirs = multiprocessing.Pipe()
+    child.conn, child.jobs = ours, {}
+    child.worker, child.loop = ThreadPoolExecutor(max_workers=1), SimpleNamespace(stop=lambda: None)
+    theirs.send_bytes(b"not a pickle")
+    child.serve()
+    with pytest.raises(EOFError):
+        theirs.recv()

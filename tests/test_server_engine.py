@@ -1,5 +1,5 @@
-"""The server on the engine: streams keep flowing while a long prompt is ingested, cancels act
-between prompt chunks, and a session closed while its reply finishes gives its row back."""
+"""The server on the engine: streams keep flowing while a long prompt is ingested, a cancel ends a
+reply once its message is in, and a session closed while its reply finishes gives its row back."""
 
 from __future__ import annotations
 
@@ -49,26 +49,40 @@ def test_a_stream_keeps_going_while_another_session_sends_a_long_prompt(rt):
     run(main())
 
 
-def test_cancel_during_a_long_prompt_stops_between_chunks(rt):
+def test_cancel_during_a_long_prompt_ends_the_reply_once_the_prompt_is_in(rt):
+    # A cancel sent right after the message lands while its prompt is being ingested: the reply ends
+    # without a token, but the whole message (and the system prompt) goes into the cache first, as
+    # the transcript records the turn; the next message then feeds only its own tokens.
+    system = "You answer in one word."
+
     async def main():
         async with serve(rt, limits=BIG) as app:
             prompt = long_text(rt, 4000)
-            n_prompt = len(rt.tokenizer.encode(prompt))
             async with connect(ws_url(app)) as ws:
-                sid = await create(ws)
+                sid = await create(ws, system=system)
                 await send(ws, type="message", session=sid, text=prompt, sampling={"max_new_tokens": 5})
                 await send(ws, type="cancel", session=sid)
                 done = (await until(ws, done_of(sid)))[-1]
-            assert done["finish_reason"] == "cancelled"
-            assert done["usage"]["tokens_seen"] < n_prompt  # it did not run the whole prompt first
             # The session goes on: the next message extends the conversation.
             async with connect(ws_url(app)) as ws:
                 await send(ws, type="session.create", resume=sid)
                 await until(ws, lambda e: e["type"] == "session.created")
                 await send(ws, type="message", session=sid, text="Hello?", sampling={"max_new_tokens": 3})
                 events = await until(ws, lambda e: e["type"] in ("done", "error"))
-            assert events[-1]["type"] == "done", events[-1]
-    run(main())
+        return prompt, done, events
+
+    prompt, done, events = run(main())
+    assert done["finish_reason"] == "cancelled" and done["usage"]["completion_tokens"] == 0
+    assert events[-1]["type"] == "done", events[-1]
+    # What a session holds after the same turns with empty replies (tokens fed, counted by the API).
+    first = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+    second = first + [{"role": "assistant", "content": ""}, {"role": "user", "content": "Hello?"}]
+    reference = rt.session(sinks=LIMITS.sinks, window=LIMITS.window)
+    list(reference.chat(first, max_new_tokens=0))
+    assert done["usage"]["tokens_seen"] == reference.stats().tokens_seen
+    list(reference.chat(second, max_new_tokens=0))
+    usage = events[-1]["usage"]
+    assert usage["tokens_seen"] - usage["completion_tokens"] == reference.stats().tokens_seen
 
 
 def test_close_while_the_reply_finishes_gives_the_row_back(rt):

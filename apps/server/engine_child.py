@@ -100,6 +100,10 @@ class EngineChild:
                     message = self.conn.recv()
                 except (EOFError, OSError):  # the server is gone
                     break
+                except Exception:  # (e.g. UnpicklingError) a lost call would wait forever: stop; the
+                    # server then fails what waits on this process, as when it dies
+                    log.exception("unreadable message from the server; stopping")
+                    break
                 kind = message[0]
                 if kind == "cancel":
                     job = self.jobs.get(message[1])

@@ -280,24 +280,39 @@ class EngineProcess:
     # ---- the reader thread ----
 
     def _read(self) -> None:
-        while True:
-            try:
-                message = self._conn.recv()
-            except (EOFError, OSError):
-                break
-            try:
-                kind = message[0]
-                if kind == "result":
-                    _, call_id, ok, value = message
-                    with self._lock:
-                        future = self._pending.pop(call_id, None)
-                    if future is not None and future.set_running_or_notify_cancel():  # (False: its caller gave up)
-                        future.set_result(value) if ok else future.set_exception(value)
-                elif kind == "news":
-                    self._news(message[1], message[2])
-            except Exception:  # this thread carries every reply: it must outlive any one message
-                log.exception("engine process message %r not handled", message[:1])
-        self._died()
+        why = None
+        try:
+            while True:
+                try:
+                    message = self._conn.recv()
+                except (EOFError, OSError):
+                    break
+                except Exception as exc:  # (e.g. UnpicklingError) a message was lost: some call or reply
+                    # would wait for it forever, so the process is given up, as if it had died
+                    log.exception("unreadable message from the engine process")
+                    why = f"the engine process sent a message that could not be read ({type(exc).__name__})"
+                    self._kill()
+                    break
+                try:
+                    kind = message[0]
+                    if kind == "result":
+                        _, call_id, ok, value = message
+                        with self._lock:
+                            future = self._pending.pop(call_id, None)
+                        if future is not None and future.set_running_or_notify_cancel():  # (False: its caller gave up)
+                            future.set_result(value) if ok else future.set_exception(value)
+                    elif kind == "news":
+                        self._news(message[1], message[2])
+                except Exception:  # this thread carries every reply: it must outlive any one message
+                    log.exception("engine process message %r not handled", message[:1])
+        finally:  # whatever ended the loop, what waits on the process is told
+            self._died(why)
+
+    def _kill(self) -> None:
+        try:
+            self.process.kill()
+        except OSError:
+            pass
 
     def _news(self, entries: list, stats: dict | None) -> None:
         events = []
@@ -318,13 +333,14 @@ class EngineProcess:
         if events:
             self._call_soon(set_all, events)
 
-    def _died(self) -> None:
-        """The pipe closed: fail what waits on the process (unless we were stopping it)."""
+    def _died(self, why: str | None = None) -> None:
+        """The pipe closed (or can no longer be read: `why`): fail what waits on the process (unless
+        we were stopping it)."""
         try:
             code = self.process.wait(5)
         except subprocess.TimeoutExpired:
             code = "?"
-        why = f"the engine process stopped (exit code {code})"
+        why = why or f"the engine process stopped (exit code {code})"
         with self._lock:
             self.dead = why
             pending, self._pending = list(self._pending.values()), {}
