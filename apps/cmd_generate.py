@@ -76,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
                 msgs.append({"role": "user", "content": text})
                 it = start_reply(session.chat, msgs, kw)
             else:  # fed in pieces; the cache keeps its sinks and the window's tail of it
+                if stdin is not None:
+                    stdin.stop = stop  # a stop signal while waiting for stdin ends the wait
                 last, timer.fed = feed_prompt(session, [prompt] if stdin is None else stdin, stop)
                 if args.verbose:
                     eprint(f"[prompt] {prompt!r}" if stdin is None else f"[prompt] {stdin.describe()}")

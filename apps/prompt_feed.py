@@ -29,6 +29,7 @@ class StdinPrompt:
         self.head: list[str] = []  # blocks read by start(): whitespace, then one with text
         self.chars = 0
         self.preview = ""  # the first PREVIEW_CHARS + 1 characters, for --verbose
+        self.stop: StopOnCtrlC | None = None  # set: a stop signal ends a blocking read at once
 
     def start(self) -> bool:
         """Read until some non-whitespace text arrives; False if stdin held none."""
@@ -39,7 +40,11 @@ class StdinPrompt:
         return False
 
     def _read(self) -> str:
-        data = self.stdin.read(self.block)
+        if self.stop is None:
+            data = self.stdin.read(self.block)
+        else:
+            with self.stop.interruptible():
+                data = self.stdin.read(self.block)
         self.chars += len(data)
         if len(self.preview) <= PREVIEW_CHARS:
             self.preview += data[:PREVIEW_CHARS + 1 - len(self.preview)]
