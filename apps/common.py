@@ -115,7 +115,15 @@ def sampling_kwargs(args: argparse.Namespace, rt) -> dict:
               repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed)
     if hasattr(args, "unbounded"):
         kw["max_new_tokens"] = max_new_tokens(args, rt)
-    return {k: v for k, v in kw.items() if v is not None or k == "max_new_tokens"}
+    kw = {k: v for k, v in kw.items() if v is not None or k == "max_new_tokens"}
+    # The flags merged with the checkpoint's defaults, checked once here rather than at every reply.
+    from streaming.errors import InvalidInputError
+
+    try:
+        rt.sampling_defaults.merged(**{k: v for k, v in kw.items() if k in SAMPLING_FLAGS})
+    except InvalidInputError as e:
+        raise SystemExit(f"error: sampling settings: {e}") from None
+    return kw
 
 
 def max_new_tokens(args: argparse.Namespace, rt) -> int | None:
