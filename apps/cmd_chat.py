@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from apps.common import (Timer, add_model_args, add_sampling_args, cache_size, eprint,
-                         load_runtime, new_session, peak_memory, sampling_kwargs)
+                         load_runtime, new_session, peak_memory, require_tokenizer, sampling_kwargs)
 from apps.interrupt import StopOnCtrlC
 from apps.stdin_text import ENCODING_HELP, StdinText
 
@@ -144,8 +144,7 @@ def transcript(path: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     stdin = StdinText(args.encoding).reconfigure()  # input() decodes with it, counting bad bytes
     rt = load_runtime(args)
-    if rt.tokenizer is None:
-        raise SystemExit("error: this checkpoint has no tokenizer; `chat` needs one")
+    require_tokenizer(rt, "chat")
     chat = Chat(rt, args)
     interactive = sys.stdin.isatty()
     if interactive:

@@ -17,7 +17,7 @@ import time
 from typing import Iterator
 
 from apps.common import (add_model_args, add_sampling_args, cache_size, eprint, load_runtime,
-                         new_session, sampling_kwargs)
+                         new_session, require_tokenizer, sampling_kwargs)
 from apps.interrupt import InterruptibleReader, StopOnCtrlC
 from apps.progress import Progress
 from apps.stdin_text import ENCODING_HELP, StdinText
@@ -86,12 +86,22 @@ class Perplexity:
         mean = self.seg_nll / self.seg_n
         self.last_seg_ppl = math.exp(min(mean, 700.0))
         if self.sink is not None:
-            self.sink.write(json.dumps({
+            self.write(json.dumps({
                 "segment": self.seg_index, "first_token": self.total - self.seg_n,
                 "tokens": self.seg_n, "nll": round(mean, 6), "ppl": round(self.last_seg_ppl, 4)}) + "\n")
-            self.sink.flush()
         self.seg_index += 1
         self.seg_nll, self.seg_n = 0.0, 0
+
+    def write(self, line: str) -> None:
+        """One JSON line to the sink, flushed; a failed write to a file (a full disk) is one `error:`
+        line naming it. (Stdout's failures go to `cli.main`, which handles them for every command.)"""
+        try:
+            self.sink.write(line)
+            self.sink.flush()
+        except OSError as e:
+            if self.sink is sys.stdout:
+                raise
+            raise SystemExit(f"error: cannot write --ppl-jsonl {self.sink.name}: {e.strerror or e}") from None
 
     @property
     def ppl(self) -> float:
@@ -140,8 +150,7 @@ def run(args: argparse.Namespace) -> int:
     stdin = StdinText(args.encoding)  # checks --encoding before the model loads
     sink = open_jsonl(args.ppl_jsonl)              # so does opening --ppl-jsonl
     rt = load_runtime(args)
-    if rt.tokenizer is None:
-        raise SystemExit("error: this checkpoint has no tokenizer; `stream` needs one")
+    require_tokenizer(rt, "stream")
     kw = sampling_kwargs(args, rt)
     session = new_session(rt, args)
     ppl = Perplexity(args.segment, sink)

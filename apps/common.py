@@ -77,10 +77,36 @@ def add_sampling_args(p: argparse.ArgumentParser, *, generation_length: bool = T
                        help="generate until EOS, a stop string or Ctrl-C (constant memory)")
 
 
+# Sampling flags and the SamplingParams fields they set.
+SAMPLING_FLAGS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
+                  "repetition_penalty": "--repetition-penalty", "seed": "--seed"}
+# torch.Generator.manual_seed takes seeds in [-2**63, 2**64).
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
 def check_sampling_args(args: argparse.Namespace) -> None:
-    """Reject an impossible reply length before the model loads."""
+    """Reject impossible sampling flags and reply lengths before the model loads (and before a
+    document is read): the same rules the runtime applies to each reply, checked once up front."""
     if hasattr(args, "unbounded") and args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise SystemExit("error: --max-new-tokens must be >= 1 (use --unbounded for no limit)")
+    if not hasattr(args, "temperature"):
+        return  # a command without sampling flags (serve)
+    from streaming.errors import InvalidInputError
+    from streaming.sampling import SamplingParams
+
+    for name, flag in SAMPLING_FLAGS.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        try:
+            SamplingParams(**{name: value}).validate()
+        except InvalidInputError as e:
+            raise SystemExit(f"error: bad {flag}: {e}") from None
+    if args.seed is not None and not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
+        raise SystemExit(f"error: --seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}, got {args.seed}")
+    for stop in args.stop or ():
+        if not stop:
+            raise SystemExit("error: --stop needs a non-empty string")
 
 
 def sampling_kwargs(args: argparse.Namespace, rt) -> dict:
@@ -89,7 +115,15 @@ def sampling_kwargs(args: argparse.Namespace, rt) -> dict:
               repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed)
     if hasattr(args, "unbounded"):
         kw["max_new_tokens"] = max_new_tokens(args, rt)
-    return {k: v for k, v in kw.items() if v is not None or k == "max_new_tokens"}
+    kw = {k: v for k, v in kw.items() if v is not None or k == "max_new_tokens"}
+    # The flags merged with the checkpoint's defaults, checked once here rather than at every reply.
+    from streaming.errors import InvalidInputError
+
+    try:
+        rt.sampling_defaults.merged(**{k: v for k, v in kw.items() if k in SAMPLING_FLAGS})
+    except InvalidInputError as e:
+        raise SystemExit(f"error: sampling settings: {e}") from None
+    return kw
 
 
 def max_new_tokens(args: argparse.Namespace, rt) -> int | None:
@@ -140,6 +174,13 @@ def load_runtime(args: argparse.Namespace, *, serving: bool = False):
         eprint(f"[loaded {args.model or 'bundled model'} on {rt.device} ({dtype_name(rt)}) "
                f"in {time.perf_counter() - t0:.2f}s; {getattr(args, 'threads_note', '')}]")
     return rt
+
+
+def require_tokenizer(rt, command: str) -> None:
+    """A one-line error when the checkpoint has no tokenizer: every text command needs one."""
+    if rt.tokenizer is None:
+        raise SystemExit(f"error: this checkpoint has no tokenizer; `{command}` needs one "
+                         "(tokenizer.json or tokenizer.model next to config.json)")
 
 
 def new_session(rt, args: argparse.Namespace):
@@ -193,12 +234,13 @@ class Timer:
         self.t0 = time.perf_counter()
         self.t_first: float | None = None  # when the first token arrived (prompt done)
         self.prompt_tokens = 0
+        self.fed = 0  # prompt tokens fed before the generate() call (a prompt fed in pieces)
         self.generated = 0
 
     def update(self, resp) -> None:
         if self.t_first is None:
             self.t_first = time.perf_counter()
-        self.prompt_tokens = resp.prompt_tokens
+        self.prompt_tokens = self.fed + resp.prompt_tokens
         self.generated = resp.generated_tokens
 
     def prompt_tps(self) -> float:

@@ -1,14 +1,18 @@
-"""Stdin as text for every subcommand: invalid bytes become U+FFFD, counted, and reported once.
+"""Stdin and text arguments for every subcommand: invalid bytes become U+FFFD, counted, reported once.
 
 All subcommands decode stdin the same way: with `--encoding` (default utf-8), replacing each
 invalid byte sequence by U+FFFD as Python's "replace" error handler does, and counting the
-replaced bytes so the command can say so on stderr instead of replacing silently.
+replaced bytes so the command can say so on stderr instead of replacing silently. Text arguments
+(a prompt, --system, --question, --stop) get the same treatment with the locale's encoding, in
+which Python decoded the command line.
 """
 
 from __future__ import annotations
 
+import argparse
 import codecs
 import itertools
+import os
 import sys
 
 _names = itertools.count()
@@ -74,6 +78,38 @@ class StdinText:
         if n:
             print(f"warning: stdin had {n} invalid {self.flag} byte(s) (--encoding {self.flag}); "
                   "replaced with U+FFFD", file=sys.stderr, flush=True)
+
+
+# Text flags whose invalid bytes are replaced (paths such as --model are left as the OS gave them).
+TEXT_ARGUMENTS = {"prompt": "PROMPT", "system": "--system", "question": "--question", "stop": "--stop"}
+
+
+def repair_text_arguments(args: argparse.Namespace) -> None:
+    """Replace the invalid bytes of the text arguments with U+FFFD, one warning line per argument.
+
+    Python hands undecodable argv bytes over as lone surrogates ('\\udcff'), which no tokenizer
+    takes; the original bytes come back with os.fsencode and are decoded as stdin is.
+    """
+    for attr, flag in TEXT_ARGUMENTS.items():
+        value = getattr(args, attr, None)
+        if isinstance(value, list):
+            setattr(args, attr, [_repair(v, flag) for v in value])
+        elif isinstance(value, str):
+            setattr(args, attr, _repair(value, flag))
+
+
+def _repair(value: str, flag: str) -> str:
+    try:
+        value.encode("utf-8")
+        return value  # valid text (the common case)
+    except UnicodeEncodeError:
+        pass
+    decoder = StdinText(sys.getfilesystemencoding())
+    text = os.fsencode(value).decode(decoder.encoding, decoder.errors)
+    if decoder.replaced:
+        print(f"warning: {flag} had {decoder.replaced} invalid {decoder.encoding} byte(s); replaced "
+              "with U+FFFD", file=sys.stderr, flush=True)
+    return text
 
 
 ENCODING_HELP = ("stdin encoding (default utf-8); invalid bytes are replaced with U+FFFD and "

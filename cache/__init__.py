@@ -5,8 +5,8 @@ and tells a step where to write and which in-cache position every slot holds.
 """
 
 from .buffers import KVBuffers, StepPlan
-from .errors import CacheConfigError, CacheStateError
+from .errors import CacheConfigError, CacheMemoryError, CacheStateError
 from .full import FullCache
 from .sink_window import SinkWindowCache, check_chunk, check_sink_window
 
-__all__ = ["CacheConfigError", "CacheStateError", "FullCache", "KVBuffers", "SinkWindowCache", "StepPlan", "check_chunk", "check_sink_window"]
+__all__ = ["CacheConfigError", "CacheMemoryError", "CacheStateError", "FullCache", "KVBuffers", "SinkWindowCache", "StepPlan", "check_chunk", "check_sink_window"]

@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from . import store_kernel
+from .memory_check import check_fits
 from .take_back import LastStepLog
 
 
@@ -72,6 +73,9 @@ class KVBuffers:
         self.dtype = dtype
         self.device = torch.device(device)
         shape = (batch, num_kv_heads, slots, head_dim)
+        # Keys and values of every KV layer, checked against the device before any is allocated.
+        nbytes = 2 * len(self.kv_layers) * batch * num_kv_heads * slots * head_dim * dtype.itemsize
+        check_fits(nbytes, self.device, f"a cache of {batch} row(s) x {slots} slots")
         self.keys = {layer: torch.zeros(shape, dtype=dtype, device=device) for layer in self.kv_layers}
         self.values = {layer: torch.zeros(shape, dtype=dtype, device=device) for layer in self.kv_layers}
         self._heads = torch.arange(num_kv_heads, device=device)[None, :, None]  # [1, Hkv, 1]: write index

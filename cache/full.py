@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .buffers import KVBuffers, StepPlan
+from .memory_check import check_fits
 
 
 class FullCache(KVBuffers):
@@ -40,6 +41,8 @@ class FullCache(KVBuffers):
         slots = self.slots
         while slots < needed:
             slots *= 2
+        check_fits(self.nbytes // max(1, self.slots) * (slots - self.slots), self.device,
+                   f"growing a cache of {self.batch} row(s) to {slots} slots")
         for table in (self.keys, self.values):
             for layer, old in table.items():
                 new = old.new_zeros(old.shape[:2] + (slots, old.shape[3]))

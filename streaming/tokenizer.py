@@ -124,6 +124,7 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise InvalidInputError(f"text to encode must be a str, got {type(text).__name__}")
+        check_unicode(text)
         if add_bos and self._dummy_prefix and text:  # sentencepiece adds no prefix to ""
             text = " " + text
         ids = self._backend.encode(text, add_special_tokens=False).ids if text else []
@@ -189,6 +190,20 @@ class Tokenizer:
             )
         text = "".join(PLAIN_CHAT_TEMPLATE.format(role=m["role"], content=m["content"]) for m in messages)
         return text + (PLAIN_GENERATION_PROMPT if add_generation_prompt else "")
+
+
+def check_unicode(text: str) -> None:
+    """Raise InvalidInputError at the first lone surrogate ('\\udcff': what Python makes of an
+    undecodable byte with errors="surrogateescape", e.g. in sys.argv or os.listdir): not text."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidInputError(
+            f"text has a lone surrogate {text[e.start]!r} at index {e.start}, which is not valid Unicode "
+            "(an undecodable byte decoded with errors='surrogateescape'?): decode such input with "
+            "errors='replace' first") from None
 
 
 def validate_messages(messages) -> list[dict]:

@@ -187,3 +187,21 @@ def test_garbage_model_file_is_rejected(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"not a model")
     with pytest.raises(CheckpointError, match="tokenizer.model"):
         Tokenizer.from_dir(tmp_path)
+
+
+def test_text_with_a_lone_surrogate_is_invalid_input_naming_it(tok):
+    # What Python makes of an undecodable byte with errors="surrogateescape" (sys.argv, os.listdir).
+    with pytest.raises(InvalidInputError, match=r"lone surrogate '\\udcff' at index 4"):
+        tok.encode("abc \udcff def")
+    assert tok.encode("abc \ufffd def") == tok.encode("abc \ufffd def")  # U+FFFD itself is fine
+
+
+def test_session_text_with_a_lone_surrogate_is_invalid_input():
+    import streaming
+
+    s = streaming.load(device="cpu").session(sinks=2, window=16)
+    for call in (lambda: s.feed("abc \udcff"), lambda: s.generate("abc \udcff", max_new_tokens=1),
+                 lambda: s.chat([{"role": "user", "content": "hi \udcff"}], max_new_tokens=1)):
+        with pytest.raises(InvalidInputError, match="lone surrogate"):
+            call()
+    assert s.stats().tokens_seen == 0  # nothing was fed
