@@ -1,4 +1,4 @@
-"""The engine's bucketed decode graphs equal its eager step (GPU only: skipped in CI, run on the lent GPU)."""
+"""The engine's bucketed decode graphs equal its eager step (GPU only: skipped in CI)."""
 
 import pytest
 import torch
