@@ -2,7 +2,7 @@
 
 Measured on the 2-CPU development machine (AVX-512 with BF16), bundled model (trained and saved in
 bfloat16), one thread, `sinkstream stream` over 35,129 tokens of held-out books: 293 tok/s in
-float32, 427 in bfloat16, perplexity 27.022 vs 27.031 (benchmarks/RESULTS.md). LCKV ingestion is
+float32, 427 in bfloat16, perplexity 27.022 vs 27.031 (benchmarks/DECISIONS.md). LCKV ingestion is
 compute-bound there (the cyclic block runs m+b times per chunk) and bfloat16 matrix products run at
 about twice the float32 rate on such CPUs. Without native bfloat16 (no `avx512_bf16` / `amx_bf16`
 CPU flag) it would be emulated and slower, so float32 stays; so it does for checkpoints saved in

@@ -5,7 +5,7 @@ each one ends in a barrier where the threads wait for each other. When another p
 one of them is often descheduled and the whole step waits for it. Measured on the 2-CPU
 development machine (benchmarks/cpu_threads.py, RESULTS.md), the bundled 12.9M-parameter model
 generated at 70-80 tok/s with one thread (35 with both CPUs taken by others); two threads made 93 on a quiet machine but 27 next to
-one busy loop and 6 while other engineers' tests ran. A 386M-parameter model gained 11-25 % from a
+one busy loop and 6 while other test runs used the CPUs. A 386M-parameter model gained 11-25 % from a
 second thread when quiet and lost half next to one busy loop. So small models get one thread;
 larger ones every CPU allowed but one, left for the rest of the machine (on 2 CPUs: one too).
 """

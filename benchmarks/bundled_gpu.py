@@ -1,4 +1,4 @@
-"""The bundled model on the GPU: how fast one stream is ingested (issue 9's target: >= 100,000 tok/s) and
+"""The bundled model on the GPU: how fast one stream is ingested and
 generated, by chunk size, with and without compiled layers. (The CPU figures: benchmarks/cpu_bundled.py.)
 
     PYTHONPATH=. python benchmarks/bundled_gpu.py [--chunks 256 1024] [--compile]

@@ -57,19 +57,16 @@ MODES = {  # name: (attention impl, CUDA graphs, compiled layers, one-row GEMV l
     "graphs-gemv": ("sdpa", True, False, True),  # decode steps: four GEMV launches per layer
     # The default on a GPU: compiled prefill, GEMV decode, a greedy step's argmax and penalty history in
     # one Triton launch and a one-token step's plan in another (streaming.kernels.use_fused_greedy and
-    # use_fused_plan, on by default since the twelfth session's measurement), each KV layer's store in
-    # its attention launch (use_fused_store, on by default since the thirteenth session's).
+    # use_fused_plan), each KV layer's store in its attention launch (use_fused_store).
     "graphs-compiled-gemv": ("sdpa", True, True, True),
     # As the default, with every Triton kernel launched without programmatic dependent launch (on by
     # default where supported: Hopper and later).
     "graphs-compiled-gemv-nopdl": ("sdpa", True, True, "nopdl"),
-    # As the default, with the greedy step and the plan in torch ops (the default before the twelfth
-    # session), and with only one of the two fused.
+    # As the default, with the greedy step and the plan in torch ops, and with only one of the two fused.
     "graphs-compiled-gemv-unfused": ("sdpa", True, True, "unfused"),
     "graphs-compiled-gemv-fusedgreedy": ("sdpa", True, True, "fusedgreedy"),
     "graphs-compiled-gemv-fusedplan": ("sdpa", True, True, "fusedplan"),
-    # As the default, with each KV layer's store in a launch of its own before the attention (the
-    # default before the thirteenth session).
+    # As the default, with each KV layer's store in a launch of its own before the attention.
     "graphs-compiled-gemv-storeapart": ("sdpa", True, True, "storeapart"),
     "eager-compiled": ("sdpa", False, True, False),  # CPU's fast path
     "graphs-autotuned": ("sdpa", True, "max-autotune-no-cudagraphs", False),  # Inductor's GEMM templates timed too

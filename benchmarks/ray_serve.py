@@ -7,7 +7,7 @@ Configurations, one after another (`--configs`): the single-process server (`sin
 same with `--state-dir` (replicas always have one: each reply's session state is written before its
 `done`, so this is the like-for-like baseline); the front door with one Ray Serve replica (a whole
 GPU); with two replicas sharing the GPU (0.5 each). `--py-spy DIR` samples every process of each
-configuration during the load (summarise with benchmarks/py_spy_top.py). Each holds
+configuration during the load (`py-spy` raw collapsed stacks, one file per process). Each holds
 `--sessions` rows in total (split over the replicas), and every session sends one message at once,
 as in benchmarks/server_sessions.py (whose clients this reuses).
 """

@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # On CUDA, SDPA may pick cuDNN, which builds a plan per new input shape: about 40 ms on an H200 the
 # first time each (rows, chunk length) appears. An engine's prompt chunks come in ever new shapes, so
-# every burst of replies paid it inside a step (measured with benchmarks/engine_burst.py). The
+# every burst of replies paid it inside a step (benchmarks/DECISIONS.md). The
 # memory-efficient kernel takes the additive mask with no per-shape setup.
 _CUDA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 

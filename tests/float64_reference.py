@@ -1,6 +1,6 @@
 """A checkpoint in float64 on CPU: the reference that float32 paths (GPU kernels, the plain path) are
 measured against where a model amplifies rounding too much for two float32 paths to agree closely
-(LCKV: benchmarks/float32_drift.py)."""
+(LCKV: benchmarks/DECISIONS.md, "Numerics")."""
 
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ def test_engine_with_kernel_equals_plain_path_over_256_steps(tmp_path, kind, ove
     """Whole decode steps (graphs on), kernel vs plain path, in lockstep. For the first 64 tokens the
     logits agree to 1e-3 at every step (LCKV: 2e-2. On the H200 one LCKV stream differed by 1.2e-3 at
     token 63: this LCKV model's own float32 logits drift from float64 by 2e-3 to 6e-3 within 64
-    tokens, benchmarks/float32_drift.py, so two float32 paths may differ by twice that; its tighter
+    tokens, benchmarks/DECISIONS.md "Numerics", so two float32 paths may differ by twice that; its tighter
     check is test_lckv_engine_with_kernel_within_the_plain_paths_error, against float64). Greedy tokens are identical over all 256, except where the
     plain path's top-2 gap is within the two paths' measured logit difference at that step (a tie up
     to rounding: either token is right); that stream is then no longer compared. A random model this
@@ -125,7 +125,7 @@ def test_engine_with_kernel_equals_plain_path_over_256_steps(tmp_path, kind, ove
 def test_lckv_engine_with_kernel_within_the_plain_paths_error(tmp_path):
     """LCKV decode steps (graphs on, float32, GPU) with the kernel and with the plain path, in lockstep
     with the plain path in float64 on CPU. Two float32 paths of this model cannot be held to 1e-3 of
-    each other (benchmarks/float32_drift.py: its float32 logits drift from float64 by 2e-3 to 6e-3
+    each other (benchmarks/DECISIONS.md "Numerics": its float32 logits drift from float64 by 2e-3 to 6e-3
     within 64 tokens), so each is measured against float64: at every step where a stream's greedy
     tokens still agree on all three, the kernel's largest logit error is within 4x the plain path's
     (+1e-4). A wrong mask, position or rotation is off by far more."""

@@ -1,6 +1,6 @@
 """Detached sessions leave their cache rows (parked in host memory) and come back exactly on resume,
-so disconnected users never lock others out (issue 10: four connect -> create -> disconnect cycles
-used to fill a 4-session server for the 15-minute idle timeout)."""
+so disconnected users never lock others out (four connect -> create -> disconnect cycles must not fill
+a 4-session server for the 15-minute idle timeout)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`sinkstream serve --state-dir`: conversations survive `kill -9` and a restart (issue 10).
+"""`sinkstream serve --state-dir`: conversations survive `kill -9` and a restart.
 
 The real console script is killed with SIGKILL in the middle of a reply and started again on the same
 directory: the session resumes from its last finished reply, its transcript is the same JSON as an

@@ -129,7 +129,7 @@ class ChatServer(Listening):
             await self._load_saved_sessions()
         # The model, tokenizer, graphs and imported modules live as long as the server: out of the
         # collector's generations, a full collection no longer walks them (with 1,000 replies in
-        # flight those pauses took 170 ms of one engine step; benchmarks/engine_burst.py). Undone at stop.
+        # flight those pauses took 170 ms of one engine step; benchmarks/DECISIONS.md). Undone at stop.
         gc.collect()
         gc.freeze()
         self.engine.run()

@@ -3,7 +3,7 @@
 Why: in one process the stepping thread and the asyncio thread that serves every websocket share one
 GIL. Each torch call of a step gives the GIL up and must win it back from a thread that frames a JSON
 event per stream per step, so with 1,000 streams a step that makes a dozen small calls took 250 ms of
-wall time for 27 ms of its own CPU (benchmarks/RESULTS.md). Here the engine steps in a process whose
+wall time for 27 ms of its own CPU (benchmarks/DECISIONS.md). Here the engine steps in a process whose
 only other threads are idle most of the time (apps/server/engine_child.py), and the server process
 keeps the websockets, the sessions' transcripts and --state-dir.
 

@@ -7,7 +7,7 @@ itself up to 32 MiB after the first large free; freed blocks of ever new sizes t
 as fragments. Measured in a 200-session server (bfloat16, 7 minutes): memory in use stayed at
 ~410-490 MiB while glibc's free-but-kept heap memory grew from 11 to 328 MiB, and `malloc_trim` did
 not give it back. With a fixed threshold of 128 KiB the large blocks are mapped and unmapped, and the
-kept free memory stayed at 4-14 MiB (benchmarks/RESULTS.md).
+kept free memory stayed at 4-14 MiB (benchmarks/DECISIONS.md).
 """
 
 from __future__ import annotations
