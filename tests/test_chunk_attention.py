@@ -89,7 +89,7 @@ def test_block_sizes_agree(block_m, block_n):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.skipif(not ON_GPU, reason="GPU only: needs a CUDA GPU")
 @pytest.mark.parametrize("kind,overrides", [
     ("plain", {}),
     ("lckv", {}),

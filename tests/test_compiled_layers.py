@@ -52,7 +52,7 @@ LAYOUTS = {  # head_dim 64: the decode kernel's shape
 # that feed each other) amplifies it: measured 5.7e-4 on CPU and 1.2e-3 on the H200 for LCKV against
 # 5e-5 plain. A wrong op or a wrong row differs by the logits' own scale.
 REASSOCIATION = {"plain": 1e-3, "gqa": 1e-3, "lckv": 1e-2}
-GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only: needs a CUDA GPU")
 
 
 def _reference_path(rt, on: bool):

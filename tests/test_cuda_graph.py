@@ -6,7 +6,7 @@ import torch
 import streaming
 from tests.tiny_checkpoint import make_tiny_checkpoint
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only: needs a CUDA GPU")
 
 
 def _ids(n, seed, vocab):

@@ -62,7 +62,7 @@ def test_kernel_equals_plain_path(dtype, sinks, window, heads, kv_heads, head_di
         assert torch.equal(got[1], torch.zeros_like(got[1]))
 
 
-@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.skipif(not ON_GPU, reason="GPU only: needs a CUDA GPU")
 @pytest.mark.parametrize("kind,overrides", [
     ("plain", {}),
     ("lckv", {}),
@@ -121,7 +121,7 @@ def test_engine_with_kernel_equals_plain_path_over_256_steps(tmp_path, kind, ove
     assert sum(compared) >= 1 and steps >= 256  # at least one stream compared over all its 256 tokens
 
 
-@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.skipif(not ON_GPU, reason="GPU only: needs a CUDA GPU")
 def test_lckv_engine_with_kernel_within_the_plain_paths_error(tmp_path):
     """LCKV decode steps (graphs on, float32, GPU) with the kernel and with the plain path, in lockstep
     with the plain path in float64 on CPU. Two float32 paths of this model cannot be held to 1e-3 of

@@ -8,7 +8,7 @@ from streaming.engine import Engine
 from streaming.sampling import SamplingParams
 from tests.tiny_checkpoint import make_tiny_checkpoint
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only: needs a CUDA GPU")
 
 SETTINGS = [dict(temperature=0.0), dict(temperature=0.9, top_k=20, seed=5), dict(temperature=0.7, top_p=0.8, seed=1),
             dict(temperature=0.0, repetition_penalty=1.3), dict(temperature=1.0, seed=9)]

@@ -22,7 +22,7 @@ pytestmark = needs_triton(kernels)
 # ulps (2^-8) of the output, more after SwiGLU multiplies two rounded products.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2**-5}
 # Triton's interpreter casts float32 to bf16 by truncating (measured), the GPU rounds to nearest.
-BF16 = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not ON_GPU, reason="the interpreter truncates to bf16"))
+BF16 = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not ON_GPU, reason="GPU only: the interpreter truncates to bf16"))
 SMALL = (2, 64, 4, 1)  # a config whose blocks divide the small shapes unevenly too (the interpreter is slow)
 
 
@@ -113,7 +113,7 @@ def test_bad_shapes_are_refused():
         kernels.gemv(x, w, rotate=(cos, cos, 24))  # 24 outputs are not heads of 16
 
 
-@pytest.mark.skipif(not ON_GPU or torch.cuda.get_device_capability()[0] < 9, reason="needs a Hopper GPU or later")
+@pytest.mark.skipif(not ON_GPU or torch.cuda.get_device_capability()[0] < 9, reason="GPU only: needs a Hopper GPU or later")
 def test_programmatic_dependent_launch_gives_the_same_results(monkeypatch):
     # A chain of GEMVs where each reads the one before it: with PDL each may be scheduled before its
     # predecessor ends, so a missing wait would read a stale input; the chain equals the plain launches.
@@ -135,7 +135,7 @@ def test_programmatic_dependent_launch_gives_the_same_results(monkeypatch):
     assert torch.equal(chain(), expected)
 
 
-@pytest.mark.skipif(not ON_GPU or torch.cuda.get_device_capability()[0] < 9, reason="needs a Hopper GPU or later")
+@pytest.mark.skipif(not ON_GPU or torch.cuda.get_device_capability()[0] < 9, reason="GPU only: needs a Hopper GPU or later")
 @pytest.mark.parametrize("graphs", [False, True])
 def test_a_decode_step_with_programmatic_dependent_launch_is_unchanged(tmp_path, graphs):
     # Every Triton kernel of the step (GEMVs, store, attention, join) launched with PDL: the same

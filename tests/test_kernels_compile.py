@@ -3,7 +3,7 @@ launches, with and without programmatic dependent launch: ahead of time, to PTX,
 
 The GPU tests (tests/test_gemv.py, test_decode_kernel.py, test_store_kernel.py) check what the kernels
 compute; they need the GPU machine. This catches a kernel that no longer compiles on any machine
-with Triton, before a GPU run. Skipped where Triton is absent (CI installs the CPU wheel of torch).
+with Triton, before a GPU run (CI included: the `test` extra brings Triton). Skipped where Triton is absent.
 """
 
 import pytest

@@ -363,7 +363,7 @@ def test_bad_arguments():
 # -- GPU only ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or counter_noise.triton is None, reason="needs CUDA and Triton")
+@pytest.mark.skipif(not torch.cuda.is_available() or counter_noise.triton is None, reason="GPU only: needs CUDA and Triton")
 def test_triton_uniforms_equal_the_torch_version():
     vocab = 32_003  # not a multiple of the kernel's block
     seeds = torch.tensor([seed_words(s) for s in (0, 1, -1, 2**64 - 1, 123_456_789, 2**40 + 17)], device="cuda")
@@ -378,7 +378,7 @@ def test_triton_uniforms_equal_the_torch_version():
 # -- CUDA graph ---------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only: needs a CUDA device")
 def test_cuda_graph_replays_equal_eager_calls():
     vocab, history, device = 1000, 64, "cuda"
 
