@@ -2,7 +2,7 @@
 
 All subcommands decode stdin the same way: with `--encoding` (default utf-8), replacing each
 invalid byte sequence by U+FFFD as Python's "replace" error handler does, and counting the
-replaced bytes so the command can say so on stderr instead of replacing silently. Text arguments
+replaced bytes so the command can say so on stderr instead of replacing them unseen. Text arguments
 (a prompt, --system, --question, --stop) get the same treatment with the locale's encoding, in
 which Python decoded the command line.
 """

@@ -16,7 +16,7 @@ from .errors import CacheMemoryError
 
 def check_fits(nbytes: int, device: torch.device, what: str) -> None:
     """Raise CacheMemoryError saying how much `what` needs and how much `device` has available;
-    silent when it fits, or when the available memory cannot be told (other device types)."""
+    quiet when it fits, or when the available memory cannot be told (other device types)."""
     available = available_bytes(device)
     if available is not None and nbytes > available:
         raise CacheMemoryError(

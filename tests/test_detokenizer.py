@@ -63,7 +63,7 @@ def test_random_ids_match_decode(tok, seed):
     byte_ids = [i for i in range(tok.vocab_size) if len(tok.token_bytes(i)) == 1 and tok.token_bytes(i)[0] >= 0x80]
     for _ in range(20):
         n = rng.randint(1, 60)
-        # half random ids, half high bytes: plenty of cut and invalid UTF-8 sequences
+        # half random ids, half high bytes: many cut and invalid UTF-8 sequences
         ids = [rng.choice(byte_ids) if rng.random() < 0.5 else rng.randrange(tok.vocab_size) for _ in range(n)]
         deltas, tail = stream(tok, ids)
         assert "".join(deltas) + tail == tok.decode(ids)

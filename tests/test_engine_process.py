@@ -308,7 +308,7 @@ def test_calls_made_in_one_loop_iteration_cross_as_one_message_in_order(rt, monk
 
 
 def test_an_unreadable_message_from_the_engine_process_fails_what_waits_on_it():
-    # A message that cannot be unpickled must not end the reader thread silently: the calls and
+    # A message that cannot be unpickled must not end the reader thread without a word: the calls and
     # replies waiting on the process fail with the reason, the server is told (on_death), and the
     # process, whose pipe can no longer be trusted, is stopped. (A stand-in process and pipe.)
     import multiprocessing

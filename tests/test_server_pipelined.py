@@ -15,7 +15,7 @@ TURNS = [["Tell me about rivers.", "And the sea?", "Why?"], ["Count the stars.",
 
 
 async def _chats(app) -> list[list[tuple[str, str]]]:
-    """Both sessions' turns sent side by side: [(text, finish reason, tokens in cache)] per session."""
+    """The two sessions' turns sent side by side: [(text, finish reason, tokens in cache)] per session."""
     async with connect(ws_url(app)) as ws:
         sids = [await create(ws), await create(ws, system="You are terse.")]
         out = [[], []]
