@@ -443,11 +443,11 @@ class ChatServer(Listening):
             except Exception as exc:  # (it keeps its row: nothing is lost)
                 log.error("could not park session %s: %s: %s", st.id[:8], type(exc).__name__, exc)
                 return
-            st.parked = snapshot
+            parked = snapshot
             if self.store is not None and await self._write_state(st, snapshot):
-                st.parked = ON_DISK  # nothing kept in memory
+                parked = ON_DISK  # nothing kept in memory
             await self.engine.release(st.session)
-            st.session = None
+            st.session, st.parked = None, parked  # parked once its row is back: never both at once
         log.info("session %s parked%s (%d active, %d parked)", st.id[:8],
                  " in memory" if self.store is not None and st.parked is not ON_DISK else "",
                  self.sessions.active, len(self.sessions.parked()))
