@@ -51,7 +51,8 @@ class SessionPool:
         Raises SessionBusyError (and keeps the row) while one of the session's replies is open."""
         if session not in self._sessions:
             raise InvalidInputError("this session does not belong to the pool (or was released already)")
-        with session._exclusive():
+        exclusive = session._exclusive()  # SessionBusyError while a reply is open
+        with exclusive:
             session.released = True
         self._sessions.discard(session)
         self.engine.close_row(session.row)

@@ -67,7 +67,8 @@ def _encode_pieces(session: "Session", pieces: Iterator[str]) -> Iterator[list[i
 def _score(session: "Session", id_lists: Iterable[list[int]]) -> Iterator[torch.Tensor]:
     """Ingest the ids in full chunks (however the lists are cut) and yield each chunk's scores."""
     chunk = session.chunk
-    with session._exclusive():
+    exclusive = session._exclusive()
+    with exclusive:
         pending: list[int] = []  # fewer than `chunk` ids waiting for the next list
         for ids in id_lists:
             start = 0
